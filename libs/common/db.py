@@ -1,0 +1,78 @@
+"""asyncpg pool and per-service migrations.
+
+Each service owns one schema. Its pool pins `search_path` to that schema, so service code
+uses unqualified table names and cannot reach another service's tables by accident.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
+
+import asyncpg
+import structlog
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # What handlers receive: a pooled connection or a plain one; both speak the same API.
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+log = structlog.get_logger(__name__)
+
+COMMON_MIGRATIONS = Path(__file__).parent / "migrations"
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _checked_schema(schema: str) -> str:
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"invalid schema name {schema!r}")
+    return schema
+
+
+async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=30,
+        server_settings={"search_path": _checked_schema(schema), "application_name": schema},
+    )
+    assert pool is not None
+    return pool
+
+
+def _migration_files(directory: Path, prefix: str) -> list[tuple[str, Path]]:
+    return [(f"{prefix}:{path.stem}", path) for path in sorted(directory.glob("*.sql"))]
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path) -> list[str]:
+    """Apply the common then the service's migrations, once, under an advisory lock.
+
+    Safe to run from every replica at start: the lock serialises them and the ledger makes
+    the second one a no-op.
+    """
+    schema = _checked_schema(schema)
+    files = _migration_files(COMMON_MIGRATIONS, "common") + _migration_files(
+        service_migrations, schema
+    )
+    applied_now: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"migrate:{schema}")
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, path in files:
+            if version in done:
+                continue
+            await conn.execute(path.read_text())
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            applied_now.append(version)
+    if applied_now:
+        log.info("migrations applied", schema=schema, versions=applied_now)
+    return applied_now

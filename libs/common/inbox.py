@@ -1,0 +1,27 @@
+"""Inbox: the dedupe key of a consumer, written in the transaction of its effect."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from libs.common.db import Connection
+
+
+async def first_delivery(conn: Connection, consumer: str, event_id: uuid.UUID, topic: str) -> bool:
+    """Record the event for this consumer; False when it was already applied.
+
+    Must run inside the transaction that applies the effect, so that the record and the
+    effect commit or roll back together.
+    """
+    if not conn.is_in_transaction():
+        raise RuntimeError("inbox.first_delivery must run inside the effect's transaction")
+    status = await conn.execute(
+        "INSERT INTO inbox (consumer, event_id, topic) VALUES ($1, $2, $3)"
+        " ON CONFLICT (consumer, event_id) DO NOTHING",
+        consumer,
+        event_id,
+        topic,
+    )
+    return bool(status == "INSERT 0 1")

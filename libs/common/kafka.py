@@ -1,0 +1,320 @@
+"""Kafka producer, topic setup and the consumer runner every service uses.
+
+The runner gives at-least-once delivery; exactly-once effects come from the inbox row that
+each handler's transaction writes together with its effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import OffsetAndMetadata
+
+from libs.common.events import Envelope, Topic, UndeliverableEvent, dead_letter_topic, decode_event
+from libs.common.inbox import first_delivery
+from libs.common.metrics import (
+    CONSUMER_LAG,
+    DEAD_LETTERED,
+    EVENT_HANDLING_LAG,
+    EVENTS_CONSUMED,
+)
+
+if TYPE_CHECKING:
+    from libs.common.db import Connection
+
+log = structlog.get_logger(__name__)
+
+EventHandler = Callable[["Connection", Envelope[Any]], Awaitable[None]]
+# Told after each committed batch: (topic, event_id, applied) per record. Tests wait on it.
+BatchObserver = Callable[[list[tuple[str, str, bool]]], None]
+
+# Partitions per topic. The key is the appointment key, so more partitions only spread load;
+# ordering per appointment is kept either way.
+TOPIC_PARTITIONS: Mapping[str, int] = {topic.value: 3 for topic in Topic}
+
+
+class PermanentEventError(Exception):
+    """The handler can never apply this event; it goes to the dead-letter topic."""
+
+
+# Errors that mean "the world is unavailable right now", so the same event is retried.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    KafkaError,
+)
+MAX_HANDLER_ATTEMPTS = 5
+
+
+def create_producer(bootstrap_servers: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        request_timeout_ms=15_000,
+        compression_type=None,
+    )
+
+
+async def ensure_topics(
+    bootstrap_servers: str, names: Iterable[str], partitions: int, replication_factor: int = 1
+) -> None:
+    """Create missing topics with explicit partition counts; existing ones are left alone."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=15_000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name=name, num_partitions=partitions, replication_factor=replication_factor)
+            for name in sorted(set(names))
+            if name not in existing
+        ]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+            log.info("kafka topics created", topics=[t.name for t in missing])
+    finally:
+        await admin.close()
+
+
+def topics_with_dead_letters(names: Iterable[str]) -> list[str]:
+    result: list[str] = []
+    for name in names:
+        result += [name, dead_letter_topic(name)]
+    return result
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: ConsumerRunner) -> None:
+        self._runner = runner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Wait for the batch in flight, then commit what it applied, before the partitions
+        # move to another member; otherwise that member would redo it (harmless, but wasteful).
+        async with self._runner.processing:
+            await self._runner.commit(only=set(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned", consumer=self._runner.name, count=len(assigned))
+
+
+class ConsumerRunner:
+    """Consumes topics, applies each event once through the inbox, then commits offsets."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        handlers: Mapping[str, EventHandler],
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        bootstrap_servers: str,
+        topic_prefix: str = "",
+        batch_size: int = 100,
+        max_poll_interval_ms: int = 300_000,
+        handler_timeout_s: float = 30.0,
+    ) -> None:
+        self.name = name
+        self._handlers = {topic_prefix + topic: handler for topic, handler in handlers.items()}
+        self._prefix = topic_prefix
+        self._pool = pool
+        self._producer = producer
+        self._batch_size = batch_size
+        self._handler_timeout_s = min(handler_timeout_s, max_poll_interval_ms / 1000 / 4)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=name,
+            client_id=name,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=max_poll_interval_ms,
+            isolation_level="read_committed",
+        )
+        self._pending: dict[TopicPartition, int] = {}
+        self.processing = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._attempts: dict[tuple[TopicPartition, int], int] = {}
+        self._observers: list[BatchObserver] = []
+        self._outcomes: list[tuple[str, str, bool]] = []
+
+    def observe(self, observer: BatchObserver) -> None:
+        self._observers.append(observer)
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe(topics=list(self._handlers), listener=_CommitOnRevoke(self))
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.name}")
+
+    async def stop(self) -> None:
+        """Finish the batch in flight, commit it, then leave the group."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        async with self.processing:
+            with contextlib.suppress(KafkaError, CommitFailedError):
+                await self.commit()
+        await self._consumer.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        offsets = {
+            tp: OffsetAndMetadata(offset, "")
+            for tp, offset in self._pending.items()
+            if only is None or tp in only
+        }
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except CommitFailedError:
+            # The group moved on without us; the new owner redelivers and the inbox dedupes.
+            log.warning("offset commit rejected after rebalance", consumer=self.name)
+        for tp in offsets:
+            self._pending.pop(tp, None)
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set():
+            try:
+                batch = await self._consumer.getmany(timeout_ms=500, max_records=self._batch_size)
+            except KafkaError as exc:
+                log.warning("kafka fetch failed", consumer=self.name, error=type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            if not batch:
+                continue
+            async with self.processing:
+                retry_after = await self._process_batch(batch)
+                try:
+                    await self.commit()
+                except KafkaError as exc:
+                    log.warning(
+                        "offset commit failed", consumer=self.name, error=type(exc).__name__
+                    )
+            self._record_lag(batch)
+            outcomes, self._outcomes = self._outcomes, []
+            for observer in self._observers:
+                observer(outcomes)
+            if retry_after:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            else:
+                backoff = 0.2
+
+    async def _process_batch(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> bool:
+        """Apply a batch; True when some partition must retry from a record later."""
+        must_retry = False
+        for tp, records in batch.items():
+            for record in records:
+                if not await self._process(tp, record):
+                    # Leave the rest of this partition for later, in order.
+                    self._consumer.seek(tp, record.offset)
+                    must_retry = True
+                    break
+                self._pending[tp] = record.offset + 1
+        return must_retry
+
+    async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> bool:
+        """Returns False when the record must be retried later."""
+        base_topic = record.topic.removeprefix(self._prefix)
+        try:
+            event = decode_event(record.value)
+        except UndeliverableEvent as exc:
+            await self._dead_letter(record, exc.reason)
+            return True
+        handler = self._handlers[record.topic]
+        with structlog.contextvars.bound_contextvars(
+            event_id=str(event.event_id), topic=base_topic, appointment_key=event.key
+        ):
+            attempt_key = (tp, record.offset)
+            try:
+                async with asyncio.timeout(self._handler_timeout_s):
+                    applied = await self._apply(event, base_topic, handler)
+            except PermanentEventError as exc:
+                await self._dead_letter(record, f"handler refused: {exc}")
+                return True
+            except TRANSIENT_ERRORS as exc:
+                EVENTS_CONSUMED.labels(self.name, base_topic, "retried").inc()
+                log.warning("event will be retried", error=type(exc).__name__)
+                return False
+            except Exception as exc:
+                attempts = self._attempts.get(attempt_key, 0) + 1
+                self._attempts[attempt_key] = attempts
+                log.exception("event handler failed", attempt=attempts)
+                if attempts < MAX_HANDLER_ATTEMPTS:
+                    EVENTS_CONSUMED.labels(self.name, base_topic, "retried").inc()
+                    return False
+                self._attempts.pop(attempt_key, None)
+                await self._dead_letter(
+                    record, f"handler failed {attempts} times: {type(exc).__name__}"
+                )
+                return True
+            self._attempts.pop(attempt_key, None)
+            EVENTS_CONSUMED.labels(
+                self.name, base_topic, "applied" if applied else "duplicate"
+            ).inc()
+            self._outcomes.append((base_topic, str(event.event_id), applied))
+            if applied:
+                EVENT_HANDLING_LAG.labels(self.name, base_topic).observe(
+                    max(0.0, time.time() - event.occurred_at.timestamp())
+                )
+            return True
+
+    async def _apply(self, event: Envelope[Any], topic: str, handler: EventHandler) -> bool:
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await first_delivery(conn, self.name, event.event_id, topic):
+                return False
+            await handler(conn, event)
+            return True
+
+    async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        base_topic = record.topic.removeprefix(self._prefix)
+        log.error("event dead-lettered", topic=base_topic, reason=reason, offset=record.offset)
+        # Awaited before the offset is committed: a poison message is parked, never dropped.
+        await self._producer.send_and_wait(
+            dead_letter_topic(record.topic),
+            value=record.value,
+            key=record.key,
+            headers=[
+                ("reason", reason.encode()[:1000]),
+                ("consumer", self.name.encode()),
+                ("source-topic", record.topic.encode()),
+                ("source-partition", str(record.partition).encode()),
+                ("source-offset", str(record.offset).encode()),
+            ],
+        )
+        DEAD_LETTERED.labels(self.name, base_topic).inc()
+        EVENTS_CONSUMED.labels(self.name, base_topic, "dead_lettered").inc()
+
+    def _record_lag(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> None:
+        for tp in batch:
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = batch[tp][-1].offset + 1
+            CONSUMER_LAG.labels(
+                self.name, tp.topic.removeprefix(self._prefix), str(tp.partition)
+            ).set(max(0, highwater - position))

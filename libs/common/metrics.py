@@ -1,0 +1,39 @@
+"""Prometheus metrics shared by every service.
+
+Labels stay bounded: topic, consumer, route template, status class. Never an ID.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests served", ["route", "method", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "HTTP request latency",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+EVENTS_CONSUMED = Counter(
+    "events_consumed_total",
+    "Kafka messages handled, by outcome: applied, duplicate, dead_lettered, retried",
+    ["consumer", "topic", "outcome"],
+)
+EVENT_HANDLING_LAG = Histogram(
+    "event_handling_lag_seconds",
+    "From an event's occurred_at to its effect committing",
+    ["consumer", "topic"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+CONSUMER_LAG = Gauge(
+    "kafka_consumer_lag_messages",
+    "High watermark minus committed position, per partition",
+    ["consumer", "topic", "partition"],
+)
+DEAD_LETTERED = Counter(
+    "dead_lettered_events_total", "Messages sent to a dead-letter topic", ["consumer", "topic"]
+)
+OUTBOX_PUBLISHED = Counter("outbox_published_total", "Outbox events published", ["topic"])
+OUTBOX_RELAY_ERRORS = Counter("outbox_relay_errors_total", "Failed outbox relay rounds")

@@ -1,0 +1,71 @@
+"""Settings shared by every service.
+
+Sources, highest priority first: environment variables, a `.env` file, then Kubernetes
+secret files mounted under `secrets_dir` (one file per field, named like the field).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRETS_DIR = "/run/secrets/ehr-connector"
+
+
+def _secrets_dir() -> str | None:
+    configured = os.environ.get("EHR_SECRETS_DIR", DEFAULT_SECRETS_DIR)
+    return configured if Path(configured).is_dir() else None
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs: where it listens, its database and the broker."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EHR_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    service_name: ClassVar[str] = "service"
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    public_base_url: str = ""
+
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:15432/ehr_connector")
+    database_pool_min: int = Field(default=1, ge=0)
+    database_pool_max: int = Field(default=10, ge=1)
+
+    kafka_bootstrap_servers: str = "127.0.0.1:19092"
+    # Lets several environments, or several tests, share one cluster without sharing topics.
+    kafka_topic_prefix: str = ""
+    kafka_create_topics: bool = True
+    kafka_topic_partitions: int = Field(default=3, ge=1)
+
+    # Keyed hash secret that turns (integration, FHIR Appointment id) into the appointment key.
+    appointment_key_secret: SecretStr = SecretStr("dev-only-appointment-key-secret-change-me")
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    outbox_poll_interval_s: float = Field(default=1.0, gt=0)
+    consumer_batch_size: int = Field(default=100, ge=1)
+    # External calls made while handling a message must finish well inside the poll interval.
+    consumer_max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+    external_call_timeout_s: float = Field(default=10.0, gt=0)
+    shutdown_drain_timeout_s: float = Field(default=20.0, gt=0)
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(_secrets_dir=_secrets_dir(), **values)
+
+    @property
+    def database_schema(self) -> str:
+        return self.service_name
+
+    def topic(self, name: str) -> str:
+        return f"{self.kafka_topic_prefix}{name}"

@@ -1,0 +1,208 @@
+"""aiohttp building blocks every service uses: typed app state, one cleanup_ctx per
+resource, request-scoped log context, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from libs.common.db import create_pool, migrate
+from libs.common.events import Topic
+from libs.common.kafka import (
+    ConsumerRunner,
+    EventHandler,
+    create_producer,
+    ensure_topics,
+    topics_with_dead_letters,
+)
+from libs.common.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from libs.common.outbox import OutboxRelay
+from libs.common.settings import ServiceSettings
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", ServiceSettings)
+DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+KAFKA_PRODUCER = web.AppKey("kafka_producer", AIOKafkaProducer)
+OUTBOX_RELAY = web.AppKey("outbox_relay", OutboxRelay)
+CONSUMERS = web.AppKey("consumers", list[ConsumerRunner])
+
+MAX_BODY_BYTES = 1024 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Binds a request id to every log line of the request and records its metrics."""
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if 8 <= len(incoming) <= 64 and incoming.isascii() else uuid.uuid4().hex
+    route = request.match_info.route.resource
+    # The route template, never the path: paths carry tokens and ids.
+    route_name = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    with structlog.contextvars.bound_contextvars(request_id=request_id, route=route_name):
+        try:
+            response = await handler(request)
+            status = response.status
+        except web.HTTPException as exc:
+            status = exc.status
+            exc.headers["X-Request-Id"] = request_id
+            raise
+        except Exception:
+            log.exception("unhandled error", method=request.method)
+            raise web.HTTPInternalServerError(
+                text=f"Internal error. Reference: {request_id}",
+                headers={"X-Request-Id": request_id},
+            ) from None
+        finally:
+            elapsed = time.perf_counter() - started
+            HTTP_REQUESTS.labels(route_name, request.method, str(status)).inc()
+            HTTP_LATENCY.labels(route_name).observe(elapsed)
+            if status >= 500:
+                log.error("request failed", method=request.method, status=status)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _kafka_ready(producer: AIOKafkaProducer) -> bool:
+    client = producer.client
+    node_id = client.get_random_node()
+    if node_id is None:
+        await client.force_metadata_update()
+        node_id = client.get_random_node()
+    return node_id is not None and bool(await client.ready(node_id))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            await request.app[DB_POOL].fetchval("SELECT 1")
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"unavailable: {type(exc).__name__}"
+    try:
+        async with asyncio.timeout(2):
+            checks["kafka"] = (
+                "ok" if await _kafka_ready(request.app[KAFKA_PRODUCER]) else "unavailable"
+            )
+    except Exception as exc:
+        checks["kafka"] = f"unavailable: {type(exc).__name__}"
+    for runner in request.app.get(CONSUMERS, []):
+        checks[f"consumer:{runner.name}"] = "ok" if runner.running else "stopped"
+    ready = all(value == "ok" for value in checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics(_request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+def database_ctx(
+    migrations_dir: Path,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        pool = await create_pool(
+            settings.database_url.get_secret_value(),
+            settings.database_schema,
+            settings.database_pool_min,
+            settings.database_pool_max,
+        )
+        await migrate(pool, settings.database_schema, migrations_dir)
+        app[DB_POOL] = pool
+        yield
+        await pool.close()
+
+    return ctx
+
+
+async def kafka_producer_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.kafka_create_topics:
+        # Every service creates the whole catalogue: idempotent, and no start-order coupling.
+        await ensure_topics(
+            settings.kafka_bootstrap_servers,
+            topics_with_dead_letters(settings.topic(t) for t in Topic),
+            settings.kafka_topic_partitions,
+        )
+    producer = create_producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    app[KAFKA_PRODUCER] = producer
+    yield
+    await producer.stop()
+
+
+async def outbox_relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    relay = OutboxRelay(
+        app[DB_POOL],
+        app[KAFKA_PRODUCER],
+        schema=settings.database_schema,
+        topic_prefix=settings.kafka_topic_prefix,
+        poll_interval_s=settings.outbox_poll_interval_s,
+    )
+    app[OUTBOX_RELAY] = relay
+    task = asyncio.create_task(relay.run(), name="outbox-relay")
+    yield
+    await relay.stop()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=settings.shutdown_drain_timeout_s)
+
+
+def consumer_ctx(
+    group: str, handlers: dict[str, EventHandler]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        runner = ConsumerRunner(
+            name=settings.kafka_topic_prefix + group,
+            handlers=handlers,
+            pool=app[DB_POOL],
+            producer=app[KAFKA_PRODUCER],
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            topic_prefix=settings.kafka_topic_prefix,
+            batch_size=settings.consumer_batch_size,
+            max_poll_interval_ms=settings.consumer_max_poll_interval_ms,
+            handler_timeout_s=settings.external_call_timeout_s * 3,
+        )
+        await runner.start()
+        app.setdefault(CONSUMERS, []).append(runner)
+        yield
+        await asyncio.wait_for(runner.stop(), timeout=settings.shutdown_drain_timeout_s)
+
+    return ctx
+
+
+def create_service_app(settings: ServiceSettings, *, migrations_dir: Path) -> web.Application:
+    """The base every service builds on: state, pool, producer, relay and the ops routes."""
+    app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app[CONSUMERS] = []
+    app.cleanup_ctx.append(database_ctx(migrations_dir))
+    app.cleanup_ctx.append(kafka_producer_ctx)
+    app.cleanup_ctx.append(outbox_relay_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
