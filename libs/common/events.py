@@ -10,10 +10,32 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Generic, Literal, TypeVar
+import re
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+
+_ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+
+
+def _iso_only(value: object) -> object:
+    # pydantic also reads "1732546800" as a Unix time; on the wire we accept ISO 8601 only.
+    if isinstance(value, str) and not _ISO_DATETIME.match(value):
+        raise ValueError("expected an ISO 8601 date-time with an offset")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 
 
 class Topic(StrEnum):
@@ -41,8 +63,8 @@ class AppointmentCreatedV1(Payload):
     integration_id: uuid.UUID
     environment: Environment
     department: str = Field(max_length=200)
-    starts_at: AwareDatetime
-    ends_at: AwareDatetime
+    starts_at: Timestamp
+    ends_at: Timestamp
     time_zone: str = Field(max_length=64)
     join_url: str | None = Field(default=None, max_length=2048)
     patient_phone_encrypted: str | None = Field(default=None, max_length=4096)
@@ -54,12 +76,12 @@ class PatientJoinedV1(Payload):
     """A patient opened the join link and entered the lobby."""
 
     participant: str = Field(max_length=128, description="pseudonym, never a name")
-    lobby_entered_at: AwareDatetime
+    lobby_entered_at: Timestamp
 
 
 class AttendanceInterval(Payload):
-    joined_at: AwareDatetime
-    left_at: AwareDatetime | None = None
+    joined_at: Timestamp
+    left_at: Timestamp | None = None
 
 
 ParticipantRole = Literal["organizer", "staff", "patient", "guest"]
@@ -68,16 +90,16 @@ ParticipantRole = Literal["organizer", "staff", "patient", "guest"]
 class ParticipantAttendance(Payload):
     participant: str = Field(max_length=128, description="pseudonym, never a name")
     role: ParticipantRole
-    lobby_entered_at: AwareDatetime | None = None
-    admitted_at: AwareDatetime | None = None
+    lobby_entered_at: Timestamp | None = None
+    admitted_at: Timestamp | None = None
     intervals: list[AttendanceInterval] = Field(default_factory=list, max_length=500)
 
 
 class MeetingEndedV1(Payload):
     """The meeting is over: who was there, when, and how long they waited in the lobby."""
 
-    meeting_started_at: AwareDatetime | None = None
-    meeting_ended_at: AwareDatetime
+    meeting_started_at: Timestamp | None = None
+    meeting_ended_at: Timestamp
     participants: list[ParticipantAttendance] = Field(default_factory=list, max_length=500)
 
 
@@ -96,7 +118,7 @@ class Envelope(BaseModel, Generic[P]):
     event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     type: str = Field(max_length=100)
     version: int = Field(ge=1)
-    occurred_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    occurred_at: Timestamp = Field(default_factory=lambda: datetime.now(UTC))
     tenant_id: str = Field(min_length=1, max_length=100)
     key: str = Field(min_length=1, max_length=200, description="the appointment key")
     payload: P
@@ -146,7 +168,7 @@ def decode_event(raw: bytes | None) -> Envelope[Any]:
     if model is None:
         raise UndeliverableEvent(f"unknown event type or version: {event_type!r} v{version!r}")
     try:
-        return Envelope[model].model_validate(document)  # type: ignore[valid-type]
+        return Envelope[model].model_validate_json(raw)  # type: ignore[valid-type]
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]

@@ -1,0 +1,75 @@
+# Two commands matter: `make run` and `make test`. Both set up whatever is missing first
+# (Python env, Kafka jars, PostgreSQL) and both can be run again safely.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .local/tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+export EHR_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
+PG_ADMIN_DSN ?= postgresql://postgres@127.0.0.1:15432/postgres
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv infra infra-down run test test-only lint format bench bench-smoke clean
+
+help:
+	@echo "make run    - set up and start Kafka, Postgres, the stand-ins and the four services; Ctrl-C stops"
+	@echo "make test   - set up, start Kafka and Postgres, lint, then run every test"
+	@echo "make lint   - ruff and mypy --strict"
+	@echo "make bench  - run the benchmarks (bench/results/latest.json)"
+	@echo "make clean  - stop everything and delete .local and .venv"
+
+$(UV):
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)."; exit 1; }
+	@echo "setup: installing uv $(UV_VERSION) into $(TOOLS)"
+	@$(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	@echo "setup: syncing the Python environment from uv.lock"
+	@$(UV) sync --frozen --python $(PYTHON) -q
+	@touch $@
+
+venv: $(VENV)/.synced
+
+setup: venv
+	@infra/kafka.sh install
+	@infra/postgres.sh install
+
+infra: setup
+	@infra/postgres.sh start
+	@infra/kafka.sh start
+
+infra-down:
+	@infra/kafka.sh stop || true
+	@infra/postgres.sh stop || true
+
+run: infra
+	@$(PY) -m infra.run
+
+test: infra lint
+	@$(MAKE) --no-print-directory test-only
+
+test-only:
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check . >/dev/null || { $(VENV)/bin/ruff format --check .; exit 1; }
+	@$(VENV)/bin/mypy libs services sandbox infra bench tests
+	@echo "lint: ruff and mypy --strict passed"
+
+format: venv
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
+
+bench: infra
+	@$(PY) -m bench
+
+bench-smoke: infra
+	@$(PY) -m bench --smoke
+
+clean: infra-down
+	rm -rf .local $(VENV)

@@ -1,0 +1,259 @@
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from libs.common.events import encode_event
+from libs.common.kafka import ConsumerRunner
+from tests.conftest import KAFKA, wait_for
+from tests.support.kafka_reader import read_all_records
+from tests.support.probe import (
+    effects_count,
+    patient_joined,
+    probe_pool,
+    probe_runner,
+    probe_topics,
+    publish,
+    publish_raw,
+    started_producer,
+)
+
+Outcome = tuple[str, str, bool]
+
+
+class Outcomes:
+    """Collects what a runner applied; tests await a count instead of sleeping."""
+
+    def __init__(self, runner: ConsumerRunner) -> None:
+        self.seen: list[Outcome] = []
+        self._targets: list[tuple[int, asyncio.Event]] = []
+        runner.observe(self._on_batch)
+
+    def _on_batch(self, outcomes: list[Outcome]) -> None:
+        self.seen += outcomes
+        for count, event in self._targets:
+            if len(self.seen) >= count:
+                event.set()
+
+    async def reach(self, count: int) -> list[Outcome]:
+        event = asyncio.Event()
+        self._targets.append((count, event))
+        if len(self.seen) >= count:
+            event.set()
+        await wait_for(event, f"{count} handled events")
+        return self.seen
+
+
+@pytest.fixture
+async def kit(
+    database_url: str, topic_prefix: str
+) -> AsyncIterator[tuple[asyncpg.Pool, AIOKafkaProducer]]:
+    await probe_topics(KAFKA, topic_prefix)
+    pool = await probe_pool(database_url)
+    producer = await started_producer(KAFKA)
+    yield pool, producer
+    await producer.stop()
+    await pool.close()
+
+
+async def test_same_event_delivered_twice_is_applied_once(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """A redelivered event (same event_id) is absorbed by the inbox: one effect."""
+    pool, producer = kit
+    event = patient_joined()
+    await publish(producer, topic_prefix, event)
+    await publish(producer, topic_prefix, event)
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "redelivery")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(2)
+    finally:
+        await runner.stop()
+    assert [applied for _, _, applied in seen] == [True, False]
+    assert await effects_count(pool) == 1
+
+
+async def test_consumer_killed_between_processing_and_commit_applies_once(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str, database_url: str
+) -> None:
+    """SIGKILL after the effect committed but before the offset did: the restarted consumer
+    gets the event again and the inbox keeps the effect single."""
+    pool, producer = kit
+    group = "crash-restart"
+    event = patient_joined()
+    await publish(producer, topic_prefix, event)
+
+    crashing = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.support.crash_consumer",
+        database_url,
+        KAFKA,
+        topic_prefix,
+        group,
+    )
+    assert await asyncio.wait_for(crashing.wait(), 60) == -9
+    assert await effects_count(pool) == 1
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(topic_prefix + group)
+    finally:
+        await admin.close()
+    assert all(meta.offset <= 0 for meta in committed.values()), "offset must not be committed"
+
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, group)
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(1)
+    finally:
+        await runner.stop()
+    assert seen == [("patient-joined", str(event.event_id), False)]
+    assert await effects_count(pool) == 1
+
+
+async def test_committed_offsets_survive_a_restart(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """After a clean stop the next runner of the group starts after what was committed."""
+    pool, producer = kit
+    first, second = patient_joined(), patient_joined()
+    await publish(producer, topic_prefix, first)
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "restart")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    await outcomes.reach(1)
+    await runner.stop()
+
+    await publish(producer, topic_prefix, second)
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "restart")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(1)
+    finally:
+        await runner.stop()
+    assert seen == [("patient-joined", str(second.event_id), True)]
+    assert await effects_count(pool) == 2
+
+
+async def test_poison_messages_go_to_the_dead_letter_topic_with_a_reason(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """Malformed JSON, an unknown version and an invalid payload are parked, not dropped,
+    and do not stop the good event behind them."""
+    pool, producer = kit
+    topic = topic_prefix + "patient-joined"
+    good = patient_joined()
+    unknown_version = orjson.loads(encode_event(patient_joined()))
+    unknown_version["version"] = 7
+    invalid_payload = orjson.loads(encode_event(patient_joined()))
+    invalid_payload["payload"]["lobby_entered_at"] = "yesterday"
+    for raw in [b"{oops", orjson.dumps(unknown_version), orjson.dumps(invalid_payload)]:
+        await publish_raw(producer, topic, raw, "apt_probe")
+    await publish(producer, topic_prefix, good)
+
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "poison")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(1)
+    finally:
+        await runner.stop()
+    assert seen == [("patient-joined", str(good.event_id), True)]
+
+    parked = await read_all_records(topic + ".dlq", expect=3)
+    reasons = sorted(dict(r.headers)["reason"].decode() for r in parked)
+    assert reasons[0].startswith("invalid patient-joined v1: payload.lobby_entered_at")
+    assert reasons[1].startswith("malformed JSON")
+    assert reasons[2].startswith("unknown event type or version")
+    assert {dict(r.headers)["consumer"].decode() for r in parked} == {topic_prefix + "poison"}
+    assert parked[0].value == b"{oops"
+
+
+async def test_failing_handler_retries_then_dead_letters_without_a_partial_effect(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """A handler that keeps failing is retried, then dead-lettered; its transaction,
+    inbox row included, rolls back each time."""
+    pool, producer = kit
+    attempts = 0
+
+    async def broken(conn: Any, event: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute(
+            "INSERT INTO effects (event_id, appointment_key) VALUES ($1, 'x')", event.event_id
+        )
+        raise ValueError("bug in handler")
+
+    event = patient_joined()
+    await publish(producer, topic_prefix, event)
+    runner = ConsumerRunner(
+        name=topic_prefix + "broken",
+        handlers={"patient-joined": broken},
+        pool=pool,
+        producer=producer,
+        bootstrap_servers=KAFKA,
+        topic_prefix=topic_prefix,
+    )
+    await runner.start()
+    try:
+        parked = await read_all_records(topic_prefix + "patient-joined.dlq", expect=1, within_s=30)
+    finally:
+        await runner.stop()
+    assert attempts == 5
+    assert dict(parked[0].headers)["reason"] == b"handler failed 5 times: ValueError"
+    assert await effects_count(pool) == 0
+    assert await pool.fetchval("SELECT count(*) FROM inbox") == 0
+
+
+async def test_transient_failure_is_retried_until_it_succeeds(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """A connection error in the handler retries the same event, which is applied once."""
+    pool, producer = kit
+    failures = 2
+
+    async def flaky(conn: Any, event: Any) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionResetError("database went away")
+        await conn.execute(
+            "INSERT INTO effects (event_id, appointment_key) VALUES ($1, $2)",
+            event.event_id,
+            event.key,
+        )
+
+    event = patient_joined()
+    await publish(producer, topic_prefix, event)
+    runner = ConsumerRunner(
+        name=topic_prefix + "flaky",
+        handlers={"patient-joined": flaky},
+        pool=pool,
+        producer=producer,
+        bootstrap_servers=KAFKA,
+        topic_prefix=topic_prefix,
+    )
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(1)
+    finally:
+        await runner.stop()
+    assert seen == [("patient-joined", str(event.event_id), True)]
+    assert await effects_count(pool) == 1
+    assert uuid.UUID(seen[0][1]) == event.event_id

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.launch.settings import LaunchSettings
+
+
+def test_environment_beats_dotenv_beats_secret_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values come from the environment first, then .env, then Kubernetes secret files."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "ehr_scheduling_api_token").write_text("from-secret-file")
+    (secrets / "ehr_appointment_key_secret").write_text("key-from-secret-file")
+    (secrets / "ehr_log_level").write_text("ERROR")
+    (tmp_path / ".env").write_text("EHR_LOG_LEVEL=WARNING\nEHR_HTTP_PORT=9999\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EHR_SECRETS_DIR", str(secrets))
+    monkeypatch.setenv("EHR_HTTP_PORT", "7070")
+
+    settings = LaunchSettings()
+
+    assert settings.http_port == 7070
+    assert settings.log_level == "WARNING"
+    assert settings.scheduling_api_token.get_secret_value() == "from-secret-file"
+    assert settings.appointment_key_secret.get_secret_value() == "key-from-secret-file"
+
+
+def test_secrets_are_masked_when_printed() -> None:
+    """SecretStr keeps secrets out of reprs and logs."""
+    settings = LaunchSettings(scheduling_api_token="very-secret")
+    assert "very-secret" not in repr(settings)
+    assert "very-secret" not in str(settings.model_dump())
