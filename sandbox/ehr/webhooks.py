@@ -10,7 +10,9 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +22,8 @@ import aiohttp
 from sandbox.ehr.clock import Clock
 from sandbox.ehr.settings import EhrSettings
 from sandbox.ehr.state import Delivery, TenantState
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-EHR-Signature"
 EVENT_ID_HEADER = "X-EHR-Event-Id"
@@ -73,6 +77,8 @@ class WebhookDispatcher:
         self._queues: dict[str, asyncio.Queue[tuple[TenantState, Outgoing]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
+        # Observers of every attempt (tests wait on these instead of polling the log).
+        self.listeners: list[Callable[[TenantState, Delivery], None]] = []
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout)
@@ -90,6 +96,19 @@ class WebhookDispatcher:
 
     def enqueue(self, tenant: TenantState, out: Outgoing) -> None:
         if not tenant.spec.webhook_url:
+            tenant.deliveries.append(
+                Delivery(
+                    event_id=out.event_id,
+                    event=out.event,
+                    appointment_id=out.appointment_id,
+                    url="",
+                    attempt=0,
+                    at=datetime.fromtimestamp(self.clock(), UTC).isoformat(),
+                    status=None,
+                    error="no subscriber configured for this tenant; event dropped",
+                    delivered=False,
+                )
+            )
             return
         queue = self._queues.get(tenant.guid)
         if queue is None:
@@ -103,6 +122,8 @@ class WebhookDispatcher:
             tenant, out = await queue.get()
             try:
                 await self._deliver(tenant, out)
+            except Exception:
+                log.exception("webhook delivery of %s crashed", out.event_id)
             finally:
                 queue.task_done()
 
@@ -114,19 +135,20 @@ class WebhookDispatcher:
                 return
             status, error = await self._post(tenant, url, secret, out)
             delivered = status is not None and 200 <= status < 300
-            tenant.deliveries.append(
-                Delivery(
-                    event_id=out.event_id,
-                    event=out.event,
-                    appointment_id=out.appointment_id,
-                    url=url,
-                    attempt=attempt,
-                    at=datetime.fromtimestamp(self.clock(), UTC).isoformat(),
-                    status=status,
-                    error=error,
-                    delivered=delivered,
-                )
+            record = Delivery(
+                event_id=out.event_id,
+                event=out.event,
+                appointment_id=out.appointment_id,
+                url=url,
+                attempt=attempt,
+                at=datetime.fromtimestamp(self.clock(), UTC).isoformat(),
+                status=status,
+                error=error,
+                delivered=delivered,
             )
+            tenant.deliveries.append(record)
+            for listener in self.listeners:
+                listener(tenant, record)
             retryable = status is None or status >= 500 or status == 429
             if delivered or not retryable:
                 return

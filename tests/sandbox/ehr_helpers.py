@@ -111,7 +111,8 @@ class Smart:
         status, query, _ = await self.authorize(
             client_id, launch["launch"], challenge, scope=scope, nonce=nonce
         )
-        assert status == 302 and "code" in query, query
+        assert status == 302, query
+        assert "code" in query, query
         return query["code"], verifier
 
     async def exchange(
@@ -184,12 +185,12 @@ class Receiver:
                     event.set()
         return web.Response(status=status)
 
-    async def wait_for(self, count: int, timeout: float = 10) -> list[Received]:
+    async def wait_for(self, count: int, within: float = 10) -> list[Received]:
         event = asyncio.Event()
         if len(self.accepted) >= count:
             event.set()
         self._waiters.append((count, event))
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), within)
         return self.accepted[:count]
 
     async def start(self) -> None:

@@ -53,7 +53,9 @@ async def test_jwks_publishes_rsa_signing_key_per_tenant(smart: Smart) -> None:
         other = Smart(smart.ehr, smart.http, tenant)
         async with smart.http.get((await other.config())["jwks_uri"]) as resp:
             keys = (await resp.json())["keys"]
-        assert keys[0]["kty"] == "RSA" and keys[0]["alg"] == "RS256" and "d" not in keys[0]
+        assert keys[0]["kty"] == "RSA"
+        assert keys[0]["alg"] == "RS256"
+        assert "d" not in keys[0]
         kids.append(keys[0]["kid"])
     assert kids[0] != kids[1]
 

@@ -29,13 +29,17 @@ async def test_full_ehr_launch_happy_path(smart: Smart) -> None:
     status, query, location = await smart.authorize(
         "app-happy", launch["launch"], challenge, nonce="n-1"
     )
-    assert status == 302 and location.startswith(REDIRECT_URI + "?")
+    assert status == 302
+    assert location.startswith(REDIRECT_URI + "?")
     assert query["state"] == "st-123"
     status, body = await smart.exchange("app-happy", query["code"], verifier)
     assert status == 200, body
-    assert body["token_type"] == "Bearer" and body["expires_in"] == 570
-    assert body["patient"] == appt["patient"] and body["encounter"] == appt["encounter"]
-    assert body["tenant"] == TENANT_A and body["need_patient_banner"] is True
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 570
+    assert body["patient"] == appt["patient"]
+    assert body["encounter"] == appt["encounter"]
+    assert body["tenant"] == TENANT_A
+    assert body["need_patient_banner"] is True
     assert set(body["scope"].split()) == set(SCOPE.split())
     assert "refresh_token" in body
 
@@ -50,15 +54,19 @@ async def test_full_ehr_launch_happy_path(smart: Smart) -> None:
         options={"verify_exp": False, "verify_iat": False},
     )
     assert claims["fhirUser"] == f"{smart.base}/Practitioner/{appt['practitioner']}"
-    assert claims["nonce"] == "n-1" and claims["sub"] == appt["practitioner"]
+    assert claims["nonce"] == "n-1"
+    assert claims["sub"] == appt["practitioner"]
 
     token = body["access_token"]
     st, got, _ = await smart.fhir(f"Encounter/{body['encounter']}", token)
-    assert st == 200 and got["appointment"][0]["reference"] == f"Appointment/{appt['id']}"
+    assert st == 200
+    assert got["appointment"][0]["reference"] == f"Appointment/{appt['id']}"
     st, got, _ = await smart.fhir(f"Appointment/{appt['id']}", token)
-    assert st == 200 and got["resourceType"] == "Appointment"
+    assert st == 200
+    assert got["resourceType"] == "Appointment"
     st, got, _ = await smart.fhir(f"Patient/{body['patient']}", token)
-    assert st == 200 and got["telecom"][0]["value"].startswith("+1312555")
+    assert st == 200
+    assert got["telecom"][0]["value"].startswith("+1312555")
 
 
 async def test_authorize_without_aud_is_refused(smart: Smart) -> None:
@@ -67,7 +75,9 @@ async def test_authorize_without_aud_is_refused(smart: Smart) -> None:
     launch = await smart.launch()
     _, challenge = pkce_pair()
     status, query, _ = await smart.authorize("app-aud", launch["launch"], challenge, aud=None)
-    assert status == 302 and query["error"] == "invalid_request" and query["state"] == "st-123"
+    assert status == 302
+    assert query["error"] == "invalid_request"
+    assert query["state"] == "st-123"
     assert "code" not in query
 
 
@@ -87,7 +97,8 @@ async def test_authorize_with_different_aud_is_refused(smart: Smart, aud: str) -
     port = smart.ehr.url.rsplit(":", 1)[1]
     value = aud.format(port=port, tenant=TENANT_A, base=smart.base)
     status, query, _ = await smart.authorize("app-aud2", launch["launch"], challenge, aud=value)
-    assert status == 302 and query["error"] == "invalid_request"
+    assert status == 302
+    assert query["error"] == "invalid_request"
 
 
 async def test_authorize_with_other_tenants_aud_is_refused(smart: Smart) -> None:
@@ -97,7 +108,8 @@ async def test_authorize_with_other_tenants_aud_is_refused(smart: Smart) -> None
     _, challenge = pkce_pair()
     other = smart.ehr.fhir_base(next(t for t in smart.ehr.sandbox.tenants if t != TENANT_A))
     status, query, _ = await smart.authorize("app-aud3", launch["launch"], challenge, aud=other)
-    assert status == 302 and query["error"] == "invalid_request"
+    assert status == 302
+    assert query["error"] == "invalid_request"
 
 
 @pytest.mark.parametrize(
@@ -122,7 +134,9 @@ async def test_authorize_refusals_redirect_with_error(
     _, challenge = pkce_pair()
     status, query, _ = await smart.authorize("app-refuse", launch["launch"], challenge, **override)
     assert status == 302
-    assert query["error"] == error and query["error_description"] and query["state"] == "st-123"
+    assert query["error"] == error
+    assert query["error_description"]
+    assert query["state"] == "st-123"
 
 
 async def test_authorize_with_unregistered_redirect_uri_is_400_page(smart: Smart) -> None:
@@ -133,7 +147,8 @@ async def test_authorize_with_unregistered_redirect_uri_is_400_page(smart: Smart
     status, _, location = await smart.authorize(
         "app-redir", launch["launch"], challenge, redirect_uri="http://127.0.0.1:9/evil"
     )
-    assert status == 400 and location == ""
+    assert status == 400
+    assert location == ""
 
 
 async def test_authorize_with_unknown_client_is_400_page(smart: Smart) -> None:
@@ -141,7 +156,8 @@ async def test_authorize_with_unknown_client_is_400_page(smart: Smart) -> None:
     launch = await smart.launch()
     _, challenge = pkce_pair()
     status, _, location = await smart.authorize("nobody", launch["launch"], challenge)
-    assert status == 400 and location == ""
+    assert status == 400
+    assert location == ""
 
 
 async def test_launch_of_another_tenant_is_refused(smart: Smart) -> None:
@@ -152,7 +168,8 @@ async def test_launch_of_another_tenant_is_refused(smart: Smart) -> None:
     launch = await other.launch()
     _, challenge = pkce_pair()
     status, query, _ = await smart.authorize("app-cross", launch["launch"], challenge)
-    assert status == 302 and query["error"] == "invalid_request"
+    assert status == 302
+    assert query["error"] == "invalid_request"
 
 
 async def test_bad_pkce_verifier_is_invalid_grant(smart: Smart) -> None:
@@ -161,7 +178,8 @@ async def test_bad_pkce_verifier_is_invalid_grant(smart: Smart) -> None:
     code, _ = await smart.code_for("app-pkce")
     wrong, _ = pkce_pair()
     status, body = await smart.exchange("app-pkce", code, wrong)
-    assert status == 400 and body["error"] == "invalid_grant"
+    assert status == 400
+    assert body["error"] == "invalid_grant"
 
 
 async def test_missing_pkce_verifier_is_invalid_grant(smart: Smart) -> None:
@@ -170,7 +188,8 @@ async def test_missing_pkce_verifier_is_invalid_grant(smart: Smart) -> None:
     code, _ = await smart.code_for("app-pkce2")
     form = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI}
     status, body = await smart.token(form, ("app-pkce2", "app-pkce2-secret"))
-    assert status == 400 and body["error"] == "invalid_grant"
+    assert status == 400
+    assert body["error"] == "invalid_grant"
 
 
 async def test_reused_code_is_invalid_grant_and_revokes_tokens(smart: Smart) -> None:
@@ -180,7 +199,8 @@ async def test_reused_code_is_invalid_grant_and_revokes_tokens(smart: Smart) -> 
     status, first = await smart.exchange("app-reuse", code, verifier)
     assert status == 200
     status, body = await smart.exchange("app-reuse", code, verifier)
-    assert status == 400 and body["error"] == "invalid_grant"
+    assert status == 400
+    assert body["error"] == "invalid_grant"
     st, _, _ = await smart.fhir("Patient/" + first["patient"], first["access_token"])
     assert st == 401
 
@@ -191,7 +211,8 @@ async def test_expired_code_is_invalid_grant(smart: Smart, ehr_clock: FakeClock)
     code, verifier = await smart.code_for("app-exp")
     ehr_clock.advance(61)
     status, body = await smart.exchange("app-exp", code, verifier)
-    assert status == 400 and body["error"] == "invalid_grant"
+    assert status == 400
+    assert body["error"] == "invalid_grant"
 
 
 async def test_mismatched_redirect_uri_is_invalid_grant(smart: Smart) -> None:
@@ -205,7 +226,8 @@ async def test_mismatched_redirect_uri_is_invalid_grant(smart: Smart) -> None:
         "code_verifier": verifier,
     }
     status, body = await smart.token(form, ("app-ru", "app-ru-secret"))
-    assert status == 400 and body["error"] == "invalid_grant"
+    assert status == 400
+    assert body["error"] == "invalid_grant"
 
 
 async def test_bad_client_secret_is_401_invalid_client(smart: Smart) -> None:
@@ -238,7 +260,8 @@ async def test_confidential_client_without_authentication_is_401(smart: Smart) -
         "client_id": "app-noauth",
     }
     status, body = await smart.token(form)
-    assert status == 401 and body["error"] == "invalid_client"
+    assert status == 401
+    assert body["error"] == "invalid_client"
 
 
 async def test_unsupported_grant_type(smart: Smart) -> None:
@@ -246,7 +269,8 @@ async def test_unsupported_grant_type(smart: Smart) -> None:
     await smart.register("app-gt")
     form = {"grant_type": "password", "username": "x", "password": "y"}
     status, body = await smart.token(form, ("app-gt", "app-gt-secret"))
-    assert status == 400 and body["error"] == "unsupported_grant_type"
+    assert status == 400
+    assert body["error"] == "unsupported_grant_type"
 
 
 # --- private_key_jwt ----------------------------------------------------------------------
@@ -317,7 +341,8 @@ async def test_private_key_jwt_with_bad_signature_is_401(
     aud = (await smart.config())["token_endpoint"]
     assertion = _assertion(attacker, "RS384", "k1", "app-pkj-bad", aud, ehr_clock())
     status, body = await _jwt_exchange(smart, "app-pkj-bad", assertion, code, verifier)
-    assert status == 401 and body["error"] == "invalid_client"
+    assert status == 401
+    assert body["error"] == "invalid_client"
 
 
 async def test_private_key_jwt_refusals(smart: Smart, ehr_clock: FakeClock) -> None:
@@ -336,13 +361,15 @@ async def test_private_key_jwt_refusals(smart: Smart, ehr_clock: FakeClock) -> N
     for assertion in bad:
         code, verifier = await smart.code_for("app-pkj-r")
         status, body = await _jwt_exchange(smart, "app-pkj-r", assertion, code, verifier)
-        assert status == 401 and body["error"] == "invalid_client", assertion
+        assert status == 401, assertion
+        assert body["error"] == "invalid_client"
     reused = _assertion(key, "RS384", "k1", "app-pkj-r", aud, now, jti="same")
     code, verifier = await smart.code_for("app-pkj-r")
     assert (await _jwt_exchange(smart, "app-pkj-r", reused, code, verifier))[0] == 200
     code, verifier = await smart.code_for("app-pkj-r")
     status, body = await _jwt_exchange(smart, "app-pkj-r", reused, code, verifier)
-    assert status == 401 and body["error"] == "invalid_client"
+    assert status == 401
+    assert body["error"] == "invalid_client"
 
 
 # --- refresh tokens -------------------------------------------------------------------------
@@ -358,7 +385,7 @@ async def test_no_refresh_token_without_online_access(smart: Smart) -> None:
 
 
 async def test_refresh_token_grant(smart: Smart, ehr_clock: FakeClock) -> None:
-    """A refresh_token (online_access) yields a new access token; the response omits refresh_token."""
+    """online_access refresh_token yields a new access token; the response omits refresh_token."""
     await smart.register("app-refresh")
     body = await smart.access_token("app-refresh")
     ehr_clock.advance(600)
@@ -367,7 +394,8 @@ async def test_refresh_token_grant(smart: Smart, ehr_clock: FakeClock) -> None:
     form = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}
     status, fresh = await smart.token(form, ("app-refresh", "app-refresh-secret"))
     assert status == 200, fresh
-    assert fresh["access_token"] != body["access_token"] and "refresh_token" not in fresh
+    assert fresh["access_token"] != body["access_token"]
+    assert "refresh_token" not in fresh
     assert fresh["patient"] == body["patient"]
     st, _, _ = await smart.fhir(f"Patient/{body['patient']}", fresh["access_token"])
     assert st == 200
@@ -380,7 +408,8 @@ async def test_refresh_token_of_other_client_is_invalid_grant(smart: Smart) -> N
     body = await smart.access_token("app-r1")
     form = {"grant_type": "refresh_token", "refresh_token": body["refresh_token"]}
     status, err = await smart.token(form, ("app-r2", "app-r2-secret"))
-    assert status == 400 and err["error"] == "invalid_grant"
+    assert status == 400
+    assert err["error"] == "invalid_grant"
 
 
 async def test_token_lifetime_is_configurable(ehr_http: aiohttp.ClientSession) -> None:
