@@ -50,6 +50,7 @@ run: infra
 	@$(PY) -m infra.run
 
 test: infra lint
+	@$(PY) -m bench --smoke >/dev/null && echo "bench-smoke: every benchmark ran"
 	@$(MAKE) --no-print-directory test-only
 
 test-only:
