@@ -1,7 +1,8 @@
 """``python -m sandbox.ehr [--host H] [--port P] [--seed seed.json] [--public-url URL]``.
 
 Environment: EHR_SANDBOX_HOST, EHR_SANDBOX_PORT, EHR_SANDBOX_SEED, EHR_SANDBOX_PUBLIC_URL,
-EHR_SANDBOX_ACCESS_TOKEN_TTL. The seed JSON holds any EhrSettings fields (tenants, clients...).
+EHR_SANDBOX_ACCESS_TOKEN_TTL. The seed JSON holds any EhrSettings fields (tenants, clients...);
+seed tenants are merged by guid into the two default tenants.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox.ehr.app import create_app
-from sandbox.ehr.settings import DEFAULT_HOST, DEFAULT_PORT, EhrSettings
+from sandbox.ehr.settings import DEFAULT_HOST, DEFAULT_PORT, EhrSettings, default_tenants
 
 
 def load_settings(argv: list[str] | None = None) -> EhrSettings:
@@ -33,6 +34,11 @@ def load_settings(argv: list[str] | None = None) -> EhrSettings:
     raw: dict[str, Any] = {}
     if args.seed:
         raw = json.loads(Path(args.seed).read_text())
+    if "tenants" in raw:  # seed tenants override the defaults with the same guid, or add one
+        merged = {t.guid: t.model_dump() for t in default_tenants()}
+        for tenant in raw["tenants"]:
+            merged[tenant["guid"]] = {**merged.get(tenant["guid"], {}), **tenant}
+        raw["tenants"] = list(merged.values())
     raw.update(
         host=args.host,
         port=args.port,

@@ -37,7 +37,7 @@ class TenantSpec(BaseModel):
 
     guid: str
     name: str
-    id_prefix: int = Field(ge=1, le=9)
+    id_prefix: int | None = Field(default=None, ge=1, le=9)  # None: position in the list
     launch_url: str | None = None
     webhook_url: str | None = None
     webhook_secret: str | None = None

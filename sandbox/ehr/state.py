@@ -66,12 +66,13 @@ class Delivery:
 
 
 class TenantState:
-    def __init__(self, spec: TenantSpec, origin: str, clock: Clock) -> None:
+    def __init__(self, spec: TenantSpec, origin: str, clock: Clock, position: int = 1) -> None:
         self.spec = spec
         self.guid = spec.guid
         self.origin = origin
         now = datetime.fromtimestamp(clock(), UTC)
-        self.data: TenantData = build_tenant_data(spec.guid, spec.id_prefix, now.date(), now)
+        prefix = spec.id_prefix or min(position, 9)
+        self.data: TenantData = build_tenant_data(spec.guid, prefix, now.date(), now)
         self.signing_key: SigningKey = new_signing_key()
         self.clients: dict[str, ClientSpec] = {}
         self.launches: dict[str, Launch] = {}
@@ -128,7 +129,8 @@ class Sandbox:
         self.settings = settings
         self.clock = clock
         self.tenants: dict[str, TenantState] = {
-            t.guid: TenantState(t, settings.origin(), clock) for t in settings.tenants
+            t.guid: TenantState(t, settings.origin(), clock, i + 1)
+            for i, t in enumerate(settings.tenants)
         }
         for client in settings.clients:
             self.register_client(client)

@@ -277,8 +277,11 @@ async def test_unsupported_grant_type(smart: Smart) -> None:
 
 
 def _jwk(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
-    algo = RSAAlgorithm if isinstance(key, rsa.RSAPrivateKey) else ECAlgorithm
-    jwk: dict[str, Any] = json.loads(algo.to_jwk(key.public_key()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        text = RSAAlgorithm.to_jwk(key.public_key())
+    else:
+        text = ECAlgorithm.to_jwk(key.public_key())
+    jwk: dict[str, Any] = json.loads(text)
     jwk["kid"] = kid
     return jwk
 
