@@ -7,10 +7,10 @@ consumer runner sends to the topic's dead-letter topic with the reason.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import orjson
@@ -23,7 +23,6 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-
 
 _ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
 
@@ -40,8 +39,19 @@ Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 
 class Topic(StrEnum):
     APPOINTMENT_CREATED = "appointment-created"
+    APPOINTMENT_RESCHEDULED = "appointment-rescheduled"
+    APPOINTMENT_CANCELLED = "appointment-cancelled"
     PATIENT_JOINED = "patient-joined"
+    PARTICIPANT_ADMITTED = "participant-admitted"
+    PARTICIPANT_LEFT = "participant-left"
     MEETING_ENDED = "meeting-ended"
+    SMS_REQUESTED = "sms-requested"
+    SMS_SENT = "sms-sent"
+    INTEGRATION_CONFIG = "integration-config"
+
+
+# Latest state per key is all that matters on these; Kafka keeps the last message per key.
+COMPACTED_TOPICS = frozenset({Topic.INTEGRATION_CONFIG})
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -103,10 +113,109 @@ class MeetingEndedV1(Payload):
     participants: list[ParticipantAttendance] = Field(default_factory=list, max_length=500)
 
 
+class AppointmentRescheduledV1(Payload):
+    """The EHR moved the appointment; reminders follow the new start."""
+
+    integration_id: uuid.UUID
+    starts_at: Timestamp
+    ends_at: Timestamp
+    time_zone: str = Field(max_length=64)
+    schedule_version: int = Field(ge=1)
+
+
+class AppointmentCancelledV1(Payload):
+    """The EHR cancelled the appointment; pending reminders are dropped."""
+
+    integration_id: uuid.UUID
+    reason_code: str = Field(max_length=64, pattern=r"^[a-z0-9_-]+$")
+    schedule_version: int = Field(ge=1)
+
+
+class ParticipantAdmittedV1(Payload):
+    """Staff let a participant in from the lobby (or a staff member joined directly)."""
+
+    participant: str = Field(max_length=128, description="pseudonym, never a name")
+    role: ParticipantRole
+    admitted_at: Timestamp
+
+
+class ParticipantLeftV1(Payload):
+    participant: str = Field(max_length=128, description="pseudonym, never a name")
+    role: ParticipantRole
+    left_at: Timestamp
+
+
+SmsKind = Literal["confirmation", "reschedule", "cancellation", "reminder", "link"]
+SmsOutcome = Literal["sent", "failed", "opted_out", "invalid_number", "no_consent"]
+
+
+class SmsRequestedV1(Payload):
+    """The clinician pressed "Send link to patient"."""
+
+    integration_id: uuid.UUID
+    kind: Literal["link"] = "link"
+    requested_at: Timestamp
+
+
+class SmsSentV1(Payload):
+    """Notify's outcome for one message; no phone number, no text."""
+
+    integration_id: uuid.UUID
+    kind: SmsKind
+    outcome: SmsOutcome
+    segments: int = Field(ge=0, le=10)
+    at: Timestamp
+
+
+ReminderOffset = Literal[15, 30, 60, 1440]
+
+
+def _default_reminders() -> list[ReminderOffset]:
+    return [15]
+
+
+ClientAuthMethod = Literal["client_secret_basic", "private_key_jwt"]
+PkceMode = Literal["required", "if_supported", "off"]
+
+
+class IntegrationConfigV1(Payload):
+    """An integration's settings as the config service last saved them. Keyed by
+    integration id on a compacted topic; secrets are field-encrypted ciphertext."""
+
+    integration_id: uuid.UUID
+    config_version: int = Field(ge=1, description="consumers keep the highest version seen")
+    deleted: bool = False
+    fhir_base_url: str = Field(max_length=2048)
+    environment: Environment
+    enabled: bool
+    department: str = Field(max_length=200)
+    organisation_name: str = Field(max_length=200)
+    ms_tenant_id: str = Field(max_length=100)
+    smart_client_id: str = Field(max_length=200)
+    client_auth_method: ClientAuthMethod
+    client_secret_encrypted: str | None = Field(default=None, max_length=8192)
+    private_key_encrypted: str | None = Field(default=None, max_length=16384)
+    pkce_mode: PkceMode = "required"
+    teams_organizer_id: str = Field(max_length=200)
+    sms_enabled: bool = Field(description="SMS switched on and both consents given")
+    sms_from_number: str | None = Field(default=None, max_length=20, pattern=r"^\+[1-9]\d{6,14}$")
+    reminder_offsets_minutes: list[ReminderOffset] = Field(
+        default_factory=_default_reminders, max_length=4
+    )
+    sms_templates: dict[SmsKind, str] = Field(default_factory=dict)
+
+
 PAYLOAD_MODELS: dict[tuple[str, int], type[Payload]] = {
     (Topic.APPOINTMENT_CREATED, 1): AppointmentCreatedV1,
+    (Topic.APPOINTMENT_RESCHEDULED, 1): AppointmentRescheduledV1,
+    (Topic.APPOINTMENT_CANCELLED, 1): AppointmentCancelledV1,
     (Topic.PATIENT_JOINED, 1): PatientJoinedV1,
+    (Topic.PARTICIPANT_ADMITTED, 1): ParticipantAdmittedV1,
+    (Topic.PARTICIPANT_LEFT, 1): ParticipantLeftV1,
     (Topic.MEETING_ENDED, 1): MeetingEndedV1,
+    (Topic.SMS_REQUESTED, 1): SmsRequestedV1,
+    (Topic.SMS_SENT, 1): SmsSentV1,
+    (Topic.INTEGRATION_CONFIG, 1): IntegrationConfigV1,
 }
 
 P = TypeVar("P", bound=Payload)
@@ -120,7 +229,11 @@ class Envelope(BaseModel, Generic[P]):
     version: int = Field(ge=1)
     occurred_at: Timestamp = Field(default_factory=lambda: datetime.now(UTC))
     tenant_id: str = Field(min_length=1, max_length=100)
-    key: str = Field(min_length=1, max_length=200, description="the appointment key")
+    key: str = Field(
+        min_length=1,
+        max_length=200,
+        description="the appointment key; the integration id on integration-config",
+    )
     payload: P
 
     @field_validator("occurred_at")

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import OffsetAndMetadata
 
-from libs.common.events import Envelope, Topic, UndeliverableEvent, dead_letter_topic, decode_event
+from libs.common.events import Envelope, UndeliverableEvent, dead_letter_topic, decode_event
 from libs.common.inbox import first_delivery
 from libs.common.metrics import (
     CONSUMER_LAG,
@@ -37,10 +37,6 @@ log = structlog.get_logger(__name__)
 EventHandler = Callable[["Connection", Envelope[Any]], Awaitable[None]]
 # Told after each committed batch: (topic, event_id, applied) per record. Tests wait on it.
 BatchObserver = Callable[[list[tuple[str, str, bool]]], None]
-
-# Partitions per topic. The key is the appointment key, so more partitions only spread load;
-# ordering per appointment is kept either way.
-TOPIC_PARTITIONS: Mapping[str, int] = {topic.value: 3 for topic in Topic}
 
 
 class PermanentEventError(Exception):
@@ -74,15 +70,25 @@ def create_producer(bootstrap_servers: str) -> AIOKafkaProducer:
 
 
 async def ensure_topics(
-    bootstrap_servers: str, names: Iterable[str], partitions: int, replication_factor: int = 1
+    bootstrap_servers: str,
+    names: Iterable[str],
+    partitions: int,
+    replication_factor: int = 1,
+    compacted: Iterable[str] = (),
 ) -> None:
     """Create missing topics with explicit partition counts; existing ones are left alone."""
+    compact = set(compacted)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=15_000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name=name, num_partitions=partitions, replication_factor=replication_factor)
+            NewTopic(
+                name=name,
+                num_partitions=partitions,
+                replication_factor=replication_factor,
+                topic_configs={"cleanup.policy": "compact"} if name in compact else {},
+            )
             for name in sorted(set(names))
             if name not in existing
         ]

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.common.crypto import DEV_KEYRING, FieldCipher
+
 DEFAULT_SECRETS_DIR = "/run/secrets/ehr-connector"
 
 
@@ -50,6 +52,10 @@ class ServiceSettings(BaseSettings):
     # Keyed hash secret that turns (integration, FHIR Appointment id) into the appointment key.
     appointment_key_secret: SecretStr = SecretStr("dev-only-appointment-key-secret-change-me")
 
+    # JSON {key_id: base64 32-byte key}; the active key encrypts, every key decrypts.
+    field_encryption_keys: SecretStr = DEV_KEYRING
+    field_encryption_active_key: str = "dev1"
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -66,6 +72,9 @@ class ServiceSettings(BaseSettings):
     @property
     def database_schema(self) -> str:
         return self.service_name
+
+    def field_cipher(self) -> FieldCipher:
+        return FieldCipher(self.field_encryption_keys, self.field_encryption_active_key)
 
     def topic(self, name: str) -> str:
         return f"{self.kafka_topic_prefix}{name}"

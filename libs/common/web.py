@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from libs.common.db import create_pool, migrate
-from libs.common.events import Topic
+from libs.common.events import COMPACTED_TOPICS, Topic
 from libs.common.kafka import (
     ConsumerRunner,
     EventHandler,
@@ -145,6 +145,7 @@ async def kafka_producer_ctx(app: web.Application) -> AsyncIterator[None]:
             settings.kafka_bootstrap_servers,
             topics_with_dead_letters(settings.topic(t) for t in Topic),
             settings.kafka_topic_partitions,
+            compacted=[settings.topic(t) for t in COMPACTED_TOPICS],
         )
     producer = create_producer(settings.kafka_bootstrap_servers)
     await producer.start()
