@@ -159,8 +159,14 @@ def mint_launch_for(sandbox: Sandbox, tenant: TenantState, req: LaunchRequest) -
         raise _json_error(f"Patient/{patient} not found", 404)
     if encounter and tenant.data.get("Encounter", encounter) is None:
         raise _json_error(f"Encounter/{encounter} not found", 404)
+    settings = sandbox.settings
     launch = tenant.mint_launch(
-        practitioner, patient, encounter, sandbox.clock(), sandbox.settings.launch_ttl
+        practitioner,
+        patient,
+        encounter,
+        sandbox.clock(),
+        settings.launch_ttl,
+        settings.launch_id_style,
     )
     body: dict[str, Any] = {
         "launch": launch.launch_id,

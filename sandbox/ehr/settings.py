@@ -73,6 +73,9 @@ class EhrSettings(BaseModel):
     access_token_ttl: int = 570
     code_ttl: int = 60
     launch_ttl: int = 600
+    # "base64": launch ids contain '+', '/' and '=' so clients must encode and decode them
+    # exactly once (a '+' decoded as a space breaks the launch). "urlsafe": plain tokens.
+    launch_id_style: str = Field(default="urlsafe", pattern="^(urlsafe|base64)$")
     refresh_token_ttl: int = 12 * 3600
     webhook_max_attempts: int = 6
     webhook_backoff_base: float = 0.5

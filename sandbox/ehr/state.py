@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -109,10 +110,20 @@ class TenantState:
 
     # --- launches -----------------------------------------------------------------------
     def mint_launch(
-        self, practitioner: str, patient: str | None, encounter: str | None, now: float, ttl: int
+        self,
+        practitioner: str,
+        patient: str | None,
+        encounter: str | None,
+        now: float,
+        ttl: int,
+        style: str = "urlsafe",
     ) -> Launch:
+        if style == "base64":
+            launch_id = "+" + base64.b64encode(secrets.token_bytes(23)).decode() + "/="
+        else:
+            launch_id = secrets.token_urlsafe(24)
         launch = Launch(
-            launch_id=secrets.token_urlsafe(24),
+            launch_id=launch_id,
             practitioner=practitioner,
             patient=patient,
             encounter=encounter,

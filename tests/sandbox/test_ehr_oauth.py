@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import jwt
@@ -13,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from sandbox.ehr import TENANT_A
+from sandbox.ehr import TENANT_A, EhrSettings, start_ehr
 from sandbox.ehr.clock import FakeClock
 from tests.sandbox.ehr_helpers import REDIRECT_URI, SCOPE, Smart, pkce_pair
 
@@ -417,13 +418,52 @@ async def test_refresh_token_of_other_client_is_invalid_grant(smart: Smart) -> N
 
 async def test_token_lifetime_is_configurable(ehr_http: aiohttp.ClientSession) -> None:
     """access_token_ttl in settings changes expires_in."""
-    from sandbox.ehr import EhrSettings, start_ehr
-
     running = await start_ehr(EhrSettings(port=0, access_token_ttl=5), FakeClock(time.time()))
     try:
         smart = Smart(running, ehr_http, TENANT_A)
         await smart.register("app-ttl")
         body = await smart.access_token("app-ttl")
         assert body["expires_in"] == 5
+    finally:
+        await running.close()
+
+
+async def test_public_client_with_pkce(smart: Smart) -> None:
+    """A public client (auth_method none) authenticates with client_id plus PKCE only."""
+    await smart.register("app-public", auth_method="none", client_secret=None)
+    code, verifier = await smart.code_for("app-public")
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT_URI,
+        "code_verifier": verifier,
+        "client_id": "app-public",
+    }
+    status, body = await smart.token(form)
+    assert status == 200, body
+    assert body["access_token"]
+
+
+async def test_base64_launch_ids_survive_exact_encoding(ehr_http: aiohttp.ClientSession) -> None:
+    """With launch_id_style=base64 the launch URL carries '+' encoded; it works decoded once."""
+    settings = EhrSettings(port=0, launch_id_style="base64")
+    running = await start_ehr(settings, FakeClock(time.time()))
+    try:
+        smart = Smart(running, ehr_http, TENANT_A)
+        await smart.admin("PATCH", f"/_sandbox/tenants/{TENANT_A}", {"launch_url": REDIRECT_URI})
+        await smart.register("app-b64")
+        minted = await smart.launch()
+        assert "+" in minted["launch"]
+        assert "%2B" in minted["launch_url"]
+        launch = parse_qs(urlsplit(minted["launch_url"]).query)["launch"][0]
+        assert launch == minted["launch"]
+        _, challenge = pkce_pair()
+        status, query, _ = await smart.authorize("app-b64", launch, challenge)
+        assert status == 302
+        assert "code" in query, query
+        mangled = launch.replace("+", " ")
+        status, query, _ = await smart.authorize("app-b64", mangled, challenge)
+        assert status == 302
+        assert query["error"] == "invalid_request"
     finally:
         await running.close()
