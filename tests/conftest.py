@@ -20,6 +20,9 @@ from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.common.settings import ServiceSettings
+from libs.common.web import SETTINGS
+
+pytest_plugins = ["tests.support.standins"]
 
 KAFKA = os.environ.get("EHR_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
 PG_ADMIN_DSN = os.environ.get("PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:15432/postgres")
@@ -96,12 +99,20 @@ def make_settings(database_url: str, topic_prefix: str) -> Callable[..., Any]:
     return build
 
 
+def free_port() -> int:
+    """A loopback port free right now, for services whose public URL must be known upfront."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @asynccontextmanager
 async def running_app(app: web.Application) -> AsyncIterator[str]:
-    """Serves an app on an ephemeral loopback port; yields its base URL."""
+    """Serves an app on loopback, on its settings' port or an ephemeral one; yields its URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    settings = app.get(SETTINGS)
+    site = web.TCPSite(runner, "127.0.0.1", settings.http_port if settings else 0)
     await site.start()
     server = site._server
     assert server is not None

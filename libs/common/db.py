@@ -7,6 +7,7 @@ uses unqualified table names and cannot reach another service's tables by accide
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -47,16 +48,23 @@ def _migration_files(directory: Path, prefix: str) -> list[tuple[str, Path]]:
     return [(f"{prefix}:{path.stem}", path) for path in sorted(directory.glob("*.sql"))]
 
 
-async def migrate(pool: asyncpg.Pool, schema: str, service_migrations: Path) -> list[str]:
-    """Apply the common then the service's migrations, once, under an advisory lock.
+async def migrate(
+    pool: asyncpg.Pool,
+    schema: str,
+    service_migrations: Path,
+    shared: Sequence[tuple[str, Path]] = (),
+) -> list[str]:
+    """Apply the common, the shared (e.g. portal sign-in) and then the service's migrations,
+    once each, under an advisory lock.
 
     Safe to run from every replica at start: the lock serialises them and the ledger makes
     the second one a no-op.
     """
     schema = _checked_schema(schema)
-    files = _migration_files(COMMON_MIGRATIONS, "common") + _migration_files(
-        service_migrations, schema
-    )
+    files = _migration_files(COMMON_MIGRATIONS, "common")
+    for prefix, directory in shared:
+        files += _migration_files(directory, prefix)
+    files += _migration_files(service_migrations, schema)
     applied_now: list[str] = []
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"migrate:{schema}")

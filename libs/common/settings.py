@@ -7,6 +7,7 @@ secret files mounted under `secrets_dir` (one file per field, named like the fie
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,6 +57,9 @@ class ServiceSettings(BaseSettings):
     field_encryption_keys: SecretStr = DEV_KEYRING
     field_encryption_active_key: str = "dev1"
 
+    # Extra CA (PEM) trusted for outbound HTTPS, e.g. the local stand-ins' CA; empty = system CAs.
+    tls_ca_bundle: str = ""
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -75,6 +79,13 @@ class ServiceSettings(BaseSettings):
 
     def field_cipher(self) -> FieldCipher:
         return FieldCipher(self.field_encryption_keys, self.field_encryption_active_key)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Verification always on; the bundle only adds a trusted CA."""
+        context = ssl.create_default_context()
+        if self.tls_ca_bundle:
+            context.load_verify_locations(cafile=self.tls_ca_bundle)
+        return context
 
     def topic(self, name: str) -> str:
         return f"{self.kafka_topic_prefix}{name}"

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -119,7 +119,7 @@ async def metrics(_request: web.Request) -> web.Response:
 
 
 def database_ctx(
-    migrations_dir: Path,
+    migrations_dir: Path, shared_migrations: Sequence[tuple[str, Path]] = ()
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -129,7 +129,7 @@ def database_ctx(
             settings.database_pool_min,
             settings.database_pool_max,
         )
-        await migrate(pool, settings.database_schema, migrations_dir)
+        await migrate(pool, settings.database_schema, migrations_dir, shared_migrations)
         app[DB_POOL] = pool
         yield
         await pool.close()
@@ -195,12 +195,17 @@ def consumer_ctx(
     return ctx
 
 
-def create_service_app(settings: ServiceSettings, *, migrations_dir: Path) -> web.Application:
+def create_service_app(
+    settings: ServiceSettings,
+    *,
+    migrations_dir: Path,
+    shared_migrations: Sequence[tuple[str, Path]] = (),
+) -> web.Application:
     """The base every service builds on: state, pool, producer, relay and the ops routes."""
     app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[CONSUMERS] = []
-    app.cleanup_ctx.append(database_ctx(migrations_dir))
+    app.cleanup_ctx.append(database_ctx(migrations_dir, shared_migrations))
     app.cleanup_ctx.append(kafka_producer_ctx)
     app.cleanup_ctx.append(outbox_relay_ctx)
     app.router.add_get("/healthz", healthz)

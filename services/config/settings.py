@@ -4,10 +4,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from libs.common.settings import ServiceSettings
+from libs.common.portal_auth import PortalSettings
 
 
-class ConfigSettings(ServiceSettings):
+class ConfigSettings(PortalSettings):
     service_name: ClassVar[str] = "config"
 
     http_port: int = Field(default=8081, ge=0, le=65535)
