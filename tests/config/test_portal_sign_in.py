@@ -185,7 +185,7 @@ async def test_unsigned_id_token_is_refused(
     """alg=none is never accepted."""
     _, settings = portal
     token = jwt.encode(
-        {"tid": CONTOSO_TENANT, "aud": CONNECTOR_CLIENT_ID, "nonce": "n"}, None, algorithm="none"
+        {"tid": CONTOSO_TENANT, "aud": CONNECTOR_CLIENT_ID, "nonce": "n"}, "", algorithm="none"
     )
     with pytest.raises(SignInError):
         await EntraSignIn(settings).validate_id_token(token, "n")
