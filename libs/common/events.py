@@ -48,10 +48,11 @@ class Topic(StrEnum):
     SMS_REQUESTED = "sms-requested"
     SMS_SENT = "sms-sent"
     INTEGRATION_CONFIG = "integration-config"
+    TENANT_SETTINGS = "tenant-settings"
 
 
 # Latest state per key is all that matters on these; Kafka keeps the last message per key.
-COMPACTED_TOPICS = frozenset({Topic.INTEGRATION_CONFIG})
+COMPACTED_TOPICS = frozenset({Topic.INTEGRATION_CONFIG, Topic.TENANT_SETTINGS})
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -205,6 +206,14 @@ class IntegrationConfigV1(Payload):
     sms_templates: dict[SmsKind, str] = Field(default_factory=dict)
 
 
+class TenantSettingsV1(Payload):
+    """A tenant's settings that are not per integration, keyed by the Microsoft 365 tenant
+    id on a compacted topic: the monthly allocation of completed appointments."""
+
+    monthly_allocation: int = Field(ge=0)
+    config_version: int = Field(ge=1, description="consumers keep the highest version seen")
+
+
 PAYLOAD_MODELS: dict[tuple[str, int], type[Payload]] = {
     (Topic.APPOINTMENT_CREATED, 1): AppointmentCreatedV1,
     (Topic.APPOINTMENT_RESCHEDULED, 1): AppointmentRescheduledV1,
@@ -216,6 +225,7 @@ PAYLOAD_MODELS: dict[tuple[str, int], type[Payload]] = {
     (Topic.SMS_REQUESTED, 1): SmsRequestedV1,
     (Topic.SMS_SENT, 1): SmsSentV1,
     (Topic.INTEGRATION_CONFIG, 1): IntegrationConfigV1,
+    (Topic.TENANT_SETTINGS, 1): TenantSettingsV1,
 }
 
 P = TypeVar("P", bound=Payload)
