@@ -1,21 +1,83 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
-from libs.common.events import Topic
 from libs.common.settings import ServiceSettings
-from libs.common.web import consumer_ctx, create_service_app
-from services.notify.appointments import on_appointment_created
+from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
+from services.notify.acs import AcsSmsClient, client_ssl
+from services.notify.clock import Clock, SystemClock
+from services.notify.consumers import handlers
+from services.notify.purge import Purger
+from services.notify.scheduler import Dispatcher
+from services.notify.settings import NotifySettings
+from services.notify.webhooks import AcsEventsWebhook
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONSUMER_GROUP = "notify"
 
+DISPATCHER = web.AppKey("notify_dispatcher", Dispatcher)
+PURGER = web.AppKey("notify_purger", Purger)
+WEBHOOK = web.AppKey("notify_acs_webhook", AcsEventsWebhook)
 
-def create_app(settings: ServiceSettings) -> web.Application:
+
+def sms_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        assert isinstance(settings, NotifySettings)
+        pool = app[DB_POOL]
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                ssl=client_ssl(settings.ca_bundle), limit=settings.sms_send_concurrency
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        acs = AcsSmsClient(
+            settings.acs_endpoint,
+            settings.acs_access_key,
+            session,
+            clock,
+            settings.external_call_timeout_s,
+        )
+        dispatcher = Dispatcher(pool, acs, settings, clock)
+        purger = Purger(pool, clock, settings.purge_interval_s)
+        app[DISPATCHER], app[PURGER] = dispatcher, purger
+        app[WEBHOOK] = AcsEventsWebhook(
+            pool,
+            settings.acs_webhook_secret.get_secret_value(),
+            settings.recipient_hash_secret.get_secret_value(),
+            settings.sms_default_region,
+        )
+        tasks = [
+            asyncio.create_task(dispatcher.run(), name="sms-dispatcher"),
+            asyncio.create_task(purger.run(), name="phone-purge"),
+        ]
+        yield
+        await dispatcher.stop()
+        await purger.stop()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*tasks), timeout=settings.shutdown_drain_timeout_s
+            )
+        await session.close()
+
+    return ctx
+
+
+async def acs_events(request: web.Request) -> web.Response:
+    return await request.app[WEBHOOK].handle(request)
+
+
+def create_app(settings: ServiceSettings, clock: Clock | None = None) -> web.Application:
+    assert isinstance(settings, NotifySettings)
+    clock = clock or SystemClock()
     app = create_service_app(settings, migrations_dir=MIGRATIONS)
-    app.cleanup_ctx.append(
-        consumer_ctx(CONSUMER_GROUP, {Topic.APPOINTMENT_CREATED: on_appointment_created})
-    )
+    app.cleanup_ctx.append(consumer_ctx(CONSUMER_GROUP, handlers(clock)))
+    app.cleanup_ctx.append(sms_ctx(clock))
+    app.router.add_post("/acs/events", acs_events)
     return app

@@ -1,0 +1,287 @@
+"""Event handlers. Each runs in the consumer's transaction with its inbox row, so a message
+is planned exactly once however often an event is delivered.
+
+Appointment topics are not ordered with each other, so a reschedule or cancel may arrive
+before the booking; it leaves an unbooked row that the booking completes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import orjson
+
+from libs.common.events import (
+    AppointmentCancelledV1,
+    AppointmentCreatedV1,
+    AppointmentRescheduledV1,
+    Envelope,
+    IntegrationConfigV1,
+    SmsKind,
+    SmsRequestedV1,
+    Topic,
+)
+from libs.common.kafka import EventHandler
+from services.notify.clock import Clock
+
+if TYPE_CHECKING:
+    from libs.common.db import Connection
+
+# Fixed forever: changing it would change every repeatabilityRequestId and allow re-sends.
+REPEATABILITY_NAMESPACE = uuid.UUID("6f2b8f0e-4c1d-5a7e-9b3f-2d8e1c0a7b54")
+DEFAULT_REMINDER_OFFSETS = (15,)
+
+
+def repeatability_request_id(
+    appointment_key: str, kind: SmsKind, schedule_version: int, discriminator: str
+) -> uuid.UUID:
+    """Stable per message, so a retry after a crash is recognised by ACS as the same send."""
+    return uuid.uuid5(
+        REPEATABILITY_NAMESPACE, f"{appointment_key}|{kind}|{schedule_version}|{discriminator}"
+    )
+
+
+async def plan(
+    conn: Connection,
+    appointment_key: str,
+    kind: SmsKind,
+    schedule_version: int,
+    send_at: datetime,
+    discriminator: str = "",
+) -> None:
+    await conn.execute(
+        "INSERT INTO sms_messages (appointment_key, kind, schedule_version, discriminator,"
+        " send_at, due_at, repeatability_request_id) VALUES ($1,$2,$3,$4,$5,$5,$6)"
+        " ON CONFLICT (appointment_key, kind, schedule_version, discriminator) DO NOTHING",
+        appointment_key,
+        kind,
+        schedule_version,
+        discriminator,
+        send_at,
+        repeatability_request_id(appointment_key, kind, schedule_version, discriminator),
+    )
+
+
+async def reminder_offsets(conn: Connection, integration_id: uuid.UUID) -> Iterable[int]:
+    offsets = await conn.fetchval(
+        "SELECT reminder_offsets_minutes FROM integrations WHERE integration_id = $1",
+        integration_id,
+    )
+    return sorted(set(offsets)) if offsets else DEFAULT_REMINDER_OFFSETS
+
+
+async def plan_reminders(
+    conn: Connection,
+    appointment_key: str,
+    integration_id: uuid.UUID,
+    starts_at: datetime,
+    schedule_version: int,
+    now: datetime,
+) -> None:
+    for offset in await reminder_offsets(conn, integration_id):
+        send_at = starts_at - timedelta(minutes=offset)
+        # A reminder whose moment has passed would arrive late and out of place; the
+        # confirmation or reschedule notice already carries the time.
+        if send_at > now:
+            await plan(conn, appointment_key, "reminder", schedule_version, send_at, str(offset))
+
+
+async def drop_pending(
+    conn: Connection, appointment_key: str, kinds: tuple[SmsKind, ...], status: str
+) -> None:
+    await conn.execute(
+        "UPDATE sms_messages SET status = $3, finished_at = now()"
+        " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])",
+        appointment_key,
+        list(kinds),
+        status,
+    )
+
+
+async def _locked(conn: Connection, key: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT * FROM appointments WHERE appointment_key = $1 FOR UPDATE", key
+    )
+
+
+def handlers(clock: Clock) -> dict[str, EventHandler]:
+    async def appointment_created(conn: Connection, event: Envelope[Any]) -> None:
+        p = event.payload
+        assert isinstance(p, AppointmentCreatedV1)
+        # The number is worth keeping only if SMS may go to it.
+        phone = p.patient_phone_encrypted if p.sms_enabled else None
+        row = await _locked(conn, event.key)
+        if row is not None and row["booked"]:
+            return  # the same booking published again under a new event id
+        if row is None:
+            await conn.execute(
+                "INSERT INTO appointments (appointment_key, tenant_id, integration_id, starts_at,"
+                " ends_at, time_zone, sms_enabled, schedule_version, confirmation, join_url,"
+                " phone_encrypted) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,"
+                " CASE WHEN $7 THEN 'pending' ELSE 'skipped' END, $9, $10)",
+                event.key,
+                event.tenant_id,
+                p.integration_id,
+                p.starts_at,
+                p.ends_at,
+                p.time_zone,
+                p.sms_enabled,
+                p.schedule_version,
+                p.join_url,
+                phone,
+            )
+            starts_at, version, cancelled = p.starts_at, p.schedule_version, False
+        else:
+            newer = p.schedule_version > row["schedule_version"]
+            starts_at = p.starts_at if newer else row["starts_at"]
+            version = max(p.schedule_version, row["schedule_version"])
+            cancelled = row["cancelled"]
+            await conn.execute(
+                "UPDATE appointments SET booked = true, sms_enabled = $2, join_url = $3,"
+                " phone_encrypted = CASE WHEN cancelled THEN NULL ELSE $4 END,"
+                " confirmation = CASE WHEN $2 AND NOT cancelled THEN 'pending' ELSE 'skipped' END,"
+                " starts_at = CASE WHEN $5 THEN $6 ELSE starts_at END,"
+                " ends_at = CASE WHEN $5 THEN $7 ELSE ends_at END,"
+                " time_zone = CASE WHEN $5 THEN $8 ELSE time_zone END,"
+                " schedule_version = $9 WHERE appointment_key = $1",
+                event.key,
+                p.sms_enabled,
+                p.join_url,
+                phone,
+                newer,
+                p.starts_at,
+                p.ends_at,
+                p.time_zone,
+                version,
+            )
+        if not p.sms_enabled or cancelled:
+            return
+        now = clock.now()
+        await plan(conn, event.key, "confirmation", version, now)
+        await plan_reminders(conn, event.key, p.integration_id, starts_at, version, now)
+
+    async def appointment_rescheduled(conn: Connection, event: Envelope[Any]) -> None:
+        p = event.payload
+        assert isinstance(p, AppointmentRescheduledV1)
+        row = await _locked(conn, event.key)
+        if row is None:
+            await conn.execute(
+                "INSERT INTO appointments (appointment_key, tenant_id, integration_id, starts_at,"
+                " ends_at, time_zone, sms_enabled, schedule_version, confirmation, booked)"
+                " VALUES ($1,$2,$3,$4,$5,$6,false,$7,'skipped',false)",
+                event.key,
+                event.tenant_id,
+                p.integration_id,
+                p.starts_at,
+                p.ends_at,
+                p.time_zone,
+                p.schedule_version,
+            )
+            return
+        if p.schedule_version <= row["schedule_version"]:
+            return  # an older move than the one already applied
+        await conn.execute(
+            "UPDATE appointments SET starts_at = $2, ends_at = $3, time_zone = $4,"
+            " schedule_version = $5 WHERE appointment_key = $1",
+            event.key,
+            p.starts_at,
+            p.ends_at,
+            p.time_zone,
+            p.schedule_version,
+        )
+        if not (row["booked"] and row["sms_enabled"]) or row["cancelled"]:
+            return
+        # Reminders move: the old ones are superseded, new ones planned for the new start.
+        await drop_pending(conn, event.key, ("reminder", "reschedule"), "superseded")
+        now = clock.now()
+        await plan(conn, event.key, "reschedule", p.schedule_version, now)
+        await plan_reminders(
+            conn, event.key, row["integration_id"], p.starts_at, p.schedule_version, now
+        )
+
+    async def appointment_cancelled(conn: Connection, event: Envelope[Any]) -> None:
+        p = event.payload
+        assert isinstance(p, AppointmentCancelledV1)
+        row = await _locked(conn, event.key)
+        if row is None:
+            await conn.execute(
+                "INSERT INTO appointments (appointment_key, tenant_id, integration_id, starts_at,"
+                " ends_at, time_zone, sms_enabled, schedule_version, confirmation, booked,"
+                " cancelled) VALUES ($1,$2,$3,$4,$4,'UTC',false,$5,'skipped',false,true)",
+                event.key,
+                event.tenant_id,
+                p.integration_id,
+                event.occurred_at,
+                p.schedule_version,
+            )
+            return
+        if row["cancelled"]:
+            return
+        await conn.execute(
+            "UPDATE appointments SET cancelled = true WHERE appointment_key = $1", event.key
+        )
+        await drop_pending(
+            conn, event.key, ("confirmation", "reschedule", "reminder", "link"), "cancelled"
+        )
+        if row["booked"] and row["sms_enabled"]:
+            await plan(
+                conn,
+                event.key,
+                "cancellation",
+                max(p.schedule_version, row["schedule_version"]),
+                clock.now(),
+            )
+
+    async def sms_requested(conn: Connection, event: Envelope[Any]) -> None:
+        p = event.payload
+        assert isinstance(p, SmsRequestedV1)
+        row = await conn.fetchrow(
+            "SELECT schedule_version, cancelled FROM appointments WHERE appointment_key = $1",
+            event.key,
+        )
+        if row is not None and row["cancelled"]:
+            return
+        # Each press is its own message; a redelivered press is absorbed by the inbox.
+        await plan(
+            conn,
+            event.key,
+            "link",
+            row["schedule_version"] if row else 1,
+            clock.now(),
+            str(event.event_id),
+        )
+
+    async def integration_config(conn: Connection, event: Envelope[Any]) -> None:
+        p = event.payload
+        assert isinstance(p, IntegrationConfigV1)
+        await conn.execute(
+            "INSERT INTO integrations (integration_id, config_version, deleted,"
+            " organisation_name, sms_enabled, sms_from_number, reminder_offsets_minutes,"
+            " sms_templates) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
+            " ON CONFLICT (integration_id) DO UPDATE SET config_version = excluded.config_version,"
+            " deleted = excluded.deleted, organisation_name = excluded.organisation_name,"
+            " sms_enabled = excluded.sms_enabled, sms_from_number = excluded.sms_from_number,"
+            " reminder_offsets_minutes = excluded.reminder_offsets_minutes,"
+            " sms_templates = excluded.sms_templates, updated_at = now()"
+            " WHERE integrations.config_version < excluded.config_version",
+            p.integration_id,
+            p.config_version,
+            p.deleted,
+            p.organisation_name,
+            p.sms_enabled and p.enabled and not p.deleted,
+            p.sms_from_number,
+            list(p.reminder_offsets_minutes),
+            orjson.dumps(p.sms_templates).decode(),
+        )
+
+    return {
+        Topic.APPOINTMENT_CREATED: appointment_created,
+        Topic.APPOINTMENT_RESCHEDULED: appointment_rescheduled,
+        Topic.APPOINTMENT_CANCELLED: appointment_cancelled,
+        Topic.SMS_REQUESTED: sms_requested,
+        Topic.INTEGRATION_CONFIG: integration_config,
+    }
