@@ -53,10 +53,9 @@ def sms_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
             settings.recipient_hash_secret.get_secret_value(),
             settings.sms_default_region,
         )
-        tasks = [
-            asyncio.create_task(dispatcher.run(), name="sms-dispatcher"),
-            asyncio.create_task(purger.run(), name="phone-purge"),
-        ]
+        tasks = [asyncio.create_task(purger.run(), name="phone-purge")]
+        if settings.scheduler_enabled:
+            tasks.append(asyncio.create_task(dispatcher.run(), name="sms-dispatcher"))
         yield
         await dispatcher.stop()
         await purger.stop()

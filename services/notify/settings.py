@@ -35,6 +35,8 @@ class NotifySettings(ServiceSettings):
     sms_backoff_max_s: float = Field(default=300.0, gt=0)
     sms_send_concurrency: int = Field(default=16, ge=1, le=512)
 
+    # Off for replicas that only consume; the plan in Postgres waits for a dispatcher.
+    scheduler_enabled: bool = True
     scheduler_batch_size: int = Field(default=200, ge=1, le=10_000)
     scheduler_poll_interval_s: float = Field(default=1.0, gt=0)
     # A claimed message becomes due again after this long if its sender vanished mid-send.

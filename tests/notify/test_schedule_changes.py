@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from libs.common.events import AppointmentCancelledV1, AppointmentRescheduledV1, Topic
+from tests.notify.conftest import INTEGRATION, Kit
+
+
+async def test_reschedule_moves_the_pending_reminder(kit: Kit) -> None:
+    """A reschedule sends a notice, supersedes the old reminder and plans one at the new start."""
+    await kit.configure()
+    booking = await kit.book("apt_move01", starts_in=timedelta(hours=2))
+    await kit.until_result("confirmation", "sent")
+    new_start = booking.starts_at + timedelta(hours=1)
+    await kit.publish(
+        Topic.APPOINTMENT_RESCHEDULED,
+        "apt_move01",
+        AppointmentRescheduledV1(
+            integration_id=INTEGRATION,
+            starts_at=new_start,
+            ends_at=new_start + timedelta(minutes=30),
+            time_zone="America/Chicago",
+            schedule_version=2,
+        ),
+    )
+    await kit.until_result("reschedule", "sent")
+    assert "11:00 AM CST" in kit.outbound()[-1].message
+
+    kit.clock.set(booking.starts_at - timedelta(minutes=15))
+    assert await kit.dispatcher.dispatch_due() == 0
+    kit.clock.set(new_start - timedelta(minutes=15))
+    kit.dispatcher.wake()
+    await kit.until_result("reminder", "sent")
+    assert "11:00 AM CST" in kit.outbound()[-1].message
+    rows = await kit.query(
+        "SELECT schedule_version, status FROM sms_messages WHERE kind = 'reminder'"
+        " ORDER BY schedule_version"
+    )
+    assert [(r["schedule_version"], r["status"]) for r in rows] == [(1, "superseded"), (2, "sent")]
+    assert len(kit.outbound()) == 3
+
+
+async def test_cancel_drops_the_reminder_and_sends_a_cancellation(kit: Kit) -> None:
+    """A cancel sends one cancellation notice; the reminder never goes."""
+    await kit.configure(offsets=[15, 60])
+    booking = await kit.book("apt_cancel01", starts_in=timedelta(hours=2))
+    await kit.until_result("confirmation", "sent")
+    await kit.publish(
+        Topic.APPOINTMENT_CANCELLED,
+        "apt_cancel01",
+        AppointmentCancelledV1(
+            integration_id=INTEGRATION, reason_code="patient_request", schedule_version=1
+        ),
+    )
+    await kit.until_result("cancellation", "sent")
+    assert "cancelled" in kit.outbound()[-1].message
+
+    kit.clock.set(booking.starts_at)
+    assert await kit.dispatcher.dispatch_due() == 0
+    assert [m.tag for m in kit.outbound()] == ["notify:confirmation", "notify:cancellation"]
+    statuses = await kit.query("SELECT status FROM sms_messages WHERE kind = 'reminder'")
+    assert {r["status"] for r in statuses} == {"cancelled"}
