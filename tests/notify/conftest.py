@@ -123,9 +123,7 @@ class Kit:
         self.dispatcher.wake()
 
     def outbound(self) -> list[SmsMessage]:
-        return [
-            m for m in self.sandbox.components.acs.state.messages if m.direction == "outbound"
-        ]
+        return [m for m in self.sandbox.components.acs.state.messages if m.direction == "outbound"]
 
     async def publish(
         self, topic: Topic, key: str, payload: Payload, tenant: str = "tenant-a"
@@ -162,7 +160,7 @@ class Kit:
             teams_organizer_id="organizer",
             sms_enabled=sms_enabled,
             sms_from_number=sender,
-            reminder_offsets_minutes=offsets or [15],  # type: ignore[arg-type]
+            reminder_offsets_minutes=offsets or [15],
         )
         before = self.applied
         await self.publish(Topic.INTEGRATION_CONFIG, str(integration), payload)
