@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from bench import codec, outbox
+from bench import codec, notify, outbox
 from bench.harness import Benchmark, Result, print_table, write_json
 
 BENCHMARKS = [
     Benchmark("event envelope encode+decode", codec.run),
     Benchmark("outbox relay publish", outbox.run),
+    *notify.BENCHMARKS,
 ]
 
 
