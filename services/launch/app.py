@@ -1,17 +1,66 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
+from libs.common.events import Topic
 from libs.common.settings import ServiceSettings
-from libs.common.web import create_service_app
-from services.launch.appointments import post_appointment
+from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
+from services.launch import patient, provider, scheduling
+from services.launch.graph import GraphClient
+from services.launch.integrations import IntegrationDirectory, on_integration_config
+from services.launch.notifications import receive_notifications
+from services.launch.outbound import HTTP, outbound_http_ctx
+from services.launch.roster import roster_feed_ctx, stream_roster
+from services.launch.sessions import current_session
+from services.launch.settings import LaunchSettings
+from services.launch.smart import SmartClient
+from services.launch.state import GRAPH, INTEGRATIONS, SMART, launch_settings
+from services.launch.subscriptions import subscription_renewal_ctx
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+CONSUMER_GROUP = "launch"
+
+
+async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    assert isinstance(settings, LaunchSettings)
+    app[INTEGRATIONS] = IntegrationDirectory(app[DB_POOL])
+    app[SMART] = SmartClient(app[HTTP], settings)
+    app[GRAPH] = GraphClient(app[HTTP], settings)
+    yield
+
+
+async def visit_roster(request: web.Request) -> web.StreamResponse:
+    settings = launch_settings(request)
+    session = await current_session(request, request.app[DB_POOL], settings.field_cipher())
+    if session is None or session.appointment_key is None:
+        raise web.HTTPUnauthorized(text="Your session has ended; launch the visit again.")
+    return await stream_roster(request, session.appointment_key)
 
 
 def create_app(settings: ServiceSettings) -> web.Application:
     app = create_service_app(settings, migrations_dir=MIGRATIONS)
-    app.router.add_post("/internal/appointments", post_appointment)
+    app.cleanup_ctx.append(outbound_http_ctx)
+    app.cleanup_ctx.append(clients_ctx)
+    app.cleanup_ctx.append(roster_feed_ctx)
+    app.cleanup_ctx.append(
+        consumer_ctx(CONSUMER_GROUP, {Topic.INTEGRATION_CONFIG: on_integration_config})
+    )
+    app.cleanup_ctx.append(subscription_renewal_ctx)
+    router = app.router
+    router.add_get("/launch/provider", provider.launch_provider)
+    router.add_get("/launch/provider/{integration_id}", provider.launch_provider)
+    router.add_get("/launch/callback", provider.launch_callback)
+    router.add_get("/visit", provider.provider_page)
+    router.add_get("/visit/choose", provider.choose_page)
+    router.add_post("/visit/choose", provider.choose_submit)
+    router.add_post("/visit/send-link", provider.send_link)
+    router.add_get("/visit/roster", visit_roster)
+    router.add_get("/join/{token}", patient.join_page)
+    router.add_get("/join/{token}/enter", patient.join_enter)
+    router.add_post("/ehr/scheduling", scheduling.receive_scheduling_event)
+    router.add_post("/graph/notifications", receive_notifications)
     return app

@@ -11,6 +11,38 @@ class LaunchSettings(ServiceSettings):
     service_name: ClassVar[str] = "launch"
 
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # Where Cerner and patients reach the gateway; launch redirect and join links start here.
     public_base_url: str = "http://127.0.0.1:8080"
-    # Bearer token the EHR-side scheduling feed presents until the signed webhook replaces it.
-    scheduling_api_token: SecretStr = SecretStr("dev-only-scheduling-token-change-me")
+    # Graph only notifies https URLs: a second listener serves the same app over TLS.
+    notification_port: int = Field(default=8443, ge=0, le=65535)
+    notification_base_url: str = "https://127.0.0.1:8443"
+    notification_tls_cert: str = ""
+    notification_tls_key: str = ""
+
+    # SMART on FHIR
+    smart_scopes: str = (
+        "launch openid fhirUser profile online_access user/Appointment.read"
+        " user/Encounter.read user/Patient.read user/Practitioner.read"
+    )
+    smart_discovery_ttl_s: float = Field(default=300, ge=0)
+    # Stand-ins serve http on loopback; real FHIR and auth servers must be https.
+    allow_loopback_http: bool = False
+    launch_state_ttl_s: int = Field(default=600, ge=60, le=3600)
+    provider_session_ttl_s: int = Field(default=8 * 3600, ge=300)
+
+    # Microsoft Entra ID (app-only) and Graph
+    entra_authority_host: str = "https://login.microsoftonline.com"
+    entra_client_id: str = "6f1c2d3e-4b5a-4c7d-8e9f-a0b1c2d3e4f5"
+    entra_client_secret: SecretStr = SecretStr("sandbox-connector-secret")
+    graph_base_url: str = "https://graph.microsoft.com"
+    subscription_lifetime_minutes: int = Field(default=4230, ge=45, le=4230)
+    subscription_renew_before_minutes: int = Field(default=720, ge=10)
+
+    # Patient join links
+    join_token_secret: SecretStr = SecretStr("dev-only-join-token-secret-change-me")
+    join_grace_minutes: int = Field(default=60, ge=0, le=24 * 60)
+    default_time_zone: str = "America/Chicago"
+
+    # Scheduling feed: JSON {fhir_base_url: secret}; "*" is the fallback for every base.
+    scheduling_webhook_secrets: SecretStr = SecretStr('{"*": "dev-only-scheduling-secret"}')
+    scheduling_max_skew_s: int = Field(default=300, ge=30)

@@ -1,0 +1,173 @@
+"""Reading the launch context from the configured FHIR server, and only from it.
+
+FHIR JSON from the EHR is validated before use; display names and everything else we do not
+need are dropped at the model boundary.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import aiohttp
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from services.launch.outbound import OutboundError, read_json
+
+FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
+VIDEO_VISIT = "VIDEO_VISIT"
+
+
+class FhirError(Exception):
+    """Reading the EHR failed; the message is safe to show the clinician."""
+
+
+class Reference(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    reference: str | None = Field(default=None, max_length=512)
+
+
+class Coding(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    system: str | None = Field(default=None, max_length=512)
+    code: str | None = Field(default=None, max_length=128)
+    display: str | None = Field(default=None, max_length=256)
+
+
+class CodeableConcept(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    coding: list[Coding] = Field(default_factory=list, max_length=50)
+    text: str | None = Field(default=None, max_length=256)
+
+
+class Meta(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    versionId: str | None = Field(default=None, max_length=64)  # noqa: N815 - FHIR's name
+
+
+class Appointment(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    resourceType: str = Field(pattern="^Appointment$")  # noqa: N815
+    id: str = Field(pattern=FHIR_ID.pattern)
+    status: str = Field(max_length=32)
+    start: AwareDatetime | None = None
+    end: AwareDatetime | None = None
+    meta: Meta = Meta()
+    serviceType: list[CodeableConcept] = Field(default_factory=list, max_length=20)  # noqa: N815
+    participant: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
+
+    @property
+    def is_video_visit(self) -> bool:
+        return any(c.code == VIDEO_VISIT for t in self.serviceType for c in t.coding)
+
+    @property
+    def schedule_version(self) -> int:
+        version = self.meta.versionId or "1"
+        return int(version) if version.isdigit() else 1
+
+    def department(self, fallback: str) -> str:
+        for participant in self.participant:
+            actor = participant.get("actor") or {}
+            if isinstance(actor, dict) and str(actor.get("reference", "")).startswith("Location/"):
+                display = actor.get("display")
+                if isinstance(display, str) and 0 < len(display) <= 200:
+                    return display
+        return fallback
+
+    def reference_to(self, resource_type: str) -> str | None:
+        for participant in self.participant:
+            actor = participant.get("actor") or {}
+            reference = str(actor.get("reference", "")) if isinstance(actor, dict) else ""
+            if reference.startswith(resource_type + "/"):
+                return reference.split("/", 1)[1]
+        return None
+
+
+class Encounter(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    resourceType: str = Field(pattern="^Encounter$")  # noqa: N815
+    id: str = Field(pattern=FHIR_ID.pattern)
+    appointment: list[Reference] = Field(default_factory=list, max_length=20)
+
+
+class FhirClient:
+    """Requests go to `iss` + a validated relative path, never to a URL from a response."""
+
+    def __init__(self, http: aiohttp.ClientSession, iss: str, access_token: str) -> None:
+        self._http = http
+        self._iss = iss
+        self._headers = {
+            "Authorization": f"Bearer {access_token}",
+            "Accept": "application/fhir+json",
+        }
+
+    async def _get(self, path: str, params: list[tuple[str, str]] | None = None) -> Any:
+        try:
+            async with self._http.get(
+                f"{self._iss}/{path}", params=params, headers=self._headers, allow_redirects=False
+            ) as response:
+                if response.status == 404:
+                    return None
+                if response.status != 200:
+                    raise FhirError(
+                        f"The EHR answered {response.status} when reading {path.split('/')[0]}."
+                    )
+                return await read_json(response)
+        except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
+            raise FhirError(f"The EHR could not be read ({type(exc).__name__}).") from None
+
+    async def read_appointment(self, appointment_id: str) -> Appointment | None:
+        if not FHIR_ID.match(appointment_id):
+            raise FhirError("The appointment reference is not valid.")
+        body = await self._get(f"Appointment/{appointment_id}")
+        return None if body is None else _parse(Appointment, body)
+
+    async def appointments_of_encounter(self, encounter_id: str) -> list[Appointment]:
+        if not FHIR_ID.match(encounter_id):
+            raise FhirError("The encounter reference is not valid.")
+        body = await self._get(f"Encounter/{encounter_id}")
+        if body is None:
+            return []
+        encounter = _parse(Encounter, body)
+        found = []
+        for ref in encounter.appointment:
+            target = (ref.reference or "").removeprefix(self._iss + "/")
+            if target.startswith("Appointment/"):
+                appointment = await self.read_appointment(target.split("/", 1)[1])
+                if appointment is not None:
+                    found.append(appointment)
+        return found
+
+    async def todays_appointments(self, patient_id: str, now: datetime) -> list[Appointment]:
+        """Cerner wants a date with the patient and no practitioner or location with it."""
+        if not FHIR_ID.match(patient_id):
+            raise FhirError("The patient reference is not valid.")
+        window_start, window_end = now - timedelta(hours=12), now + timedelta(hours=24)
+        params = [
+            ("patient", patient_id),
+            ("date", f"ge{window_start.date().isoformat()}"),
+            ("date", f"lt{(window_end.date() + timedelta(days=1)).isoformat()}"),
+        ]
+        bundle = await self._get("Appointment", params)
+        entries = bundle.get("entry", []) if isinstance(bundle, dict) else []
+        found = []
+        for entry in entries[:100]:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict) or resource.get("resourceType") != "Appointment":
+                continue
+            appointment = _parse(Appointment, resource)
+            if appointment.start and window_start <= appointment.start.astimezone(UTC) < window_end:
+                found.append(appointment)
+        return found
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], body: Any) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError:
+        raise FhirError(f"The EHR's {model.__name__} is not valid FHIR.") from None

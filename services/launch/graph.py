@@ -1,0 +1,204 @@
+"""Microsoft Graph, app-only: online meetings, the patient's browser-join URL, call-event
+subscriptions and attendance reports. The token comes from the real msal library, run off
+the event loop (msal is synchronous) and cached per Microsoft 365 tenant."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import msal
+import requests
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.launch.outbound import OutboundError, read_json
+from services.launch.settings import LaunchSettings
+
+GRAPH_SCOPE = ["https://graph.microsoft.com/.default"]
+
+
+class GraphError(Exception):
+    """Graph refused or failed; the message is safe to log and show."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class OnlineMeeting(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    id: str = Field(min_length=1, max_length=512)
+    joinWebUrl: str = Field(min_length=1, max_length=4096)  # noqa: N815 - Graph's name
+    externalId: str | None = Field(default=None, max_length=256)  # noqa: N815
+
+
+class Subscription(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    id: str = Field(min_length=1, max_length=256)
+    expirationDateTime: datetime  # noqa: N815
+
+
+def _graph_time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class GraphClient:
+    def __init__(self, http: aiohttp.ClientSession, settings: LaunchSettings) -> None:
+        self._http = http
+        self._settings = settings
+        self._base = settings.graph_base_url.rstrip("/") + "/v1.0"
+        self._apps: dict[str, Any] = {}
+
+    def _acquire(self, ms_tenant_id: str) -> str:
+        app = self._apps.get(ms_tenant_id)
+        if app is None:
+            session = requests.Session()
+            # requests would let REQUESTS_CA_BUNDLE override verification; pin ours.
+            session.trust_env = False
+            session.verify = self._settings.tls_ca_bundle or True
+            app = msal.ConfidentialClientApplication(
+                self._settings.entra_client_id,
+                authority=f"{self._settings.entra_authority_host.rstrip('/')}/{ms_tenant_id}",
+                client_credential=self._settings.entra_client_secret.get_secret_value(),
+                instance_discovery=False,
+                http_client=session,
+                timeout=self._settings.external_call_timeout_s,
+            )
+            self._apps[ms_tenant_id] = app
+        # msal serves from its token cache until the token nears expiry.
+        result = app.acquire_token_for_client(scopes=GRAPH_SCOPE)
+        if "access_token" not in result:
+            raise GraphError(f"Entra ID refused the app token ({result.get('error')}).")
+        return str(result["access_token"])
+
+    async def _token(self, ms_tenant_id: str) -> str:
+        try:
+            return await asyncio.to_thread(self._acquire, ms_tenant_id)
+        except (requests.RequestException, ValueError) as exc:
+            raise GraphError(f"Entra ID is unreachable ({type(exc).__name__}).") from None
+
+    async def _call(
+        self, method: str, ms_tenant_id: str, path: str, body: dict[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {await self._token(ms_tenant_id)}"}
+        try:
+            async with self._http.request(
+                method, self._base + path, json=body, headers=headers, allow_redirects=False
+            ) as response:
+                payload = await read_json(response) if response.status != 204 else None
+                if response.status >= 400:
+                    code = (
+                        payload.get("error", {}).get("code") if isinstance(payload, dict) else None
+                    )
+                    raise GraphError(f"Graph answered {response.status} ({code})", response.status)
+                return response.status, payload
+        except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
+            raise GraphError(f"Graph is unreachable ({type(exc).__name__}).") from None
+
+    async def create_or_get_meeting(
+        self,
+        ms_tenant_id: str,
+        organizer_id: str,
+        *,
+        external_id: str,
+        starts_at: datetime,
+        ends_at: datetime,
+        subject: str,
+    ) -> tuple[OnlineMeeting, bool]:
+        """Idempotent by externalId: 201 created, 200 found."""
+        status, payload = await self._call(
+            "POST",
+            ms_tenant_id,
+            f"/users/{quote(organizer_id, safe='')}/onlineMeetings/createOrGet",
+            {
+                "externalId": external_id,
+                "startDateTime": _graph_time(starts_at),
+                "endDateTime": _graph_time(ends_at),
+                "subject": subject,
+                "participants": {"attendees": []},
+                # Everyone but the organizer waits in the lobby until admitted.
+                "lobbyBypassSettings": {"scope": "organizer", "isDialInBypassEnabled": False},
+            },
+        )
+        return _model(OnlineMeeting, payload), status == 201
+
+    async def patient_join_url(self, ms_tenant_id: str, organizer_id: str, meeting_id: str) -> str:
+        _, payload = await self._call(
+            "GET",
+            ms_tenant_id,
+            f"/users/{quote(organizer_id, safe='')}/onlineMeetings/{quote(meeting_id, safe='')}"
+            "/getVirtualAppointmentJoinWebUrl",
+        )
+        url = payload.get("value") if isinstance(payload, dict) else None
+        if not isinstance(url, str) or not url.startswith("https://"):
+            raise GraphError("Graph returned no browser-join URL.")
+        return url
+
+    async def subscribe_call_events(
+        self,
+        ms_tenant_id: str,
+        join_web_url: str,
+        *,
+        notification_url: str,
+        client_state: str,
+        expires_at: datetime,
+    ) -> Subscription:
+        resource = (
+            "/communications/onlineMeetings(joinWebUrl='"
+            + quote(join_web_url, safe="")
+            + "')/meetingCallEvents"
+        )
+        _, payload = await self._call(
+            "POST",
+            ms_tenant_id,
+            "/subscriptions",
+            {
+                "changeType": "updated",
+                "notificationUrl": notification_url,
+                "resource": resource,
+                "clientState": client_state,
+                "expirationDateTime": _graph_time(expires_at),
+            },
+        )
+        return _model(Subscription, payload)
+
+    async def renew_subscription(
+        self, ms_tenant_id: str, subscription_id: str, expires_at: datetime
+    ) -> Subscription:
+        _, payload = await self._call(
+            "PATCH",
+            ms_tenant_id,
+            f"/subscriptions/{quote(subscription_id, safe='')}",
+            {"expirationDateTime": _graph_time(expires_at)},
+        )
+        return _model(Subscription, payload)
+
+    async def attendance_reports(
+        self, ms_tenant_id: str, organizer_id: str, meeting_id: str
+    ) -> list[dict[str, Any]]:
+        base = (
+            f"/users/{quote(organizer_id, safe='')}/onlineMeetings/{quote(meeting_id, safe='')}"
+            "/attendanceReports"
+        )
+        _, listing = await self._call("GET", ms_tenant_id, base)
+        reports = []
+        for summary in (listing or {}).get("value", [])[:20]:
+            report_id = quote(str(summary.get("id", "")), safe="")
+            _, records = await self._call(
+                "GET", ms_tenant_id, f"{base}/{report_id}/attendanceRecords"
+            )
+            reports.append({**summary, "attendanceRecords": (records or {}).get("value", [])})
+        return reports
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _model(model: type[M], payload: Any) -> M:
+    try:
+        return model.model_validate(payload)
+    except ValidationError:
+        raise GraphError(f"Graph's {model.__name__} answer is not what we expect.") from None

@@ -1,0 +1,161 @@
+"""Find or create the Teams meeting of an appointment, subscribe to its call events, and
+record the appointment with its `appointment-created` event the first time only."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from libs.common.events import AppointmentCreatedV1, Topic, make_event
+from libs.common.outbox import enqueue
+from services.launch import join_tokens
+from services.launch.graph import GraphClient
+from services.launch.integrations import Integration
+from services.launch.settings import LaunchSettings
+
+if TYPE_CHECKING:
+    from libs.common.db import Connection
+
+
+@dataclass(frozen=True)
+class Visit:
+    """What the gateway knows of one video-visit appointment."""
+
+    appointment_key: str
+    integration: Integration
+    department: str
+    starts_at: datetime
+    ends_at: datetime
+    time_zone: str
+    schedule_version: int = 1
+
+
+@dataclass(frozen=True)
+class Meeting:
+    meeting_id: str
+    organizer_id: str
+    join_web_url: str
+    patient_join_url: str
+    subscription_id: str
+    subscription_expires_at: datetime
+    client_state_hash: bytes
+
+
+def client_state_digest(client_state: str) -> bytes:
+    return hashlib.sha256(client_state.encode()).digest()
+
+
+def join_link(settings: LaunchSettings, visit: Visit) -> str:
+    expires = visit.ends_at + timedelta(minutes=settings.join_grace_minutes)
+    token = join_tokens.mint(
+        settings.join_token_secret.get_secret_value(), visit.appointment_key, expires
+    )
+    return f"{settings.public_base_url.rstrip('/')}/join/{token}"
+
+
+async def existing_meeting(pool: asyncpg.Pool, appointment_key: str) -> str | None:
+    value = await pool.fetchval(
+        "SELECT meeting_id FROM appointments WHERE appointment_key = $1", appointment_key
+    )
+    return None if value is None else str(value)
+
+
+async def create_meeting(graph: GraphClient, settings: LaunchSettings, visit: Visit) -> Meeting:
+    """Graph calls only; safe to repeat (createOrGet is idempotent by externalId)."""
+    integration = visit.integration
+    meeting, _created = await graph.create_or_get_meeting(
+        integration.ms_tenant_id,
+        integration.teams_organizer_id,
+        # The appointment key is already a keyed hash: stable, and not reversible to the
+        # FHIR id, so Microsoft never learns the EHR's identifiers.
+        external_id=visit.appointment_key,
+        starts_at=visit.starts_at,
+        ends_at=visit.ends_at,
+        # Visible to everyone in the meeting: department only, never patient data.
+        subject=f"Video visit ({visit.department})",
+    )
+    patient_url = await graph.patient_join_url(
+        integration.ms_tenant_id, integration.teams_organizer_id, meeting.id
+    )
+    client_state = secrets.token_urlsafe(32)
+    subscription = await graph.subscribe_call_events(
+        integration.ms_tenant_id,
+        meeting.joinWebUrl,
+        notification_url=f"{settings.notification_base_url.rstrip('/')}/graph/notifications",
+        client_state=client_state,
+        expires_at=datetime.now(UTC) + timedelta(minutes=settings.subscription_lifetime_minutes),
+    )
+    return Meeting(
+        meeting_id=meeting.id,
+        organizer_id=integration.teams_organizer_id,
+        join_web_url=meeting.joinWebUrl,
+        patient_join_url=patient_url,
+        subscription_id=subscription.id,
+        subscription_expires_at=subscription.expirationDateTime,
+        client_state_hash=client_state_digest(client_state),
+    )
+
+
+async def record_visit(
+    conn: Connection,
+    settings: LaunchSettings,
+    visit: Visit,
+    meeting: Meeting,
+    *,
+    ehr_user_id: str | None = None,
+    patient_phone_encrypted: str | None = None,
+) -> bool:
+    """Insert the appointment and its `appointment-created` event in the caller's
+    transaction; False (and no event) when the appointment was already known."""
+    integration = visit.integration
+    status = await conn.execute(
+        "INSERT INTO appointments (appointment_key, tenant_id, integration_id, environment,"
+        " department, starts_at, ends_at, time_zone, schedule_version, ehr_user_id,"
+        " organizer_id, meeting_id, join_web_url, patient_join_url, subscription_id,"
+        " subscription_expires_at, client_state_hash)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
+        " ON CONFLICT (appointment_key) DO NOTHING",
+        visit.appointment_key,
+        integration.tenant_id,
+        integration.integration_id,
+        integration.environment,
+        visit.department,
+        visit.starts_at,
+        visit.ends_at,
+        visit.time_zone,
+        visit.schedule_version,
+        ehr_user_id,
+        meeting.organizer_id,
+        meeting.meeting_id,
+        meeting.join_web_url,
+        meeting.patient_join_url,
+        meeting.subscription_id,
+        meeting.subscription_expires_at,
+        meeting.client_state_hash,
+    )
+    if status != "INSERT 0 1":
+        return False
+    payload = AppointmentCreatedV1(
+        integration_id=integration.integration_id,
+        environment="production" if integration.environment == "production" else "test",
+        department=visit.department,
+        starts_at=visit.starts_at,
+        ends_at=visit.ends_at,
+        time_zone=visit.time_zone,
+        join_url=join_link(settings, visit),
+        patient_phone_encrypted=patient_phone_encrypted,
+        sms_enabled=integration.sms_enabled and patient_phone_encrypted is not None,
+        schedule_version=visit.schedule_version,
+    )
+    await enqueue(
+        conn,
+        make_event(
+            Topic.APPOINTMENT_CREATED, integration.tenant_id, visit.appointment_key, payload
+        ),
+    )
+    return True

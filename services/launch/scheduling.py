@@ -1,0 +1,257 @@
+"""Scheduling feed ingress (docs/ehr-scheduling.md): the EHR tells us an appointment was
+booked, moved or cancelled. Signed webhook; the signature is checked over the raw bytes before
+anything is parsed, and each event_id is applied once."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+import uuid
+from typing import Any, Literal
+
+import orjson
+import phonenumbers
+import structlog
+from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from libs.common.events import (
+    AppointmentCancelledV1,
+    AppointmentRescheduledV1,
+    Topic,
+    make_event,
+)
+from libs.common.keys import appointment_key
+from libs.common.outbox import enqueue
+from libs.common.web import DB_POOL
+from services.launch.fhir import Appointment
+from services.launch.meetings import Visit, create_meeting, existing_meeting, record_visit
+from services.launch.state import GRAPH, INTEGRATIONS, launch_settings
+
+log = structlog.get_logger(__name__)
+
+_SIGNATURE = re.compile(r"^t=(\d{1,12})((?:,v1=[0-9a-f]{64})+)$")
+_TENANT = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+class PatientContact(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    phone: str | None = Field(default=None, max_length=32)
+
+
+class SchedulingEvent(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: uuid.UUID
+    event: Literal["booked", "rescheduled", "cancelled"]
+    tenant: str = Field(pattern=_TENANT.pattern)
+    fhir_base: str = Field(max_length=2048)
+    occurred_at: AwareDatetime
+    appointment: Appointment
+    patient_contact: PatientContact | None = None
+
+
+def _secrets_for(tenant: str, configured: str) -> list[str]:
+    table = orjson.loads(configured)
+    return [str(s) for s in (table.get(tenant), table.get("*")) if s]
+
+
+def signature_valid(header: str, body: bytes, secrets: list[str], max_skew_s: int) -> bool:
+    match = _SIGNATURE.match(header)
+    if match is None:
+        return False
+    timestamp = int(match.group(1))
+    if abs(time.time() - timestamp) > max_skew_s:
+        return False
+    presented = match.group(2).split(",v1=")[1:]
+    for secret in secrets:
+        expected = hmac.new(
+            secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256
+        ).hexdigest()
+        if any(hmac.compare_digest(expected, candidate) for candidate in presented):
+            return True
+    return False
+
+
+def normalised_phone(raw: str | None) -> str | None:
+    """E.164, or None when absent or invalid (then no SMS; the number is never logged)."""
+    if not raw:
+        return None
+    try:
+        number = phonenumbers.parse(raw, "US")
+    except phonenumbers.NumberParseException:
+        log.info("patient phone refused", reason="unparseable")
+        return None
+    if not phonenumbers.is_valid_number(number):
+        log.info("patient phone refused", reason="invalid")
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _problem(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def receive_scheduling_event(request: web.Request) -> web.Response:
+    settings = launch_settings(request)
+    body = await request.read()
+    tenant = request.headers.get("X-EHR-Tenant", "")
+    secrets = (
+        _secrets_for(tenant, settings.scheduling_webhook_secrets.get_secret_value())
+        if _TENANT.match(tenant)
+        else []
+    )
+    if not secrets or not signature_valid(
+        request.headers.get("X-EHR-Signature", ""), body, secrets, settings.scheduling_max_skew_s
+    ):
+        log.warning("scheduling event refused", reason="bad or missing signature")
+        return _problem(401, "missing, stale or wrong X-EHR-Signature")
+    try:
+        event = SchedulingEvent.model_validate_json(body)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"][:2]) for e in exc.errors()})
+        return _problem(422, f"invalid scheduling event: {', '.join(fields[:5])}")
+    if event.tenant != tenant:
+        return _problem(422, "X-EHR-Tenant does not match the event's tenant")
+    integration = await request.app[INTEGRATIONS].by_fhir_base(event.fhir_base)
+    if integration is None:
+        log.warning("scheduling event for an unconfigured FHIR base", tenant=tenant)
+        return _problem(422, "this FHIR base URL is not configured for the Teams connector")
+    pool = request.app[DB_POOL]
+    if await pool.fetchval(
+        "SELECT 1 FROM scheduling_deliveries WHERE event_id = $1", event.event_id
+    ):
+        return web.json_response({"status": "duplicate"})
+    appointment = event.appointment
+    with structlog.contextvars.bound_contextvars(scheduling_event=str(event.event_id)):
+        if not appointment.is_video_visit:
+            await pool.execute(
+                "INSERT INTO scheduling_deliveries (event_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                event.event_id,
+            )
+            return web.json_response({"status": "ignored: not a video visit"})
+        if (
+            appointment.start is None
+            or appointment.end is None
+            or appointment.end <= appointment.start
+        ):
+            return _problem(422, "invalid scheduling event: appointment start/end")
+        key = appointment_key(
+            settings.appointment_key_secret.get_secret_value(),
+            integration.integration_id,
+            appointment.id,
+        )
+        visit = Visit(
+            appointment_key=key,
+            integration=integration,
+            department=appointment.department(integration.department),
+            starts_at=appointment.start,
+            ends_at=appointment.end,
+            time_zone=settings.default_time_zone,
+            schedule_version=appointment.schedule_version,
+        )
+        if event.event == "cancelled" or appointment.status == "cancelled":
+            outcome = await _cancel(request, event, visit)
+        elif event.event == "rescheduled" and await existing_meeting(pool, key):
+            outcome = await _reschedule(request, event, visit)
+        else:
+            outcome = await _book(request, event, visit)
+    log.info("scheduling event applied", change=event.event, outcome=outcome, appointment_key=key)
+    return web.json_response({"status": outcome, "appointment_key": key})
+
+
+async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
+    settings = launch_settings(request)
+    pool = request.app[DB_POOL]
+    # The meeting exists before we promise the patient a link; Graph calls are idempotent,
+    # so a retry after a failure below creates nothing twice.
+    meeting = await create_meeting(request.app[GRAPH], settings, visit)
+    phone = normalised_phone(event.patient_contact.phone if event.patient_contact else None)
+    encrypted = (
+        settings.field_cipher().encrypt(phone, f"patient-phone:{visit.appointment_key}")
+        if phone
+        else None
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        if not await _first_delivery(conn, event.event_id):
+            return "duplicate"
+        created = await record_visit(
+            conn, settings, visit, meeting, patient_phone_encrypted=encrypted
+        )
+    return "booked" if created else "already known"
+
+
+async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
+    async with request.app[DB_POOL].acquire() as conn, conn.transaction():
+        if not await _first_delivery(conn, event.event_id):
+            return "duplicate"
+        status = await conn.execute(
+            "UPDATE appointments SET starts_at = $2, ends_at = $3, schedule_version = $4,"
+            " updated_at = now() WHERE appointment_key = $1 AND schedule_version < $4",
+            visit.appointment_key,
+            visit.starts_at,
+            visit.ends_at,
+            visit.schedule_version,
+        )
+        if status != "UPDATE 1":
+            return "stale"
+        payload = AppointmentRescheduledV1(
+            integration_id=visit.integration.integration_id,
+            starts_at=visit.starts_at,
+            ends_at=visit.ends_at,
+            time_zone=visit.time_zone,
+            schedule_version=visit.schedule_version,
+        )
+        await enqueue(
+            conn,
+            make_event(
+                Topic.APPOINTMENT_RESCHEDULED,
+                visit.integration.tenant_id,
+                visit.appointment_key,
+                payload,
+            ),
+        )
+    return "rescheduled"
+
+
+async def _cancel(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
+    async with request.app[DB_POOL].acquire() as conn, conn.transaction():
+        if not await _first_delivery(conn, event.event_id):
+            return "duplicate"
+        status = await conn.execute(
+            "UPDATE appointments SET status = 'cancelled',"
+            " schedule_version = GREATEST(schedule_version + 1, $2), updated_at = now()"
+            " WHERE appointment_key = $1 AND status <> 'cancelled'",
+            visit.appointment_key,
+            visit.schedule_version,
+        )
+        if status != "UPDATE 1":
+            return "not known or already cancelled"
+        version = await conn.fetchval(
+            "SELECT schedule_version FROM appointments WHERE appointment_key = $1",
+            visit.appointment_key,
+        )
+        payload = AppointmentCancelledV1(
+            integration_id=visit.integration.integration_id,
+            reason_code="cancelled-in-ehr",
+            schedule_version=int(version),
+        )
+        await enqueue(
+            conn,
+            make_event(
+                Topic.APPOINTMENT_CANCELLED,
+                visit.integration.tenant_id,
+                visit.appointment_key,
+                payload,
+            ),
+        )
+    return "cancelled"
+
+
+async def _first_delivery(conn: Any, event_id: uuid.UUID) -> bool:
+    status = await conn.execute(
+        "INSERT INTO scheduling_deliveries (event_id) VALUES ($1) ON CONFLICT DO NOTHING", event_id
+    )
+    return bool(status == "INSERT 0 1")

@@ -1,0 +1,304 @@
+"""SMART on FHIR EHR launch against a configured FHIR server: discovery, authorize, token
+exchange with the integration's client authentication, and id_token validation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from libs.common.crypto import FieldCipher
+from services.launch.integrations import Integration
+from services.launch.outbound import OutboundError, check_endpoint, read_json
+from services.launch.settings import LaunchSettings
+
+ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "ES384"]
+
+
+class SmartConfiguration(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    issuer: str | None = Field(default=None, max_length=2048)
+    authorization_endpoint: str = Field(max_length=2048)
+    token_endpoint: str = Field(max_length=2048)
+    jwks_uri: str | None = Field(default=None, max_length=2048)
+    code_challenge_methods_supported: list[str] = Field(default_factory=list, max_length=20)
+    capabilities: list[str] = Field(default_factory=list, max_length=100)
+
+
+class TokenResponse(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    access_token: str = Field(max_length=16384)
+    token_type: str = Field(max_length=20)
+    expires_in: int = Field(default=570, ge=0)
+    scope: str = Field(default="", max_length=4096)
+    id_token: str | None = Field(default=None, max_length=16384)
+    refresh_token: str | None = Field(default=None, max_length=16384)
+    patient: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9.-]+$")
+    encounter: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9.-]+$")
+
+
+@dataclass(frozen=True)
+class Pkce:
+    verifier: str
+    challenge: str
+
+    @classmethod
+    def new(cls) -> Pkce:
+        verifier = secrets.token_urlsafe(48)
+        digest = hashlib.sha256(verifier.encode()).digest()
+        return cls(verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode())
+
+
+class SmartError(Exception):
+    """The launch cannot go on; the message is safe to show the clinician."""
+
+
+class SmartClient:
+    def __init__(self, http: aiohttp.ClientSession, settings: LaunchSettings) -> None:
+        self._http = http
+        self._settings = settings
+        self._discovery: dict[str, tuple[float, SmartConfiguration]] = {}
+        self._jwks: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def _endpoint(self, url: str) -> str:
+        return check_endpoint(url, self._settings.allow_loopback_http)
+
+    async def discover(self, iss: str) -> SmartConfiguration:
+        """Only ever called with an `iss` that matched a configured integration."""
+        cached = self._discovery.get(iss)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        url = self._endpoint(f"{iss}/.well-known/smart-configuration")
+        try:
+            async with self._http.get(
+                url, allow_redirects=False, headers={"Accept": "application/json"}
+            ) as response:
+                if response.status != 200:
+                    raise SmartError(f"The EHR's SMART configuration answered {response.status}.")
+                config = SmartConfiguration.model_validate(await read_json(response))
+        except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
+            raise SmartError(
+                f"The EHR's SMART configuration is unreachable ({type(exc).__name__})."
+            ) from None
+        except ValidationError:
+            raise SmartError("The EHR's SMART configuration is incomplete.") from None
+        for endpoint in (config.authorization_endpoint, config.token_endpoint, config.jwks_uri):
+            if endpoint:
+                self._endpoint(endpoint)
+        self._discovery[iss] = (time.monotonic() + self._settings.smart_discovery_ttl_s, config)
+        return config
+
+    def uses_pkce(self, integration: Integration, config: SmartConfiguration) -> bool:
+        if integration.pkce_mode == "required":
+            # Some EHRs support S256 without advertising it, so "required" always sends it.
+            return True
+        return (
+            integration.pkce_mode == "if_supported"
+            and "S256" in config.code_challenge_methods_supported
+        )
+
+    def authorize_url(
+        self,
+        integration: Integration,
+        config: SmartConfiguration,
+        *,
+        state: str,
+        nonce: str,
+        launch: str,
+        redirect_uri: str,
+        pkce: Pkce | None,
+    ) -> str:
+        params = {
+            "response_type": "code",
+            "client_id": integration.smart_client_id,
+            "redirect_uri": redirect_uri,
+            "scope": self._settings.smart_scopes,
+            "state": state,
+            "nonce": nonce,
+            "launch": launch,
+            # Cerner refuses a request without aud, and aud must be the iss byte for byte.
+            "aud": integration.fhir_base_url,
+        }
+        if pkce is not None:
+            params |= {"code_challenge": pkce.challenge, "code_challenge_method": "S256"}
+        separator = "&" if "?" in config.authorization_endpoint else "?"
+        return config.authorization_endpoint + separator + urlencode(params, quote_via=quote)
+
+    def _client_auth(
+        self, integration: Integration, config: SmartConfiguration, cipher: FieldCipher
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """(headers, extra form fields) for the integration's client authentication."""
+        if integration.client_auth_method == "client_secret_basic":
+            if not integration.client_secret_encrypted:
+                raise SmartError("This integration has no client secret configured.")
+            secret = cipher.decrypt(integration.client_secret_encrypted, integration.secret_purpose)
+            pair = f"{quote(integration.smart_client_id, safe='')}:{quote(secret, safe='')}"
+            return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}, {}
+        if not integration.private_key_encrypted:
+            raise SmartError("This integration has no private key configured.")
+        pem = cipher.decrypt(integration.private_key_encrypted, integration.secret_purpose)
+        try:
+            key = load_pem_private_key(pem.encode(), password=None)
+        except ValueError:
+            raise SmartError("This integration's private key cannot be read.") from None
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise SmartError("This integration's private key must be RSA or EC (P-384).")
+        algorithm = "ES384" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS384"
+        now = int(time.time())
+        assertion = jwt.encode(
+            {
+                "iss": integration.smart_client_id,
+                "sub": integration.smart_client_id,
+                "aud": config.token_endpoint,
+                "jti": str(uuid.uuid4()),
+                "iat": now,
+                "exp": now + 240,
+            },
+            key,
+            algorithm=algorithm,
+        )
+        return {}, {
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion,
+        }
+
+    async def _token_request(
+        self,
+        integration: Integration,
+        config: SmartConfiguration,
+        cipher: FieldCipher,
+        form: dict[str, str],
+    ) -> TokenResponse:
+        headers, extra = self._client_auth(integration, config, cipher)
+        headers["Accept"] = "application/json"
+        try:
+            async with self._http.post(
+                config.token_endpoint,
+                data={**form, **extra},
+                headers=headers,
+                allow_redirects=False,
+            ) as response:
+                body = await read_json(response)
+                if response.status != 200:
+                    error = body.get("error") if isinstance(body, dict) else None
+                    raise SmartError(f"The EHR refused the sign-in ({error or response.status}).")
+                return TokenResponse.model_validate(body)
+        except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
+            raise SmartError(
+                f"The EHR's token endpoint is unreachable ({type(exc).__name__})."
+            ) from None
+        except ValidationError:
+            raise SmartError("The EHR's token answer is incomplete.") from None
+
+    async def exchange_code(
+        self,
+        integration: Integration,
+        config: SmartConfiguration,
+        cipher: FieldCipher,
+        *,
+        code: str,
+        redirect_uri: str,
+        verifier: str | None,
+    ) -> TokenResponse:
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
+        if verifier:
+            form["code_verifier"] = verifier
+        return await self._token_request(integration, config, cipher, form)
+
+    async def refresh(
+        self,
+        integration: Integration,
+        config: SmartConfiguration,
+        cipher: FieldCipher,
+        refresh_token: str,
+    ) -> TokenResponse:
+        fresh = await self._token_request(
+            integration,
+            config,
+            cipher,
+            {"grant_type": "refresh_token", "refresh_token": refresh_token},
+        )
+        if fresh.refresh_token is None:
+            # Cerner may leave the refresh token out; the old one stays valid.
+            fresh = fresh.model_copy(update={"refresh_token": refresh_token})
+        return fresh
+
+    async def validate_id_token(
+        self, integration: Integration, config: SmartConfiguration, id_token: str, nonce: str
+    ) -> dict[str, Any]:
+        if not config.jwks_uri:
+            raise SmartError("The EHR publishes no keys to check the sign-in with.")
+        try:
+            header = jwt.get_unverified_header(id_token)
+        except jwt.PyJWTError:
+            raise SmartError("The EHR's identity token is malformed.") from None
+        if header.get("alg") not in ID_TOKEN_ALGORITHMS:
+            raise SmartError("The EHR's identity token uses an algorithm we do not accept.")
+        key = await self._key(config.jwks_uri, str(header.get("kid", "")))
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                id_token,
+                key,
+                algorithms=ID_TOKEN_ALGORITHMS,
+                audience=integration.smart_client_id,
+                issuer=config.issuer,
+                options={
+                    "require": ["exp", "iat", "aud", "sub"],
+                    "verify_iss": config.issuer is not None,
+                },
+                leeway=60,
+            )
+        except jwt.PyJWTError as exc:
+            raise SmartError(
+                f"The EHR's identity token is not valid ({type(exc).__name__})."
+            ) from None
+        if not secrets.compare_digest(str(claims.get("nonce", "")), nonce):
+            raise SmartError("The EHR's identity token belongs to another sign-in.")
+        return claims
+
+    async def _key(self, jwks_uri: str, kid: str) -> Any:
+        for refresh in (False, True):
+            cached = self._jwks.get(jwks_uri)
+            if refresh or not cached or cached[0] < time.monotonic():
+                try:
+                    async with self._http.get(jwks_uri, allow_redirects=False) as response:
+                        keys = await read_json(response)
+                except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
+                    raise SmartError(
+                        f"The EHR's keys are unreachable ({type(exc).__name__})."
+                    ) from None
+                self._jwks[jwks_uri] = (time.monotonic() + 3600, keys)
+            for jwk in self._jwks[jwks_uri][1].get("keys", []):
+                if jwk.get("kid") == kid or (not kid and len(self._jwks[jwks_uri][1]["keys"]) == 1):
+                    try:
+                        return jwt.PyJWK(jwk).key
+                    except jwt.PyJWTError:
+                        continue
+        raise SmartError("The EHR's identity token was signed by an unknown key.")
+
+
+def ehr_user_id(claims: dict[str, Any], iss: str) -> str:
+    """`fhirUser` as `Practitioner/<id>`, whether the EHR sent it absolute (Cerner) or
+    relative (some simulators); an absolute one must point into this FHIR server."""
+    value = str(claims.get("fhirUser") or "")
+    if value.startswith(iss + "/"):
+        value = value[len(iss) + 1 :]
+    parts = value.split("/")
+    if len(parts) != 2 or parts[0] != "Practitioner" or not parts[1]:
+        raise SmartError("The EHR did not say which practitioner signed in.")
+    if not all(c.isalnum() or c in ".-" for c in parts[1]) or len(parts[1]) > 64:
+        raise SmartError("The EHR's practitioner id is not valid.")
+    return value
