@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from libs.common.settings import ServiceSettings
 from libs.common.web import SETTINGS
 
-pytest_plugins = ["tests.support.standins"]
+pytest_plugins = ["tests.support.standins", "tests.support.launch_system"]
 
 KAFKA = os.environ.get("EHR_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
 PG_ADMIN_DSN = os.environ.get("PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:15432/postgres")

@@ -166,6 +166,13 @@ class ConsumerRunner:
 
     async def start(self) -> None:
         await self._consumer.start()
+        # A group joined before the broker's metadata lists a fresh topic is assigned nothing
+        # until the next metadata refresh (minutes); wait for the topics first.
+        wanted = set(self._handlers)
+        for _ in range(100):
+            if wanted <= await self._consumer.topics():
+                break
+            await asyncio.sleep(0.1)
         self._consumer.subscribe(topics=list(self._handlers), listener=_CommitOnRevoke(self))
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.name}")
 

@@ -31,7 +31,7 @@ async def renew_due(app: web.Application, now: datetime | None = None) -> int:
             "SELECT a.appointment_key, a.subscription_id, i.ms_tenant_id FROM appointments a"
             " JOIN integrations i USING (integration_id)"
             " WHERE a.subscription_id IS NOT NULL AND a.meeting_ended_at IS NULL"
-            "  AND a.status = 'booked' AND a.ends_at > $1 - interval '1 day'"
+            "  AND a.status = 'booked' AND a.ends_at > $1::timestamptz - interval '1 day'"
             "  AND a.subscription_expires_at < $2"
             " ORDER BY a.subscription_expires_at LIMIT 100 FOR UPDATE OF a SKIP LOCKED",
             now,

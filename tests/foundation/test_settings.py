@@ -13,7 +13,7 @@ def test_environment_beats_dotenv_beats_secret_files(
     """Values come from the environment first, then .env, then Kubernetes secret files."""
     secrets = tmp_path / "secrets"
     secrets.mkdir()
-    (secrets / "ehr_scheduling_api_token").write_text("from-secret-file")
+    (secrets / "ehr_join_token_secret").write_text("from-secret-file")
     (secrets / "ehr_appointment_key_secret").write_text("key-from-secret-file")
     (secrets / "ehr_log_level").write_text("ERROR")
     (tmp_path / ".env").write_text("EHR_LOG_LEVEL=WARNING\nEHR_HTTP_PORT=9999\n")
@@ -25,12 +25,12 @@ def test_environment_beats_dotenv_beats_secret_files(
 
     assert settings.http_port == 7070
     assert settings.log_level == "WARNING"
-    assert settings.scheduling_api_token.get_secret_value() == "from-secret-file"
+    assert settings.join_token_secret.get_secret_value() == "from-secret-file"
     assert settings.appointment_key_secret.get_secret_value() == "key-from-secret-file"
 
 
 def test_secrets_are_masked_when_printed() -> None:
     """SecretStr keeps secrets out of reprs and logs."""
-    settings = LaunchSettings(scheduling_api_token="very-secret")
+    settings = LaunchSettings(join_token_secret="very-secret")
     assert "very-secret" not in repr(settings)
     assert "very-secret" not in str(settings.model_dump())

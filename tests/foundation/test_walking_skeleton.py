@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -16,160 +17,96 @@ from services.analytics.app import create_app as analytics_app
 from services.analytics.settings import AnalyticsSettings
 from services.config.app import create_app as config_app
 from services.config.settings import ConfigSettings
-from services.launch.app import create_app as launch_app
-from services.launch.settings import LaunchSettings
 from services.notify.app import create_app as notify_app
 from services.notify.settings import NotifySettings
 from tests.conftest import wait_for
+from tests.launch.test_visit_end_to_end import book_video_visit
 from tests.support.kafka_reader import read_all
-
-TOKEN = "test-scheduling-token"
-BOOKING = {
-    "tenant_id": "tenant-a",
-    "integration_id": "4b0b3b0e-6c1a-4a43-9c39-1b0c4f1f2a11",
-    "fhir_appointment_id": "4711",
-    "environment": "production",
-    "department": "Cardiology",
-    "starts_at": "2026-11-25T15:00:00Z",
-    "ends_at": "2026-11-25T15:30:00Z",
-    "time_zone": "America/Chicago",
-}
+from tests.support.launch_harness import LaunchSystem
 
 Serve = Callable[[web.Application], AbstractAsyncContextManager[str]]
 
 
-class System:
-    def __init__(self, urls: dict[str, str], apps: dict[str, web.Application]) -> None:
-        self.urls = urls
-        self.apps = apps
-        self.applied: dict[str, asyncio.Event] = {}
-        for name in ("notify", "analytics"):
-            self.applied[name] = asyncio.Event()
-            for runner in apps[name][CONSUMERS]:
-                runner.observe(self._observer(name))
+class Applied:
+    """Set once a service's consumers applied an appointment-created event."""
 
-    def _observer(self, name: str) -> Callable[[list[tuple[str, str, bool]]], None]:
+    def __init__(self, apps: dict[str, web.Application]) -> None:
+        self.events: dict[str, asyncio.Event] = {}
+        for name, app in apps.items():
+            event = self.events[name] = asyncio.Event()
+            for runner in app[CONSUMERS]:
+                runner.observe(self._observer(event))
+
+    @staticmethod
+    def _observer(event: asyncio.Event) -> Callable[[list[tuple[str, str, bool]]], None]:
         def seen(outcomes: list[tuple[str, str, bool]]) -> None:
-            if any(applied for _, _, applied in outcomes):
-                self.applied[name].set()
+            if any(topic == "appointment-created" and applied for topic, _, applied in outcomes):
+                event.set()
 
         return seen
 
 
+@dataclass
+class Others:
+    urls: dict[str, str]
+    applied: Applied
+
+
 @pytest.fixture
-async def system(make_settings: Callable[..., Any], serve: Serve) -> AsyncIterator[System]:
+async def others(
+    make_settings: Callable[..., Any], serve: Serve, ca_bundle: str
+) -> AsyncIterator[Others]:
     apps = {
         "config": config_app(make_settings(ConfigSettings)),
-        "launch": launch_app(make_settings(LaunchSettings, scheduling_api_token=TOKEN)),
-        "notify": notify_app(make_settings(NotifySettings)),
+        "notify": notify_app(make_settings(NotifySettings, tls_ca_bundle=ca_bundle)),
         "analytics": analytics_app(make_settings(AnalyticsSettings)),
     }
     async with AsyncExitStack() as stack:
         urls = {name: await stack.enter_async_context(serve(app)) for name, app in apps.items()}
-        yield System(urls, apps)
+        yield Others(urls, Applied({k: apps[k] for k in ("notify", "analytics")}))
 
 
 async def test_booking_flows_from_launch_to_notify_and_analytics_exactly_once(
-    system: System, database_url: str, topic_prefix: str
+    launch_system: LaunchSystem, others: Others, database_url: str, topic_prefix: str
 ) -> None:
-    """A booked appointment becomes a launch row, one appointment-created event, and one row
-    in notify's and analytics' own tables; booking it again changes nothing."""
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    """A booking from the EHR becomes one launch row, one appointment-created event, and one
+    row in notify's and analytics' own tables, each applied once."""
+    applied = others.applied
     async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{system.urls['launch']}/internal/appointments", json=BOOKING, headers=headers
-        ) as r:
-            assert r.status == 201
-            key = (await r.json())["appointment_key"]
-        await wait_for(system.applied["notify"], "notify to apply appointment-created")
-        await wait_for(system.applied["analytics"], "analytics to apply appointment-created")
-        async with http.post(
-            f"{system.urls['launch']}/internal/appointments", json=BOOKING, headers=headers
-        ) as r:
-            assert r.status == 200
-            assert (await r.json()) == {"appointment_key": key, "created": False}
+        await book_video_visit(http, launch_system)
+    await wait_for(applied.events["notify"], "notify to apply appointment-created")
+    await wait_for(applied.events["analytics"], "analytics to apply appointment-created")
 
     published = await read_all(topic_prefix + "appointment-created", expect=1)
     assert len(published) == 1
     event = decode_event(published[0])
-    assert event.key == key
-    assert event.tenant_id == "tenant-a"
     assert isinstance(event.payload, AppointmentCreatedV1)
-    assert event.payload.department == "Cardiology"
-
     conn = await asyncpg.connect(database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM launch.appointments") == 1
         assert (
-            await conn.fetchval("SELECT count(*) FROM launch.outbox WHERE published_at IS NOT NULL")
+            await conn.fetchval(
+                "SELECT count(*) FROM notify.inbox WHERE topic = 'appointment-created'"
+            )
             == 1
         )
-        notify_row = await conn.fetchrow("SELECT * FROM notify.appointments")
-        assert notify_row is not None
-        assert notify_row["appointment_key"] == key
-        assert notify_row["confirmation"] == "skipped"  # SMS is off for this integration
-        fact = await conn.fetchrow("SELECT * FROM analytics.appointment_facts")
-        assert fact is not None
-        assert (fact["appointment_key"], fact["department"], fact["environment"]) == (
-            key,
-            "Cardiology",
-            "production",
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM analytics.inbox WHERE topic = 'appointment-created'"
+            )
+            == 1
         )
-        assert await conn.fetchval("SELECT count(*) FROM notify.inbox") == 1
-        assert await conn.fetchval("SELECT count(*) FROM analytics.inbox") == 1
     finally:
         await conn.close()
 
 
-@pytest.mark.parametrize(
-    ("change", "problem_field"),
-    [
-        ({"environment": "staging"}, "environment"),
-        ({"ends_at": "2026-11-25T14:00:00Z"}, ""),
-        ({"time_zone": "Mars/Olympus"}, ""),
-        ({"starts_at": "2026-11-25T15:00:00"}, "starts_at"),
-        ({"fhir_appointment_id": "../../etc"}, "fhir_appointment_id"),
-        ({"patient_name": "Jane Doe"}, "patient_name"),
-    ],
-)
-async def test_invalid_booking_is_refused_with_422_and_changes_nothing(
-    system: System, database_url: str, change: dict[str, str], problem_field: str
+async def test_every_service_reports_health_readiness_and_metrics(
+    launch_system: LaunchSystem, others: Others
 ) -> None:
-    """Hostile or malformed bookings get a clear 422 naming the field; nothing is written."""
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{system.urls['launch']}/internal/appointments",
-            json={**BOOKING, **change},
-            headers=headers,
-        ) as r,
-    ):
-        assert r.status == 422
-        body = await r.json()
-    assert body["error"] == "invalid appointment"
-    assert any(p["field"] == problem_field for p in body["problems"])
-    conn = await asyncpg.connect(database_url)
-    try:
-        assert await conn.fetchval("SELECT count(*) FROM launch.appointments") == 0
-        assert await conn.fetchval("SELECT count(*) FROM launch.outbox") == 0
-    finally:
-        await conn.close()
-
-
-async def test_booking_without_the_token_is_refused(system: System) -> None:
-    """The scheduling ingress answers 401 to a caller without the bearer token."""
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(f"{system.urls['launch']}/internal/appointments", json=BOOKING) as r,
-    ):
-        assert r.status == 401
-
-
-async def test_every_service_reports_health_readiness_and_metrics(system: System) -> None:
     """Each service answers /healthz, /readyz (Postgres and Kafka checked) and /metrics."""
+    urls = {"launch": launch_system.url, **others.urls}
     async with aiohttp.ClientSession() as http:
-        for name, url in system.urls.items():
+        for name, url in urls.items():
             async with http.get(f"{url}/healthz") as r:
                 assert r.status == 200, name
             async with http.get(f"{url}/readyz") as r:

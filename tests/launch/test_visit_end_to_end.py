@@ -13,8 +13,8 @@ from libs.common.events import (
     decode_event,
 )
 from sandbox.ehr import TENANT_A
-from tests.launch.harness import LaunchSystem, follow
 from tests.support.kafka_reader import read_all
+from tests.support.launch_harness import LaunchSystem, follow
 
 
 async def book_video_visit(http: aiohttp.ClientSession, system: LaunchSystem) -> dict[str, Any]:

@@ -1,3 +1,5 @@
+"""The launch gateway wired to both stand-ins, for any test that needs it."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +18,7 @@ from sandbox.tls import TlsFiles
 from services.launch.app import create_app
 from services.launch.settings import LaunchSettings
 from tests.conftest import KAFKA, free_port, wait_for
-from tests.launch.harness import (
+from tests.support.launch_harness import (
     LaunchSystem,
     integration_config,
     publish_integration,
