@@ -1,39 +1,110 @@
+"""The config service: the admin portal (server-rendered pages), its JSON API, and the
+worker that provisions phone numbers."""
+
 from __future__ import annotations
 
-import html
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp_jinja2
+import jinja2
 from aiohttp import web
 
-from libs.common.portal_auth import PORTAL_MIGRATIONS, add_portal_auth, current_principal
+from libs.common.portal_auth import PORTAL_MIGRATIONS, add_portal_auth, error_page
 from libs.common.settings import ServiceSettings
-from libs.common.web import create_service_app
+from libs.common.web import DB_POOL, Handler, create_service_app
+from services.config.acs_numbers import AcsPhoneNumbers
+from services.config.api import add_api_routes, refusal
+from services.config.context import CONTEXT, ConfigContext, Refused
+from services.config.numbers import PhoneNumberJobs
+from services.config.openapi import openapi_json
+from services.config.pages import add_page_routes
+from services.config.settings import ConfigSettings
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+HERE = Path(__file__).parent
+MIGRATIONS = HERE / "migrations"
+# The largest legitimate body is an integration with a 16 KiB private key.
+MAX_REQUEST_BYTES = 64 * 1024
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self';"
+    " img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+}
 
 
-async def home(request: web.Request) -> web.Response:
-    principal = await current_principal(request)
-    if principal is None:
-        body = "<p><a href='/auth/login'>Sign in with Microsoft</a> to configure the connector.</p>"
+def _is_api(request: web.Request) -> bool:
+    return request.path.startswith("/api/")
+
+
+@web.middleware
+async def portal_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Body size cap, refusals rendered for their audience, and browser hardening headers."""
+    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+        message = f"The request is larger than {MAX_REQUEST_BYTES // 1024} KiB."
+        if _is_api(request):
+            response: web.StreamResponse = refusal(Refused(413, message))
+        else:
+            response = error_page(413, message)
     else:
-        body = (
-            f"<p>Signed in as {html.escape(principal.upn)}"
-            f" ({html.escape(', '.join(sorted(principal.roles)))}) for tenant"
-            f" {html.escape(principal.tenant_id)}.</p>"
-        )
-    return web.Response(
-        text="<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        "<title>Teams EHR connector: configuration</title></head><body>"
-        f"<h1>Teams EHR connector</h1>{body}</body></html>",
-        content_type="text/html",
+        try:
+            response = await handler(request)
+        except Refused as exc:
+            response = refusal(exc) if _is_api(request) else error_page(exc.status, exc.message)
+        except web.HTTPException as exc:
+            exc.headers.update(SECURITY_HEADERS)
+            raise
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+async def portal_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[CONFIG_SETTINGS]
+    ctx = ConfigContext(settings=settings, pool=app[DB_POOL], cipher=settings.field_cipher())
+    app[CONTEXT] = ctx
+    acs = AcsPhoneNumbers(
+        settings.acs_endpoint,
+        settings.acs_access_key,
+        api_version=settings.acs_phone_numbers_api_version,
+        ssl_context=settings.ssl_context(),
+        timeout_s=settings.external_call_timeout_s,
     )
+    jobs = PhoneNumberJobs(ctx, acs)
+    # Jobs left running by a previous process are due already; the worker picks them up.
+    task = asyncio.create_task(jobs.run(), name="phone-number-jobs")
+    yield
+    jobs.stop()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=settings.external_call_timeout_s)
+    except TimeoutError:
+        # A step cut short rolls back and is repeated by the next process; see numbers.py.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+CONFIG_SETTINGS = web.AppKey("config_settings", ConfigSettings)
 
 
 def create_app(settings: ServiceSettings) -> web.Application:
+    assert isinstance(settings, ConfigSettings)
     app = create_service_app(
         settings, migrations_dir=MIGRATIONS, shared_migrations=[PORTAL_MIGRATIONS]
     )
+    app.middlewares.append(portal_guard)
+    app[CONFIG_SETTINGS] = settings
+    app.cleanup_ctx.append(portal_ctx)
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=jinja2.select_autoescape(["html"], default=True),
+    )
     add_portal_auth(app)
-    app.router.add_get("/", home)
+    add_page_routes(app)
+    add_api_routes(app)
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_static("/static", HERE / "static", append_version=False)
     return app

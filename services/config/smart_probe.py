@@ -1,0 +1,124 @@
+"""Reads `<FHIR base>/.well-known/smart-configuration` when an admin saves a URL, so a typo
+or a non-SMART server is caught in the portal instead of at a clinician's first launch."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.config.fhir_urls import CheckedUrl
+
+_Str = Field(max_length=2048)
+
+
+class SmartProbeFailed(Exception):
+    """The URL is unreachable or does not serve a SMART configuration; safe to show."""
+
+
+class SmartConfiguration(BaseModel):
+    """What the portal shows and keeps from the discovery document."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    issuer: str | None = Field(default=None, max_length=2048)
+    authorization_endpoint: str = Field(max_length=2048)
+    token_endpoint: str = Field(max_length=2048)
+    jwks_uri: str | None = Field(default=None, max_length=2048)
+    code_challenge_methods_supported: list[str] = Field(default_factory=list, max_length=50)
+    token_endpoint_auth_methods_supported: list[str] = Field(default_factory=list, max_length=50)
+    capabilities: list[str] = Field(default_factory=list, max_length=200)
+    scopes_supported: list[str] = Field(default_factory=list, max_length=500)
+
+    @property
+    def supports_pkce_s256(self) -> bool:
+        return "S256" in self.code_challenge_methods_supported
+
+
+class _PinnedResolver(AbstractResolver):
+    """Answers with the addresses that were checked, so DNS cannot change its mind between
+    the check and the connection."""
+
+    def __init__(self, checked: CheckedUrl) -> None:
+        self._checked = checked
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host.lower() != self._checked.host:
+            raise OSError(f"refusing to resolve {host}")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self._checked.addresses
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+def _absolute(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("https", "http") and bool(parts.netloc)
+
+
+async def probe_smart_configuration(
+    checked: CheckedUrl, *, ssl_context: ssl.SSLContext, timeout_s: float, max_bytes: int
+) -> SmartConfiguration:
+    discovery = f"{checked.url}/.well-known/smart-configuration"
+    connector = aiohttp.TCPConnector(resolver=_PinnedResolver(checked), ssl=ssl_context)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as http,
+            http.get(
+                discovery, allow_redirects=False, headers={"Accept": "application/json"}
+            ) as response,
+        ):
+            if 300 <= response.status < 400:
+                raise SmartProbeFailed(
+                    f"{discovery} redirects elsewhere ({response.status}); enter the FHIR base"
+                    " URL the EHR itself uses."
+                )
+            if response.status != 200:
+                raise SmartProbeFailed(
+                    f"{discovery} answered HTTP {response.status}: this does not look like a"
+                    " SMART on FHIR server."
+                )
+            body = await response.content.read(max_bytes + 1)
+    except SmartProbeFailed:
+        raise
+    except TimeoutError:
+        raise SmartProbeFailed(f"{checked.url} did not answer within {timeout_s:g} s.") from None
+    except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+        raise SmartProbeFailed(f"{checked.url} is unreachable ({type(exc).__name__}).") from None
+    if len(body) > max_bytes:
+        raise SmartProbeFailed(f"The SMART configuration is larger than {max_bytes} bytes.")
+    try:
+        document: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise SmartProbeFailed(f"{discovery} is not JSON: not a SMART on FHIR server.") from None
+    if not isinstance(document, dict):
+        raise SmartProbeFailed(f"{discovery} is not a JSON object.")
+    try:
+        found = SmartConfiguration.model_validate(document)
+    except ValidationError as exc:
+        missing = ", ".join(sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]}))
+        raise SmartProbeFailed(
+            f"{discovery} is not a usable SMART configuration (problem with: {missing})."
+        ) from None
+    if not (_absolute(found.authorization_endpoint) and _absolute(found.token_endpoint)):
+        raise SmartProbeFailed("The SMART configuration's endpoints are not absolute URLs.")
+    return found
