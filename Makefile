@@ -37,6 +37,8 @@ venv: $(VENV)/.synced
 setup: venv
 	@infra/kafka.sh install
 	@infra/postgres.sh install
+	@infra/chromium.sh install
+	@$(PY) -m sandbox.tls .local/tls >/dev/null
 
 infra: setup
 	@infra/postgres.sh start
