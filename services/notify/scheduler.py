@@ -89,6 +89,7 @@ class Dispatcher:
         self._observers: list[RoundObserver] = []
         self._listener: PoolConnectionProxy[asyncpg.Record] | None = None
         self._limit = asyncio.Semaphore(settings.sms_send_concurrency)
+        self._in_flight: set[asyncio.Task[str]] = set()
 
     def observe(self, observer: RoundObserver) -> None:
         self._observers.append(observer)
@@ -98,21 +99,46 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
+        """Keeps up to `sms_send_concurrency` sends in flight, claiming more as each finishes,
+        so a trickle of new work never waits behind a slow batch."""
         backoff = 0.2
+        capacity = self._settings.sms_send_concurrency
         while not self._stopping.is_set():
             self._wake.clear()
+            free = capacity - len(self._in_flight)
             try:
                 await self._ensure_listener()
-                handled = await self.dispatch_due()
-                if handled >= self._settings.scheduler_batch_size:
+                rows = await self.claim_due(min(free, self._settings.scheduler_batch_size))
+                for row in rows:
+                    task = asyncio.create_task(self._guarded(row))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._finished(row["kind"]))
+                if rows and len(rows) == free:
+                    pause = self._settings.scheduler_poll_interval_s  # woken as a send finishes
+                elif rows:
                     continue
-                pause = await self._until_next_due()
+                else:
+                    pause = await self._until_next_due()
                 backoff = 0.2
             except Exception as exc:
                 log.warning("dispatch round failed", error=type(exc).__name__, retry_in_s=backoff)
                 await self._release_listener()
                 pause, backoff = backoff, min(backoff * 2, 10.0)
             await self._sleep(pause)
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        # stop() may have raced a listener being set up; the pool cannot close while held.
+        await self._release_listener()
+
+    def _finished(self, kind: str) -> Callable[[asyncio.Task[str]], None]:
+        def done(task: asyncio.Task[str]) -> None:
+            self._in_flight.discard(task)
+            result = "error" if task.cancelled() or task.exception() else task.result()
+            for observer in self._observers:
+                observer([(kind, result)])
+            self._wake.set()
+
+        return done
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -154,10 +180,12 @@ class Dispatcher:
             await self._pool.release(listener)
 
     # -- one round -----------------------------------------------------------------------------
-    async def claim_due(self) -> list[asyncpg.Record]:
+    async def claim_due(self, limit: int | None = None) -> list[asyncpg.Record]:
         now = self._clock.now()
         lease = now + timedelta(seconds=self._settings.scheduler_lease_s)
-        rows = await self._pool.fetch(CLAIM, now, self._settings.scheduler_batch_size, lease)
+        rows = await self._pool.fetch(
+            CLAIM, now, limit or self._settings.scheduler_batch_size, lease
+        )
         metrics.SCHEDULER_CLAIMED.inc(len(rows))
         for row in rows:
             metrics.SCHEDULER_LAG.observe(max(0.0, (now - row["send_at"]).total_seconds()))
