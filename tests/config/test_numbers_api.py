@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from libs.common.events import Envelope, decode_event
 from sandbox.ehr import RunningEhr
@@ -173,3 +175,29 @@ async def test_number_cannot_be_linked_before_it_exists(config_portal: ConfigPor
     )  # fmt: skip
     assert status == 409
     assert "not ready" in body["error"]
+
+
+async def test_purchase_repeated_after_a_crash_is_confirmed_not_rebought(
+    config_portal: ConfigPortal,
+) -> None:
+    """If a process bought the number but died before recording it, the next attempt's 409
+    leads to a confirmation that ACS owns the number, not a second purchase."""
+    p = config_portal
+    _, job = await p.call(CONTOSO_ADMIN, "POST", "/api/phone-numbers")
+    done = await wait_for_number(p, CONTOSO_ADMIN, job["id"], "active")
+    owned_before = set(p.microsoft.components.acs.state.owned_numbers)
+    # Rewind the row to "about to purchase", as a crash before the commit would leave it.
+    conn = await asyncpg.connect(
+        p.settings.database_url.get_secret_value(), server_settings={"search_path": "config"}
+    )
+    try:
+        await conn.execute(
+            "UPDATE phone_numbers SET status = 'purchasing', step = 'purchase', e164 = NULL,"
+            " purchase_operation_url = NULL, next_attempt_at = now() WHERE id = $1",
+            uuid.UUID(job["id"]),
+        )
+    finally:
+        await conn.close()
+    again = await wait_for_number(p, CONTOSO_ADMIN, job["id"], "active")
+    assert again["phone_number"] == done["phone_number"]
+    assert set(p.microsoft.components.acs.state.owned_numbers) == owned_before
