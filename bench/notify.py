@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import tempfile
 import time
 import uuid
@@ -31,7 +32,7 @@ from libs.common.kafka import create_producer
 from libs.common.logging import configure_logging
 from libs.common.web import CONSUMERS
 from sandbox.microsoft import SandboxConfig, start_sandbox
-from services.notify.acs import AcsSmsClient, client_ssl
+from services.notify.acs import AcsSmsClient
 from services.notify.app import DISPATCHER, MIGRATIONS, create_app
 from services.notify.clock import SystemClock
 from services.notify.consumers import repeatability_request_id
@@ -255,7 +256,7 @@ async def dispatch_throughput(smoke: bool) -> Result:
 
         # Baseline: the ACS adapter alone, same concurrency, same numbers, fresh messages.
         async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=client_ssl(ca), limit=32)
+            connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=ca), limit=32)
         ) as session:
             acs = AcsSmsClient(
                 sandbox.base_url, settings.acs_access_key, session, SystemClock(), 10

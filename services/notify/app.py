@@ -10,7 +10,7 @@ from aiohttp import web
 
 from libs.common.settings import ServiceSettings
 from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
-from services.notify.acs import AcsSmsClient, client_ssl
+from services.notify.acs import AcsSmsClient
 from services.notify.clock import Clock, SystemClock
 from services.notify.consumers import handlers
 from services.notify.purge import Purger
@@ -33,7 +33,7 @@ def sms_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
         pool = app[DB_POOL]
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                ssl=client_ssl(settings.ca_bundle), limit=settings.sms_send_concurrency
+                ssl=settings.ssl_context(), limit=settings.sms_send_concurrency
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
         )

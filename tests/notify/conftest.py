@@ -238,7 +238,7 @@ async def make_kit(
             stack.push_async_callback(sandbox.stop)
             values: dict[str, Any] = {
                 "acs_endpoint": sandbox.base_url,
-                "ca_bundle": str(notify_tls.ca),
+                "tls_ca_bundle": str(notify_tls.ca),
                 "acs_webhook_secret": WEBHOOK_SECRET,
                 "scheduler_poll_interval_s": 0.1,
                 "purge_interval_s": 3600,

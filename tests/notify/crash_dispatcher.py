@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 
 from libs.common.db import create_pool
-from services.notify.acs import AcsSmsClient, SendResult, client_ssl
+from services.notify.acs import AcsSmsClient, SendResult
 from services.notify.scheduler import Dispatcher
 from services.notify.settings import NotifySettings
 
@@ -38,11 +38,11 @@ class CrashAfterSend(Dispatcher):
 
 
 async def main(dsn: str, endpoint: str, ca_bundle: str, now: str) -> None:
-    settings = NotifySettings(database_url=dsn, acs_endpoint=endpoint, ca_bundle=ca_bundle)
+    settings = NotifySettings(database_url=dsn, acs_endpoint=endpoint, tls_ca_bundle=ca_bundle)
     clock = FixedClock(datetime.fromisoformat(now))
     pool = await create_pool(dsn, settings.database_schema)
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=client_ssl(ca_bundle))
+        connector=aiohttp.TCPConnector(ssl=settings.ssl_context())
     ) as session:
         acs = AcsSmsClient(endpoint, settings.acs_access_key, session, clock, 10)
         await CrashAfterSend(pool, acs, settings, clock).dispatch_due()

@@ -39,7 +39,7 @@ async def test_crash_between_send_and_commit_does_not_send_twice(make_kit: MakeK
         "tests.notify.crash_dispatcher",
         kit.database_url,
         kit.settings.acs_endpoint,
-        str(kit.settings.ca_bundle),
+        str(kit.settings.tls_ca_bundle),
         kit.clock.now().isoformat(),
     )
     assert await process.wait() == -signal.SIGKILL
