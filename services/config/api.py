@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from libs.common.portal_auth import Principal, require_principal, verify_csrf
 from services.config import allocation, audit, integrations, numbers, sms_consent
@@ -100,6 +100,21 @@ async def delete_integration(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+class EnabledInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(strict=True)
+
+
+async def set_integration_enabled(request: web.Request) -> web.Response:
+    principal = await _editor(request)
+    integration_id = integrations.parse_id(request.match_info["id"])
+    data = await _body(request, EnabledInput)
+    return reply(
+        await integrations.set_enabled(_ctx(request), principal, integration_id, data.enabled)
+    )
+
+
 async def integration_records(request: web.Request) -> web.Response:
     principal = await _viewer(request)
     integration_id = integrations.parse_id(request.match_info["id"])
@@ -187,6 +202,7 @@ def add_api_routes(app: web.Application) -> None:
     r.add_get("/api/integrations/{id}", get_integration)
     r.add_put("/api/integrations/{id}", update_integration)
     r.add_delete("/api/integrations/{id}", delete_integration)
+    r.add_put("/api/integrations/{id}/enabled", set_integration_enabled)
     r.add_get("/api/integrations/{id}/records", integration_records)
     r.add_get("/api/sms", get_sms)
     r.add_put("/api/sms", put_sms)

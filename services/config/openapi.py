@@ -9,6 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from services.config.allocation import AllocationInput
+from services.config.api import EnabledInput
 from services.config.integrations import IntegrationInput
 from services.config.numbers import LinksInput
 from services.config.sms_consent import SmsInput
@@ -105,6 +106,7 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     IntegrationInput,
+    EnabledInput,
     SmsInput,
     LinksInput,
     AllocationInput,
@@ -179,6 +181,15 @@ PATHS: dict[str, Any] = {
             extra_errors=(409,),
         ),
         "delete": _op("Remove a FHIR base URL", (204, None), changes=True, id_param=True),
+    },
+    "/api/integrations/{id}/enabled": {
+        "put": _op(
+            "Enable or disable a FHIR base URL (no SMART check, so it works when the EHR is down)",
+            (200, "Integration"),
+            body="EnabledInput",
+            changes=True,
+            id_param=True,
+        ),
     },
     "/api/integrations/{id}/records": {
         "get": _op(

@@ -21,6 +21,7 @@ def _changes(p: ConfigPortal, integration_id: str, number_id: str) -> list[tuple
     return [
         ("POST", "/api/integrations", p.integration()),
         ("PUT", f"/api/integrations/{integration_id}", p.integration(department="X")),
+        ("PUT", f"/api/integrations/{integration_id}/enabled", {"enabled": False}),
         ("DELETE", f"/api/integrations/{integration_id}", None),
         ("PUT", "/api/sms", {"enabled": False, "vendor_may_send_sms": True,
                              "organisation_has_patient_consent": False}),

@@ -193,6 +193,15 @@ async def test_disable_and_remove(config_portal: ConfigPortal) -> None:
     status, disabled = await p.call(CONTOSO_ADMIN, "PUT", path, p.integration(enabled=False))
     assert status == 200
     assert disabled["enabled"] is False
+    status, enabled = await p.call(CONTOSO_ADMIN, "PUT", f"{path}/enabled", {"enabled": True})
+    assert status == 200
+    assert enabled["enabled"] is True
+    status, _ = await p.call(CONTOSO_ADMIN, "PUT", f"{path}/enabled", {"enabled": "yes"})
+    assert status == 422
+    await p.ehr.close()  # the EHR is down: disabling must still work
+    status, disabled = await p.call(CONTOSO_ADMIN, "PUT", f"{path}/enabled", {"enabled": False})
+    assert status == 200
+    assert disabled["enabled"] is False
     status, _ = await p.call(CONTOSO_ADMIN, "DELETE", path)
     assert status == 204
     status, _ = await p.call(CONTOSO_ADMIN, "GET", path)
