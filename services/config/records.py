@@ -49,6 +49,13 @@ def integration_records(
             " (patient portal launches).",
         ),
         IntegrationRecord(
+            "redirect_uri",
+            "SMART redirect URI",
+            f"{settings.launch_public_base_url.rstrip('/')}/launch/callback",
+            'Cerner Code Console: the same SMART app, field "Redirect URI". The authorization'
+            " server sends the clinician back here after sign-in.",
+        ),
+        IntegrationRecord(
             "fhir_base_url",
             "FHIR base URL (iss)",
             str(row["fhir_base_url"]),

@@ -296,4 +296,5 @@ async def test_records_are_derived_from_settings(config_portal: ConfigPortal) ->
     assert records["patient_launch_url"] == (
         f"https://launch.example.test/launch/patient/{created['id']}"
     )
+    assert records["redirect_uri"] == "https://launch.example.test/launch/callback"
     assert records["fhir_base_url"] == p.fhir_base()
