@@ -1,28 +1,12 @@
-"""Signs a seeded Entra user in to a portal service, as a browser would, without one."""
+"""Portal sign-in helpers for tests (the client itself lives in infra/portal_client.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from urllib.parse import quote
-
 import aiohttp
 
-from libs.common.portal_auth import SESSION_COOKIE, SIGN_IN_COOKIE
+from infra.portal_client import PortalSession, portal_session, sign_in
 from sandbox.microsoft.app import RunningSandbox
 from sandbox.microsoft.directory import CONNECTOR_CLIENT_ID
-
-
-@dataclass(frozen=True)
-class PortalSession:
-    cookie: str
-    csrf_token: str
-
-    @property
-    def cookies(self) -> dict[str, str]:
-        return {SESSION_COOKIE: self.cookie}
-
-    def headers(self) -> dict[str, str]:
-        return {"X-CSRF-Token": self.csrf_token, "Cookie": f"{SESSION_COOKIE}={self.cookie}"}
 
 
 async def allow_redirect_uri(http: aiohttp.ClientSession, ms: RunningSandbox, uri: str) -> None:
@@ -34,31 +18,4 @@ async def allow_redirect_uri(http: aiohttp.ClientSession, ms: RunningSandbox, ur
         assert response.status in (200, 201), await response.text()
 
 
-async def sign_in(http: aiohttp.ClientSession, portal_url: str, upn: str) -> aiohttp.ClientResponse:
-    """Runs the login redirect chain and returns the portal's answer to the callback."""
-    async with http.get(
-        f"{portal_url}/auth/login?login_hint={quote(upn)}", allow_redirects=False
-    ) as r:
-        assert r.status == 302, await r.text()
-        binding = r.cookies[SIGN_IN_COOKIE].value
-        authorize = r.headers["Location"]
-    async with http.get(authorize, allow_redirects=False) as r:
-        assert r.status == 302, await r.text()
-        callback = r.headers["Location"]
-    response = await http.get(
-        callback, allow_redirects=False, headers={"Cookie": f"{SIGN_IN_COOKIE}={binding}"}
-    )
-    await response.read()
-    return response
-
-
-async def portal_session(http: aiohttp.ClientSession, portal_url: str, upn: str) -> PortalSession:
-    response = await sign_in(http, portal_url, upn)
-    assert response.status == 302, await response.text()
-    cookie = response.cookies[SESSION_COOKIE].value
-    async with http.get(
-        f"{portal_url}/auth/session", headers={"Cookie": f"{SESSION_COOKIE}={cookie}"}
-    ) as r:
-        assert r.status == 200
-        csrf = (await r.json())["csrf_token"]
-    return PortalSession(cookie, csrf)
+__all__ = ["PortalSession", "allow_redirect_uri", "portal_session", "sign_in"]
