@@ -1,0 +1,270 @@
+"""Facts and the daily rollup on the real PostgreSQL: random deliveries against the
+reference, each edge case of the brief, and the rollup check."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from libs.common.events import Envelope, MeetingEndedV1, Topic, make_event
+from services.analytics import reports, rollup
+from tests.analytics.support import Facts
+from tests.analytics.visits import Person, Visit, events, expected, visits
+
+BASE = datetime(2026, 3, 10, 14, 0, tzinfo=UTC)
+
+
+@st.composite
+def delivered(draw: st.DrawFn) -> tuple[Visit, list[Envelope[Any]]]:
+    visit = draw(visits(tenant_id=f"tenant-{uuid.uuid4().hex[:8]}"))
+    stream = events(visit)
+    # The booking and the end of the meeting always arrive; live roster events may not.
+    created, live, final = stream[0], stream[1:-1], stream[-1]
+    kept = [created, *(e for e in live if draw(st.booleans())), final]
+    # Redelivery of the same event (same event_id), as Kafka does after a crash.
+    kept += draw(st.lists(st.sampled_from(kept), max_size=3))
+    return visit, draw(st.permutations(kept))
+
+
+async def _check_visit(facts: Facts, visit: Visit, stream: list[Envelope[Any]]) -> None:
+    for event in stream:
+        await facts.apply(event)
+    want = expected(visit)
+    got = await facts.fact(visit.key)
+    assert (got["status"], got["started_at"], got["duration_ms"]) == (
+        want.status,
+        want.started_at,
+        want.duration_ms,
+    )
+    assert (got["lobby_wait_ms"], got["attendees"], got["report_day"]) == (
+        want.lobby_wait_ms,
+        want.attendees,
+        want.report_day,
+    )
+    sms = len({e.event_id for e in stream if e.type == "sms-sent"})
+    assert got["sms_sent"] == sms
+    day = want.report_day or BASE.date()
+    usage = await reports.usage(facts.pool, visit.tenant_id, day, day, "department")
+    counted = want.status in ("completed", "no_show")
+    assert usage.totals.appointments == (1 if counted else 0)
+    assert usage.totals.completed == (1 if want.status == "completed" else 0)
+    assert usage.totals.sms_sent == (sms if counted else 0)
+    if counted:
+        assert usage.totals.duration.sum_ms == want.duration_ms
+        assert usage.totals.lobby_wait.sum_ms == (want.lobby_wait_ms or 0)
+    async with facts.pool.acquire() as conn:
+        assert await rollup.check(conn, visit.tenant_id) == []
+
+
+def test_random_deliveries_give_the_reference_figures(database_url: str) -> None:
+    """Random visits, delivered with missing live events, repeats and any order, end with
+    the reference figures in the facts and the rollup, and the rollup check passes."""
+    loop = asyncio.new_event_loop()
+    facts = loop.run_until_complete(Facts.open(database_url))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(delivered())
+    def run(case: tuple[Visit, list[Envelope[Any]]]) -> None:
+        loop.run_until_complete(_check_visit(facts, *case))
+
+    try:
+        run()
+    finally:
+        loop.run_until_complete(facts.close())
+        loop.close()
+
+
+@pytest.fixture
+async def facts(database_url: str) -> AsyncIterator[Facts]:
+    opened = await Facts.open(database_url)
+    yield opened
+    await opened.close()
+
+
+def _visit(people: list[Person], ended_after_s: int = 0, tenant: str = "tenant-edge") -> Visit:
+    last = max((b for p in people for _, b in p.intervals), default=BASE)
+    return Visit(
+        key=f"apt-{uuid.uuid4().hex}",
+        tenant_id=tenant,
+        department="Cardiology",
+        environment="production",
+        people=people,
+        ended_at=last + timedelta(seconds=ended_after_s),
+    )
+
+
+def _t(minutes: float) -> datetime:
+    return BASE + timedelta(minutes=minutes)
+
+
+async def _apply_all(facts: Facts, stream: list[Envelope[Any]]) -> None:
+    for event in stream:
+        await facts.apply(event)
+
+
+async def test_no_patient_is_a_no_show(facts: Facts) -> None:
+    """Staff joined, nobody else did, the meeting ended: No show, duration 0."""
+    visit = _visit([Person("dr", "organizer", None, [(_t(0), _t(10))])])
+    await _apply_all(facts, events(visit))
+    fact = await facts.fact(visit.key)
+    assert (fact["status"], fact["duration_ms"], fact["attendees"]) == ("no_show", 0, 1)
+    assert fact["report_day"] == BASE.date()
+
+
+async def test_patient_in_lobby_only_is_a_no_show(facts: Facts) -> None:
+    """A patient who waited but was never admitted did not join: No show, wait unmeasured."""
+    visit = _visit(
+        [
+            Person("dr", "organizer", None, [(_t(5), _t(10))]),
+            Person("pt", "patient", _t(0), []),
+        ]
+    )
+    await _apply_all(facts, events(visit))
+    fact = await facts.fact(visit.key)
+    assert (fact["status"], fact["lobby_wait_ms"]) == ("no_show", None)
+
+
+async def test_no_provider_is_not_a_visit(facts: Facts) -> None:
+    """Nobody from staff joined: not counted as a visit, not in the report."""
+    visit = _visit([Person("pt", "patient", _t(0), [(_t(1), _t(9))])])
+    await _apply_all(facts, events(visit))
+    fact = await facts.fact(visit.key)
+    assert fact["status"] == "not_a_visit"
+    usage = await reports.usage(facts.pool, visit.tenant_id, BASE.date(), BASE.date(), "day")
+    assert usage.totals.appointments == 0
+    page, _ = await reports.meetings(facts.pool, visit.tenant_id, BASE.date(), BASE.date(), 10)
+    assert page == []
+
+
+async def test_patient_left_and_rejoined_counts_to_the_last_leave(facts: Facts) -> None:
+    """Patient in 2-10 and 15-30 with the clinician 1-25: start 2, duration to 30."""
+    visit = _visit(
+        [
+            Person("dr", "organizer", None, [(_t(1), _t(25))]),
+            Person("pt", "patient", _t(0), [(_t(2), _t(10)), (_t(15), _t(30))]),
+        ]
+    )
+    await _apply_all(facts, events(visit))
+    fact = await facts.fact(visit.key)
+    assert fact["status"] == "completed"
+    assert fact["started_at"] == _t(2)
+    assert fact["duration_ms"] == 28 * 60_000
+    assert fact["lobby_wait_ms"] == 2 * 60_000
+    assert fact["attendees"] == 2
+
+
+async def test_meeting_across_midnight_belongs_to_its_start_day(facts: Facts) -> None:
+    """Started 23:50 UTC, ended 00:40 the next day: reported on the start day."""
+    start = datetime(2026, 3, 10, 23, 50, tzinfo=UTC)
+    visit = _visit(
+        [
+            Person("dr", "organizer", None, [(start, start + timedelta(minutes=50))]),
+            Person("pt", "patient", start, [(start, start + timedelta(minutes=45))]),
+        ]
+    )
+    await _apply_all(facts, events(visit))
+    fact = await facts.fact(visit.key)
+    assert fact["report_day"] == date(2026, 3, 10)
+    for day, count in ((date(2026, 3, 10), 1), (date(2026, 3, 11), 0)):
+        usage = await reports.usage(facts.pool, visit.tenant_id, day, day, "day")
+        assert usage.totals.appointments == count
+
+
+async def test_meeting_ended_before_patient_joined_still_ends_correctly(facts: Facts) -> None:
+    """meeting-ended first, then the live events late: the same final figures."""
+    visit = _visit(
+        [
+            Person("dr", "organizer", None, [(_t(1), _t(20))]),
+            Person("pt", "patient", _t(0), [(_t(3), _t(20))]),
+        ]
+    )
+    stream = events(visit)
+    await _apply_all(facts, [stream[-1], *reversed(stream[:-1])])
+    fact = await facts.fact(visit.key)
+    assert (fact["status"], fact["started_at"], fact["lobby_wait_ms"]) == (
+        "completed",
+        _t(3),
+        3 * 60_000,
+    )
+
+
+async def test_same_event_twice_changes_nothing(facts: Facts) -> None:
+    """The second delivery of an event is skipped by the inbox and the rollup is unchanged."""
+    visit = _visit(
+        [
+            Person("dr", "organizer", None, [(_t(1), _t(20))]),
+            Person("pt", "patient", _t(0), [(_t(3), _t(20))]),
+        ]
+    )
+    stream = events(visit)
+    await _apply_all(facts, stream)
+    before = await facts.pool.fetch("SELECT * FROM daily_usage ORDER BY day")
+    assert [await facts.apply(e) for e in stream] == [False] * len(stream)
+    assert await facts.pool.fetch("SELECT * FROM daily_usage ORDER BY day") == before
+
+
+async def test_late_event_corrects_the_figures_it_touches(facts: Facts) -> None:
+    """A patient-joined arriving after the meeting ended adds the lobby wait, and an early
+    department-less visit moves into its department when appointment-created arrives."""
+    visit = _visit(
+        [
+            Person("dr", "organizer", None, [(_t(1), _t(20))]),
+            Person("pt", "patient", _t(0), [(_t(3), _t(20))]),
+        ]
+    )
+    stream = events(visit)
+    created, final = stream[0], stream[-1]
+    joined = next(e for e in stream if e.type == "patient-joined")
+    # Attendance reports carry no lobby time; only the live patient-joined does.
+    ended = final.payload
+    assert isinstance(ended, MeetingEndedV1)
+    final = make_event(
+        Topic.MEETING_ENDED,
+        visit.tenant_id,
+        visit.key,
+        ended.model_copy(
+            update={
+                "participants": [
+                    a.model_copy(update={"lobby_entered_at": None}) for a in ended.participants
+                ]
+            }
+        ),
+    )
+    await facts.apply(final)
+    fact = await facts.fact(visit.key)
+    assert (fact["status"], fact["department"]) == ("completed", None)
+    assert (
+        await reports.usage(facts.pool, visit.tenant_id, BASE.date(), BASE.date(), "day")
+    ).totals.appointments == 0
+    await facts.apply(created)
+    usage = await reports.usage(facts.pool, visit.tenant_id, BASE.date(), BASE.date(), "department")
+    assert [(r.group, r.appointments) for r in usage.rows] == [("Cardiology", 1)]
+    assert (await facts.fact(visit.key))["lobby_wait_ms"] is None
+    await facts.apply(joined)
+    assert (await facts.fact(visit.key))["lobby_wait_ms"] == 3 * 60_000
+    async with facts.pool.acquire() as conn:
+        assert await rollup.check(conn, visit.tenant_id) == []
+
+
+async def test_check_finds_a_tampered_rollup(facts: Facts) -> None:
+    """The rollup check reports a row that no longer matches the facts."""
+    visit = _visit(
+        [
+            Person("dr", "organizer", None, [(_t(1), _t(20))]),
+            Person("pt", "patient", _t(0), [(_t(3), _t(20))]),
+        ]
+    )
+    await _apply_all(facts, events(visit))
+    await facts.pool.execute("UPDATE daily_usage SET duration_sum_ms = duration_sum_ms + 1")
+    await facts.pool.execute("UPDATE daily_histograms SET visits = visits + 1")
+    async with facts.pool.acquire() as conn:
+        problems = await rollup.check(conn, visit.tenant_id)
+    assert any("daily_usage" in p for p in problems)
+    assert any("daily_histograms" in p for p in problems)
