@@ -4,10 +4,18 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from libs.common.settings import ServiceSettings
+from libs.common.portal_auth import PortalSettings
 
 
-class AnalyticsSettings(ServiceSettings):
+class AnalyticsSettings(PortalSettings):
     service_name: ClassVar[str] = "analytics"
 
     http_port: int = Field(default=8083, ge=0, le=65535)
+    public_base_url: str = "http://127.0.0.1:8083"
+
+    # Longest range one usage report may cover; the rollup makes even a year cheap.
+    report_max_days: int = Field(default=366, ge=1, le=3660)
+    # Rows per page of the per-meeting report, unless the request asks for fewer.
+    meetings_page_size: int = Field(default=50, ge=1, le=1000)
+    # Distinct department label values per process before the rest share "other".
+    metrics_department_limit: int = Field(default=100, ge=1, le=1000)

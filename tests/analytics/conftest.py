@@ -1,0 +1,88 @@
+"""A running analytics service signed in to through the Microsoft stand-in, with direct
+access to its facts for seeding."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sandbox.microsoft.app import RunningSandbox
+from services.analytics.app import create_app
+from services.analytics.settings import AnalyticsSettings
+from tests.analytics.support import Facts
+from tests.conftest import free_port
+from tests.support.portal import PortalSession, allow_redirect_uri, portal_session
+
+CONTOSO_ADMIN = "admin@contosohealth.onmicrosoft.com"
+CONTOSO_READER = "reader@contosohealth.onmicrosoft.com"
+CONTOSO_REPORTS = "reports@contosohealth.onmicrosoft.com"
+FABRIKAM_ADMIN = "admin@fabrikamclinics.onmicrosoft.com"
+
+Serve = Callable[[web.Application], AbstractAsyncContextManager[str]]
+
+
+@dataclass
+class Analytics:
+    url: str
+    app: web.Application
+    facts: Facts
+    http: aiohttp.ClientSession
+    sessions: dict[str, PortalSession] = field(default_factory=dict)
+
+    async def session(self, upn: str) -> PortalSession:
+        if upn not in self.sessions:
+            self.sessions[upn] = await portal_session(self.http, self.url, upn)
+        return self.sessions[upn]
+
+    async def get(
+        self, upn: str | None, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
+        sent = dict(headers or {})
+        if upn is not None:
+            sent["Cookie"] = f"portal_session={(await self.session(upn)).cookie}"
+        async with self.http.get(
+            f"{self.url}{path}", headers=sent, allow_redirects=False
+        ) as response:
+            text = await response.text()
+            body = await response.json() if response.content_type == "application/json" else text
+            return response.status, body, response
+
+
+@pytest.fixture
+def analytics_settings(
+    make_settings: Callable[..., Any], microsoft: RunningSandbox, ca_bundle: str
+) -> AnalyticsSettings:
+    port = free_port()
+    settings: AnalyticsSettings = make_settings(
+        AnalyticsSettings,
+        http_port=port,
+        public_base_url=f"http://127.0.0.1:{port}",
+        entra_authority_host=microsoft.base_url,
+        tls_ca_bundle=ca_bundle,
+        meetings_page_size=50,
+    )
+    return settings
+
+
+@pytest.fixture
+async def analytics(
+    analytics_settings: AnalyticsSettings,
+    serve: Serve,
+    microsoft: RunningSandbox,
+    microsoft_http: aiohttp.ClientSession,
+    database_url: str,
+) -> AsyncIterator[Analytics]:
+    await allow_redirect_uri(microsoft_http, microsoft, analytics_settings.redirect_uri)
+    app = create_app(analytics_settings)
+    async with serve(app) as url:
+        facts = await Facts.open(database_url)
+        try:
+            yield Analytics(url, app, facts, microsoft_http)
+        finally:
+            await facts.close()
