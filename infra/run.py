@@ -12,21 +12,20 @@ import contextlib
 import importlib.util
 import os
 import signal
+import ssl
 import sys
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
+from infra.sample_data import ADMIN, TENANT_A, seed
+
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".local" / "logs"
 PG_ADMIN_DSN = os.environ.get("PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:15432/postgres")
 DATABASE = os.environ.get("EHR_DATABASE_NAME", "ehr_connector")
-SAMPLE_TENANT = "contoso-health"
-SAMPLE_INTEGRATION = uuid.UUID("0b0c8f1e-5d52-4a8e-9a53-4c7d2f0a1001")
 
 
 @dataclass(frozen=True)
@@ -44,20 +43,44 @@ class Process:
 
 
 PROCESSES = [
-    Process("ehr sandbox", "sandbox.ehr", 9100, "/_sandbox/health", (("PowerChart", "/"),)),
-    Process(
-        "microsoft sandbox",
-        "sandbox.microsoft",
-        9443,
-        "/_sandbox/health",
-        (("SMS inboxes", "/_sandbox/sms/inbox"),),
-        tls=True,
-    ),
-    Process("config", "services.config", 8081, "/healthz", ()),
+    Process("ehr sandbox", "sandbox.ehr", 9100, "/_sandbox/tenants", ()),
+    Process("microsoft sandbox", "sandbox.microsoft", 9443, "/_sandbox/health", (), tls=True),
+    Process("config", "services.config", 8081, "/healthz", (("admin portal", "/"),)),
     Process("launch", "services.launch", 8080, "/healthz", ()),
     Process("notify", "services.notify", 8082, "/healthz", ()),
     Process("analytics", "services.analytics", 8083, "/healthz", ()),
 ]
+TLS = ROOT / ".local" / "tls"
+
+
+def service_environment() -> dict[str, str]:
+    """Points every service at the local stand-ins; real deployments set these to Microsoft's
+    and the EHR's URLs (deploy/)."""
+    ca = str(TLS / "ca.pem")
+    env = dict(os.environ)
+    defaults = {
+        "EHR_LOG_JSON": "true",
+        "PYTHONUNBUFFERED": "1",
+        "EHR_TLS_CA_BUNDLE": ca,
+        "EHR_ALLOW_LOOPBACK_HTTP": "true",
+        "EHR_ENTRA_AUTHORITY_HOST": "https://127.0.0.1:9443",
+        "EHR_GRAPH_BASE_URL": "https://127.0.0.1:9443",
+        "EHR_ACS_ENDPOINT": "https://127.0.0.1:9443",
+        "EHR_NOTIFICATION_TLS_CERT": str(TLS / "server.pem"),
+        "EHR_NOTIFICATION_TLS_KEY": str(TLS / "server.key"),
+        "EHR_SCHEDULING_WEBHOOK_SECRETS": '{"*": "dev-only-scheduling-secret"}',
+        "MS_SANDBOX_TLS_DIR": str(TLS),
+        "MS_SANDBOX_LRO_DELAY_S": "1.5",
+        "MS_SANDBOX_REDIRECT_URIS": "http://127.0.0.1:8081/auth/callback,"
+        "http://127.0.0.1:8083/auth/callback",
+        "MS_SANDBOX_SMS_WEBHOOK_URL": "http://127.0.0.1:8082/acs/events"
+        "?code=dev-only-acs-webhook-secret-change-me",
+    }
+    for name, value in defaults.items():
+        env.setdefault(name, value)
+    # Each service picks its own default port; a global one would make them collide.
+    env.pop("EHR_HTTP_PORT", None)
+    return env
 
 
 def available(process: Process) -> bool:
@@ -108,38 +131,9 @@ async def wait_healthy(session: aiohttp.ClientSession, process: Process, within_
     return False
 
 
-async def seed_sample_appointments(session: aiohttp.ClientSession) -> int:
-    """Books today's sample visits through the gateway's scheduling ingress (idempotent)."""
-    token = os.environ.get("EHR_SCHEDULING_API_TOKEN", "dev-only-scheduling-token-change-me")
-    today = datetime.now(UTC).replace(hour=14, minute=0, second=0, microsecond=0)
-    created = 0
-    for index, department in enumerate(["Cardiology", "Dermatology", "Family Medicine"]):
-        starts = today + timedelta(minutes=30 * index)
-        body = {
-            "tenant_id": SAMPLE_TENANT,
-            "integration_id": str(SAMPLE_INTEGRATION),
-            "fhir_appointment_id": f"sample-{index + 1}",
-            "environment": "test",
-            "department": department,
-            "starts_at": starts.isoformat(),
-            "ends_at": (starts + timedelta(minutes=20)).isoformat(),
-            "time_zone": "America/Chicago",
-        }
-        async with session.post(
-            "http://127.0.0.1:8080/internal/appointments",
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-        ) as response:
-            response.raise_for_status()
-            created += response.status == 201
-    return created
-
-
 async def main() -> int:
     await ensure_database()
-    env = dict(os.environ)
-    env.setdefault("EHR_LOG_JSON", "true")
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = service_environment()
     wanted = [p for p in PROCESSES if available(p)]
     for process in wanted:
         if port_taken(process.port):
@@ -157,7 +151,10 @@ async def main() -> int:
     try:
         for process in wanted:
             children.append((process, await start(process, env)))
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        trusted = ssl.create_default_context(cafile=str(TLS / "ca.pem"))
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=5), connector=aiohttp.TCPConnector(ssl=trusted)
+        ) as session:
             for process, child in children:
                 if not await wait_healthy(session, process, within_s=60):
                     code = child.returncode
@@ -168,14 +165,23 @@ async def main() -> int:
                         file=sys.stderr,
                     )
                     return 1
-            seeded = await seed_sample_appointments(session)
+        print("run: entering sample data (admin portal, EHR registration, two bookings)...")
+        seeded = await seed(str(TLS / "ca.pem"))
         print("\nThe EHR video-visit connector is running:\n")
         for process in wanted:
             for label, path in process.links or (("health", process.health),):
                 print(f"  {process.name:<18} {label:<14} {process.base}{path}")
             if process.health == "/healthz":
                 print(f"  {'':<18} {'metrics':<14} {process.base}/metrics")
-        print(f"\n  sample appointments booked now: {seeded}; logs in {LOGS}")
+        print(
+            f"\n  PowerChart (EHR)   http://127.0.0.1:9100/powerchart/{TENANT_A}"
+            "\n  SMS sent           https://127.0.0.1:9443/_sandbox/sms/messages"
+            f" (from {seeded.sending_number}; one phone: /_sandbox/sms/inbox/+13125550110)"
+            "\n  Teams meetings     https://127.0.0.1:9443/_sandbox/meetings"
+            f"\n  provider launch    {seeded.provider_launch_url}"
+            f"\n\n  sign in to the portal as {ADMIN} (any seeded account works);"
+            f" {seeded.booked} video visits were just booked; logs in {LOGS}"
+        )
         print("  Kafka 127.0.0.1:19092, Postgres 127.0.0.1:15432. Ctrl-C stops the services.\n")
         waiters = [asyncio.create_task(child.wait()) for _, child in children]
         stopper = asyncio.create_task(stop.wait())
