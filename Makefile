@@ -13,11 +13,12 @@ export EHR_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 PG_ADMIN_DSN ?= postgresql://postgres@127.0.0.1:15432/postgres
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv infra infra-down run test test-only lint format bench bench-smoke clean
+.PHONY: help setup venv infra infra-down run demo test test-only lint format bench bench-smoke clean
 
 help:
 	@echo "make run    - set up and start Kafka, Postgres, the stand-ins and the four services; Ctrl-C stops"
 	@echo "make test   - set up, start Kafka and Postgres, lint, then run every test"
+	@echo "make demo   - start everything and drive one visit from booking to report"
 	@echo "make lint   - ruff and mypy --strict"
 	@echo "make bench  - run the benchmarks (bench/results/latest.json)"
 	@echo "make clean  - stop everything and delete .local and .venv"
@@ -50,6 +51,9 @@ infra-down:
 
 run: infra
 	@$(PY) -m infra.run
+
+demo: infra
+	@$(PY) -m infra.demo
 
 test: infra lint
 	@$(PY) -m bench --smoke >/dev/null && echo "bench-smoke: every benchmark ran"

@@ -14,13 +14,14 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
-from infra.sample_data import ADMIN, TENANT_A, seed
+from infra.sample_data import ADMIN, TENANT_A, Seeded, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".local" / "logs"
@@ -70,6 +71,7 @@ def service_environment() -> dict[str, str]:
         "EHR_NOTIFICATION_TLS_KEY": str(TLS / "server.key"),
         "EHR_SCHEDULING_WEBHOOK_SECRETS": '{"*": "dev-only-scheduling-secret"}',
         "MS_SANDBOX_TLS_DIR": str(TLS),
+        "MS_SANDBOX_NUMBERS_STATE_FILE": str(ROOT / ".local" / "sandbox" / "acs-numbers.json"),
         "MS_SANDBOX_LRO_DELAY_S": "1.5",
         "MS_SANDBOX_REDIRECT_URIS": "http://127.0.0.1:8081/auth/callback,"
         "http://127.0.0.1:8083/auth/callback",
@@ -131,23 +133,31 @@ async def wait_healthy(session: aiohttp.ClientSession, process: Process, within_
     return False
 
 
-async def main() -> int:
+class StartFailed(Exception):
+    """The system could not start; the message says what to do."""
+
+
+@dataclass
+class RunningSystem:
+    processes: list[Process]
+    children: list[tuple[Process, asyncio.subprocess.Process]]
+    seeded: Seeded
+
+
+@contextlib.asynccontextmanager
+async def running_system() -> AsyncIterator[RunningSystem]:
+    """Starts the stand-ins and the services, enters the sample data, and stops them all
+    (SIGTERM, so each drains) when the block ends."""
     await ensure_database()
     env = service_environment()
     wanted = [p for p in PROCESSES if available(p)]
     for process in wanted:
         if port_taken(process.port):
-            print(
-                f"run: port {process.port} ({process.name}) is taken. Stop what uses it"
-                f" (ss -ltnp 'sport = :{process.port}') or an earlier `make run`.",
-                file=sys.stderr,
+            raise StartFailed(
+                f"port {process.port} ({process.name}) is taken. Stop what uses it"
+                f" (ss -ltnp 'sport = :{process.port}') or an earlier `make run`."
             )
-            return 1
     children: list[tuple[Process, asyncio.subprocess.Process]] = []
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         for process in wanted:
             children.append((process, await start(process, env)))
@@ -158,40 +168,14 @@ async def main() -> int:
             for process, child in children:
                 if not await wait_healthy(session, process, within_s=60):
                     code = child.returncode
-                    print(
-                        f"run: {process.name} did not become healthy"
+                    raise StartFailed(
+                        f"{process.name} did not become healthy"
                         f"{f' (exit {code})' if code is not None else ''};"
-                        f" see {LOGS / (process.module + '.log')}",
-                        file=sys.stderr,
+                        f" see {LOGS / (process.module + '.log')}"
                     )
-                    return 1
         print("run: entering sample data (admin portal, EHR registration, two bookings)...")
         seeded = await seed(str(TLS / "ca.pem"))
-        print("\nThe EHR video-visit connector is running:\n")
-        for process in wanted:
-            for label, path in process.links or (("health", process.health),):
-                print(f"  {process.name:<18} {label:<14} {process.base}{path}")
-            if process.health == "/healthz":
-                print(f"  {'':<18} {'metrics':<14} {process.base}/metrics")
-        print(
-            f"\n  PowerChart (EHR)   http://127.0.0.1:9100/powerchart/{TENANT_A}"
-            "\n  SMS sent           https://127.0.0.1:9443/_sandbox/sms/messages"
-            f" (from {seeded.sending_number}; one phone: /_sandbox/sms/inbox/+13125550110)"
-            "\n  Teams meetings     https://127.0.0.1:9443/_sandbox/meetings"
-            f"\n  provider launch    {seeded.provider_launch_url}"
-            f"\n\n  sign in to the portal as {ADMIN} (any seeded account works);"
-            f" {seeded.booked} video visits were just booked; logs in {LOGS}"
-        )
-        print("  Kafka 127.0.0.1:19092, Postgres 127.0.0.1:15432. Ctrl-C stops the services.\n")
-        waiters = [asyncio.create_task(child.wait()) for _, child in children]
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
-        if stopper not in done:
-            for process, child in children:
-                if child.returncode is not None:
-                    print(f"run: {process.name} exited with {child.returncode}", file=sys.stderr)
-            return 1
-        return 0
+        yield RunningSystem(wanted, children, seeded)
     finally:
         print("run: stopping services...")
         for _, child in children:
@@ -204,6 +188,50 @@ async def main() -> int:
                 print(f"run: {process.name} did not drain in time; killing it", file=sys.stderr)
                 child.kill()
         print("run: stopped. Kafka and Postgres keep running; `make infra-down` stops them.")
+
+
+def print_urls(system: RunningSystem) -> None:
+    print("\nThe EHR video-visit connector is running:\n")
+    for process in system.processes:
+        for label, path in process.links or (("health", process.health),):
+            print(f"  {process.name:<18} {label:<14} {process.base}{path}")
+        if process.health == "/healthz":
+            print(f"  {'':<18} {'metrics':<14} {process.base}/metrics")
+    seeded = system.seeded
+    print(
+        f"\n  PowerChart (EHR)   http://127.0.0.1:9100/powerchart/{TENANT_A}"
+        "\n  SMS sent           https://127.0.0.1:9443/_sandbox/sms/messages"
+        f" (from {seeded.sending_number}; one phone: /_sandbox/sms/inbox/+13125550110)"
+        "\n  Teams meetings     https://127.0.0.1:9443/_sandbox/meetings"
+        f"\n  provider launch    {seeded.provider_launch_url}"
+        f"\n\n  sign in to the portal as {ADMIN} (any seeded account works);"
+        f" {seeded.booked} video visits were just booked; logs in {LOGS}"
+    )
+    print("  Kafka 127.0.0.1:19092, Postgres 127.0.0.1:15432. Ctrl-C stops the services.\n")
+
+
+async def main() -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with running_system() as system:
+            print_urls(system)
+            waiters = [asyncio.create_task(child.wait()) for _, child in system.children]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *waiters], return_when=asyncio.FIRST_COMPLETED)
+            if stopper not in done:
+                for process, child in system.children:
+                    if child.returncode is not None:
+                        print(
+                            f"run: {process.name} exited with {child.returncode}", file=sys.stderr
+                        )
+                return 1
+            return 0
+    except StartFailed as exc:
+        print(f"run: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

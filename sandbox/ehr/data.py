@@ -6,6 +6,7 @@ Appointments are generated for "today" (UTC date of the clock at start-up) at fi
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -234,10 +235,18 @@ class TenantData:
         }
         self._next_id = 0
         self._prefix = 1
+        # A real EHR never reuses an id; ids booked at run time carry this process's start
+        # time, so a restarted stand-in does not hand out ids that a connector already saw.
+        self._epoch = int(time.time())
+        self._booked = 0
 
     def new_id(self) -> str:
         self._next_id += 1
         return f"{self._prefix}{self._next_id:07d}"
+
+    def booking_id(self) -> str:
+        self._booked += 1
+        return f"{self._prefix}{self._epoch}{self._booked:04d}"
 
     def add(self, res: Resource) -> None:
         self.resources[res["resourceType"]][res["id"]] = res

@@ -90,7 +90,7 @@ def book(
     loc = _require(tenant, "Location", req.location)
     appt = d.appointment(
         tenant=tenant.guid,
-        aid=tenant.data.new_id(),
+        aid=tenant.data.booking_id(),
         start=_utc(req.start),
         minutes=req.minutes,
         patient_res=pat,
@@ -100,7 +100,7 @@ def book(
         updated=_now(sandbox),
     )
     tenant.data.add(appt)
-    tenant.data.add(d.encounter(tenant.data.new_id(), appt, req.video))
+    tenant.data.add(d.encounter(tenant.data.booking_id(), appt, req.video))
     notify(sandbox, dispatcher, tenant, "booked", appt)
     return appt
 

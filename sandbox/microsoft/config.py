@@ -37,6 +37,8 @@ class SandboxConfig:
     sms_webhook_url: str | None = None
     owned_numbers: tuple[str, ...] = ("+18005550100",)
     lro_delay_s: float = 3.0
+    # Numbers bought survive a restart when set, as they do at the real ACS resource.
+    numbers_state_file: Path | None = None
 
     @classmethod
     def from_env(cls) -> SandboxConfig:
@@ -51,6 +53,8 @@ class SandboxConfig:
         cfg.lro_delay_s = float(env.get("MS_SANDBOX_LRO_DELAY_S", cfg.lro_delay_s))
         uris = env.get("MS_SANDBOX_REDIRECT_URIS", "")
         cfg.extra_redirect_uris = tuple(u.strip() for u in uris.split(",") if u.strip())
+        state_file = env.get("MS_SANDBOX_NUMBERS_STATE_FILE")
+        cfg.numbers_state_file = Path(state_file) if state_file else None
         numbers = env.get("MS_SANDBOX_OWNED_NUMBERS")
         if numbers is not None:
             cfg.owned_numbers = tuple(n.strip() for n in numbers.split(",") if n.strip())

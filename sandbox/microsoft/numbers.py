@@ -80,6 +80,15 @@ class Numbers:
             self.owned[n] = number_record(
                 n, "tollFree", "application", {"sms": "inbound+outbound", "calling": "none"}, now
             )
+        state_file = sb.config.numbers_state_file
+        if state_file is not None and state_file.exists():
+            self.owned.update(json.loads(state_file.read_text()))
+
+    def _remember_owned(self) -> None:
+        state_file = self.sb.config.numbers_state_file
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            state_file.write_text(json.dumps(self.owned))
 
     def _start(
         self, kind: str, location: str | None, finish: Any, on_fail: Any = None
@@ -204,6 +213,7 @@ class Numbers:
                     n, result["phoneNumberType"], result["assignmentType"],
                     result["capabilities"], now,
                 )  # fmt: skip
+            self._remember_owned()
 
         def release() -> None:  # a failed purchase may be retried with the same search
             self.state.purchased_searches.discard(search_id)
