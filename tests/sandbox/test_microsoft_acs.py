@@ -26,13 +26,13 @@ async def acs(
     path: str,
     body: Any = None,
     **tamper: Any,
-) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, Any, dict[str, str]]:
     raw = b"" if body is None else dumps(body)
     url = f"{ms.base_url}{path}"
     headers = acs_headers(DEFAULT_ACS_ACCESS_KEY, method, url, raw, clock, **tamper)
     async with http.request(method, url, data=raw, headers=headers) as resp:
         data = await resp.json() if resp.content_type == "application/json" else None
-        return resp.status, data, resp.headers
+        return resp.status, data, dict(resp.headers)
 
 
 def sms(to: list[str], rid: str | None = None, message: str = "Your visit link") -> dict[str, Any]:
