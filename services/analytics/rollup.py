@@ -105,12 +105,18 @@ async def apply(conn: Connection, old: Contribution | None, new: Contribution | 
     if not changed:
         return
     await conn.execute(
-        "INSERT INTO daily_histograms AS h (tenant_id, day, environment, department,"
-        " integration_id, figure, bucket, visits)"
-        " SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::uuid[],"
-        "  $6::text[], $7::smallint[], $8::int[])"
-        " ON CONFLICT (tenant_id, day, environment, department, integration_id, figure, bucket)"
-        " DO UPDATE SET visits = h.visits + excluded.visits",
+        "WITH fine AS (INSERT INTO daily_histograms AS h (tenant_id, day, environment,"
+        "  department, integration_id, figure, bucket, visits)"
+        "  SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::uuid[],"
+        "   $6::text[], $7::smallint[], $8::int[])"
+        "  ON CONFLICT (tenant_id, day, environment, department, integration_id, figure, bucket)"
+        "  DO UPDATE SET visits = h.visits + excluded.visits)"
+        " INSERT INTO tenant_day_histograms AS t (tenant_id, day, figure, bucket, visits)"
+        " SELECT tenant_id, day, figure, bucket, sum(visits) FROM unnest($1::text[],"
+        "  $2::date[], $6::text[], $7::smallint[], $8::int[])"
+        "  AS u(tenant_id, day, figure, bucket, visits) GROUP BY 1, 2, 3, 4"
+        " ON CONFLICT (tenant_id, day, figure, bucket)"
+        " DO UPDATE SET visits = t.visits + excluded.visits",
         [k[0][0] for k in changed],
         [k[0][1] for k in changed],
         [k[0][2] for k in changed],
@@ -123,7 +129,7 @@ async def apply(conn: Connection, old: Contribution | None, new: Contribution | 
 
 
 # Recomputes the rollup of one tenant from its facts and lists every row that differs.
-_CHECK_USAGE = """
+_EXPECTED_USAGE = """
 WITH expected AS (
     SELECT tenant_id, report_day AS day, environment, department, integration_id,
         count(*) AS visits,
@@ -138,7 +144,11 @@ WITH expected AS (
     WHERE tenant_id = $1 AND status IN ('completed', 'no_show') AND report_day IS NOT NULL
         AND environment IS NOT NULL AND department IS NOT NULL AND integration_id IS NOT NULL
     GROUP BY 1, 2, 3, 4, 5
-), actual AS (
+)
+"""
+_CHECK_USAGE = (
+    _EXPECTED_USAGE  # noqa: S608 (constant SQL, no input)
+    + """, actual AS (
     SELECT * FROM daily_usage WHERE tenant_id = $1 AND visits <> 0
 )
 SELECT coalesce(e.day, a.day) AS day, coalesce(e.department, a.department) AS department
@@ -148,8 +158,9 @@ WHERE (e.visits, e.completed, e.no_show, e.sms_sent, e.lobby_wait_count, e.lobby
     IS DISTINCT FROM (a.visits, a.completed, a.no_show, a.sms_sent, a.lobby_wait_count,
        a.lobby_wait_sum_ms, a.duration_count, a.duration_sum_ms)
 """
+)
 
-_CHECK_HISTOGRAMS = """
+_EXPECTED_HISTOGRAMS = """
 WITH visits AS (
     SELECT * FROM appointment_facts
     WHERE tenant_id = $1 AND status IN ('completed', 'no_show') AND report_day IS NOT NULL
@@ -161,7 +172,11 @@ WITH visits AS (
         AS v(figure, value)
     WHERE value IS NOT NULL
     GROUP BY 1, 2, 3, 4, 5, 6, 7
-), actual AS (
+)
+"""
+_CHECK_HISTOGRAMS = (
+    _EXPECTED_HISTOGRAMS  # noqa: S608 (constant SQL, no input)
+    + """, actual AS (
     SELECT * FROM daily_histograms WHERE tenant_id = $1 AND visits <> 0
 )
 SELECT coalesce(e.day, a.day) AS day, coalesce(e.figure, a.figure) AS figure
@@ -169,6 +184,20 @@ FROM expected e FULL JOIN actual a
     USING (tenant_id, day, environment, department, integration_id, figure, bucket)
 WHERE e.visits IS DISTINCT FROM a.visits
 """
+)
+
+_CHECK_TENANT_DAY = (
+    _EXPECTED_HISTOGRAMS  # noqa: S608 (constant SQL, no input)
+    + """, per_day AS (
+    SELECT tenant_id, day, figure, bucket, sum(visits) AS visits FROM expected GROUP BY 1, 2, 3, 4
+), actual AS (
+    SELECT * FROM tenant_day_histograms WHERE tenant_id = $1 AND visits <> 0
+)
+SELECT coalesce(e.day, a.day) AS day, coalesce(e.figure, a.figure) AS figure
+FROM per_day e FULL JOIN actual a USING (tenant_id, day, figure, bucket)
+WHERE e.visits IS DISTINCT FROM a.visits
+"""
+)
 
 
 async def check(conn: Connection, tenant_id: str) -> list[str]:
@@ -181,4 +210,30 @@ async def check(conn: Connection, tenant_id: str) -> list[str]:
         f"daily_histograms differ on {r['day']} for {r['figure']}"
         for r in await conn.fetch(_CHECK_HISTOGRAMS, tenant_id, THRESHOLDS_MS)
     ]
+    problems += [
+        f"tenant_day_histograms differ on {r['day']} for {r['figure']}"
+        for r in await conn.fetch(_CHECK_TENANT_DAY, tenant_id, THRESHOLDS_MS)
+    ]
     return problems
+
+
+async def rebuild(conn: Connection, tenant_id: str) -> None:
+    """Replaces a tenant's rollup with one aggregated from its facts (after a bulk load, or
+    to repair what `check` reported). Run it in a transaction."""
+    await conn.execute("DELETE FROM daily_usage WHERE tenant_id = $1", tenant_id)
+    await conn.execute("DELETE FROM daily_histograms WHERE tenant_id = $1", tenant_id)
+    await conn.execute(
+        "INSERT INTO daily_usage " + _EXPECTED_USAGE + " SELECT * FROM expected",  # noqa: S608
+        tenant_id,
+    )
+    await conn.execute(
+        "INSERT INTO daily_histograms " + _EXPECTED_HISTOGRAMS + " SELECT * FROM expected",  # noqa: S608
+        tenant_id,
+        THRESHOLDS_MS,
+    )
+    await conn.execute("DELETE FROM tenant_day_histograms WHERE tenant_id = $1", tenant_id)
+    await conn.execute(
+        "INSERT INTO tenant_day_histograms SELECT tenant_id, day, figure, bucket, sum(visits)"
+        " FROM daily_histograms WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4",
+        tenant_id,
+    )

@@ -254,7 +254,7 @@ async def test_late_event_corrects_the_figures_it_touches(facts: Facts) -> None:
 
 
 async def test_check_finds_a_tampered_rollup(facts: Facts) -> None:
-    """The rollup check reports a row that no longer matches the facts."""
+    """The rollup check reports rows that no longer match the facts; a rebuild repairs them."""
     visit = _visit(
         [
             Person("dr", "organizer", None, [(_t(1), _t(20))]),
@@ -268,3 +268,7 @@ async def test_check_finds_a_tampered_rollup(facts: Facts) -> None:
         problems = await rollup.check(conn, visit.tenant_id)
     assert any("daily_usage" in p for p in problems)
     assert any("daily_histograms" in p for p in problems)
+    async with facts.pool.acquire() as conn, conn.transaction():
+        await rollup.rebuild(conn, visit.tenant_id)
+    async with facts.pool.acquire() as conn:
+        assert await rollup.check(conn, visit.tenant_id) == []
