@@ -10,16 +10,21 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 export EHR_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
+# kustomize for make deploy-check, built from the Go module proxy (the newest release that
+# Go 1.26 builds); installed once into .local/tools/bin, offline afterwards.
+KUSTOMIZE_VERSION := v5.8.1
+KUSTOMIZE := $(TOOLS)/bin/kustomize
 PG_ADMIN_DSN ?= postgresql://postgres@127.0.0.1:15432/postgres
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv infra infra-down run demo test test-only lint format bench bench-smoke clean
+.PHONY: help setup venv infra infra-down run demo test test-only lint format bench bench-smoke clean deploy-check
 
 help:
 	@echo "make run    - set up and start Kafka, Postgres, the stand-ins and the four services; Ctrl-C stops"
 	@echo "make test   - set up, start Kafka and Postgres, lint, then run every test"
 	@echo "make demo   - start everything and drive one visit from booking to report"
 	@echo "make lint   - ruff and mypy --strict"
+	@echo "make deploy-check - render deploy/overlays with kustomize and validate them offline"
 	@echo "make bench  - run the benchmarks (bench/results/latest.json)"
 	@echo "make clean  - stop everything and delete .local and .venv"
 
@@ -55,7 +60,7 @@ run: infra
 demo: infra
 	@$(PY) -m infra.demo
 
-test: infra lint
+test: infra lint deploy-check
 	@$(PY) -m bench --smoke >/dev/null && echo "bench-smoke: every benchmark ran"
 	@$(MAKE) --no-print-directory test-only
 
@@ -80,3 +85,15 @@ bench-smoke: infra
 
 clean: infra-down
 	rm -rf .local $(VENV)
+
+$(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION):
+	@command -v go >/dev/null || { echo "Go is required to build kustomize (apt-get install golang-go)."; exit 1; }
+	@echo "setup: installing kustomize $(KUSTOMIZE_VERSION) into $(TOOLS)/bin (Go module proxy)"
+	@mkdir -p $(TOOLS)/bin
+	@GOBIN=$(abspath $(TOOLS)/bin) GOTOOLCHAIN=local GOFLAGS=-mod=mod go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	@touch $@
+
+# Renders deploy/overlays/{test,production}, validates every object offline and checks the
+# project's rules (infra/deploy_check.py); lints deploy/Dockerfile with hadolint.
+deploy-check: venv $(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION)
+	@$(PY) -m infra.deploy_check --kustomize $(KUSTOMIZE) --hadolint $(VENV)/bin/hadolint
