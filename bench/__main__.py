@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from bench import codec, notify, outbox
+from bench import analytics, codec, notify, outbox
 from bench.harness import Benchmark, Result, print_table, write_json
 
 BENCHMARKS = [
     Benchmark("event envelope encode+decode", codec.run),
     Benchmark("outbox relay publish", outbox.run),
     *notify.BENCHMARKS,
+    *analytics.BENCHMARKS,
 ]
 
 
