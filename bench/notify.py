@@ -178,7 +178,7 @@ async def dispatch_throughput(smoke: bool) -> Result:
         kafka_topic_prefix=prefix,
         http_port=0,
         acs_endpoint=sandbox.base_url,
-        ca_bundle=ca,
+        tls_ca_bundle=ca,
         acs_webhook_secret=SecretStr("bench"),
         scheduler_poll_interval_s=0.2,
         sms_send_concurrency=32,
