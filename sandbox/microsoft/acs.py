@@ -78,6 +78,8 @@ class AcsState:
     opted_out: set[tuple[str, str]] = field(default_factory=set)  # (recipient, sender)
     webhook_url: str | None = None
     delivery_failures: dict[str, str] = field(default_factory=dict)
+    # Status codes the next send requests answer with, for testing retries (e.g. 500, 503).
+    send_failures: deque[int] = field(default_factory=deque)
 
 
 def error(
@@ -117,6 +119,9 @@ class Acs:
             return body
         if request.query.get("api-version") is None:
             return error(400, "MissingApiVersionParameter", "The api-version is required.")
+        if self.state.send_failures:
+            status = self.state.send_failures.popleft()
+            return error(status, "ServiceUnavailable", "The service is temporarily unavailable.")
         try:
             req = json.loads(body)
         except ValueError:
@@ -346,6 +351,15 @@ class Acs:
             self.state.delivery_failures.pop(to, None)
         return web.json_response({"to": to, "status": status})
 
+    async def admin_send_failures(self, request: web.Request) -> web.Response:
+        """Makes the next `count` sends answer `status` (a provider outage, for tests)."""
+        body = await request.json()
+        status, count = int(body.get("status", 503)), int(body.get("count", 1))
+        if not 500 <= status <= 599 or not 0 <= count <= 100:
+            return error(400, "BadRequest", "status must be 5xx and count 0..100.")
+        self.state.send_failures.extend([status] * count)
+        return web.json_response({"pending_failures": len(self.state.send_failures)})
+
     async def admin_opt_outs(self, request: web.Request) -> web.Response:
         return web.json_response(
             {"value": [{"recipient": r, "sender": s} for r, s in sorted(self.state.opted_out)]}
@@ -401,5 +415,6 @@ class Acs:
         router.add_route("GET", "/_sandbox/acs/webhook", self.admin_webhook)
         router.add_route("PUT", "/_sandbox/acs/webhook", self.admin_webhook)
         router.add_post("/_sandbox/sms/delivery-failure", self.admin_delivery_failure)
+        router.add_post("/_sandbox/sms/send-failures", self.admin_send_failures)
         router.add_get("/_sandbox/sms/inbox/{e164}", self.inbox)
         router.add_post("/_sandbox/sms/inbox/{e164}/reply", self.inbox_reply)
