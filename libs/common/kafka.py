@@ -58,9 +58,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 MAX_HANDLER_ATTEMPTS = 5
 
 
-def create_producer(bootstrap_servers: str) -> AIOKafkaProducer:
+def create_producer(
+    bootstrap_servers: str, security: Mapping[str, Any] | None = None
+) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
+        **(security or {}),
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
@@ -75,10 +78,13 @@ async def ensure_topics(
     partitions: int,
     replication_factor: int = 1,
     compacted: Iterable[str] = (),
+    security: Mapping[str, Any] | None = None,
 ) -> None:
     """Create missing topics with explicit partition counts; existing ones are left alone."""
     compact = set(compacted)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=15_000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=15_000, **(security or {})
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -136,6 +142,7 @@ class ConsumerRunner:
         batch_size: int = 100,
         max_poll_interval_ms: int = 300_000,
         handler_timeout_s: float = 30.0,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self._handlers = {topic_prefix + topic: handler for topic, handler in handlers.items()}
@@ -152,6 +159,7 @@ class ConsumerRunner:
             auto_offset_reset="earliest",
             max_poll_interval_ms=max_poll_interval_ms,
             isolation_level="read_committed",
+            **(security or {}),
         )
         self._pending: dict[TopicPartition, int] = {}
         self.processing = asyncio.Lock()

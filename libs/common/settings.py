@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +45,13 @@ class ServiceSettings(BaseSettings):
     database_pool_max: int = Field(default=10, ge=1)
 
     kafka_bootstrap_servers: str = "127.0.0.1:19092"
+    # In a cluster every service authenticates (SCRAM over TLS) so the broker's ACLs hold;
+    # the local broker also takes PLAINTEXT on loopback.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: str = ""
     # Lets several environments, or several tests, share one cluster without sharing topics.
     kafka_topic_prefix: str = ""
     kafka_create_topics: bool = True
@@ -86,6 +93,24 @@ class ServiceSettings(BaseSettings):
         if self.tls_ca_bundle:
             context.load_verify_locations(cafile=self.tls_ca_bundle)
         return context
+
+    def kafka_security(self) -> dict[str, Any]:
+        """Connection options shared by every Kafka client this service creates."""
+        options: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context()
+            if self.kafka_ssl_cafile:
+                context.load_verify_locations(cafile=self.kafka_ssl_cafile)
+            options["ssl_context"] = context
+        if self.kafka_security_protocol.startswith("SASL"):
+            if not self.kafka_sasl_username:
+                raise ValueError("EHR_KAFKA_SASL_USERNAME is required with SASL")
+            options |= {
+                "sasl_mechanism": self.kafka_sasl_mechanism,
+                "sasl_plain_username": self.kafka_sasl_username,
+                "sasl_plain_password": self.kafka_sasl_password.get_secret_value(),
+            }
+        return options
 
     def topic(self, name: str) -> str:
         return f"{self.kafka_topic_prefix}{name}"

@@ -146,8 +146,9 @@ async def kafka_producer_ctx(app: web.Application) -> AsyncIterator[None]:
             topics_with_dead_letters(settings.topic(t) for t in Topic),
             settings.kafka_topic_partitions,
             compacted=[settings.topic(t) for t in COMPACTED_TOPICS],
+            security=settings.kafka_security(),
         )
-    producer = create_producer(settings.kafka_bootstrap_servers)
+    producer = create_producer(settings.kafka_bootstrap_servers, settings.kafka_security())
     await producer.start()
     app[KAFKA_PRODUCER] = producer
     yield
@@ -186,6 +187,7 @@ def consumer_ctx(
             batch_size=settings.consumer_batch_size,
             max_poll_interval_ms=settings.consumer_max_poll_interval_ms,
             handler_timeout_s=settings.external_call_timeout_s * 3,
+            security=settings.kafka_security(),
         )
         await runner.start()
         app.setdefault(CONSUMERS, []).append(runner)
