@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from services.notify.acs import AcsSmsClient
+from services.notify.scheduler import Dispatcher
+from tests.notify.conftest import MakeKit
+
+APPOINTMENTS = 20
+
+
+async def test_two_dispatcher_replicas_never_send_the_same_message(make_kit: MakeKit) -> None:
+    """Two dispatchers claiming the same due messages at once (FOR UPDATE SKIP LOCKED) send
+    each message exactly once between them."""
+    kit = await make_kit(scheduler_enabled=False, scheduler_batch_size=5)
+    await kit.configure()
+    for n in range(APPOINTMENTS):
+        await kit.book(f"apt_replica_{n}")
+    await kit.until_applied(APPOINTMENTS + 1)  # the bookings and the integration config
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=kit.settings.ssl_context())
+    ) as session:
+        replicas = [
+            Dispatcher(
+                kit.pool,
+                AcsSmsClient(
+                    kit.settings.acs_endpoint, kit.settings.acs_access_key, session, kit.clock, 10
+                ),
+                kit.settings,
+                kit.clock,
+            )
+            for _ in range(2)
+        ]
+        taken = [0, 0]
+        while True:
+            rounds = await asyncio.gather(*(replica.dispatch_due() for replica in replicas))
+            if not any(rounds):
+                break
+            taken = [total + now for total, now in zip(taken, rounds, strict=True)]
+    sent = [m for m in kit.outbound() if m.tag == "notify:confirmation"]
+    assert len(sent) == APPOINTMENTS
+    assert len({m.repeatability_request_id for m in sent}) == APPOINTMENTS
+    assert sum(taken) == APPOINTMENTS
+    assert min(taken) > 0, "both replicas must have claimed work side by side"
+    rows = await kit.query("SELECT status, attempts FROM sms_messages WHERE kind = 'confirmation'")
+    assert {(r["status"], r["attempts"]) for r in rows} == {("sent", 1)}
