@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -20,6 +20,7 @@ M = TypeVar("M", bound=BaseModel)
 
 class TenantSettingsUpdate(BaseModel):
     launch_url: str | None = None
+    patient_launch_url: str | None = None
     webhook_url: str | None = None
     webhook_secret: str | None = None
 
@@ -29,6 +30,8 @@ class LaunchRequest(BaseModel):
     patient: str | None = None
     encounter: str | None = None
     appointment: str | None = None  # shortcut: take all three from this appointment
+    # "patient": a patient-portal launch for the patient themself (patient context only).
+    persona: Literal["provider", "patient"] = "provider"
 
 
 _ERRORS: dict[int, type[web.HTTPClientError]] = {
@@ -63,9 +66,11 @@ def tenant_summary(tenant: TenantState) -> dict[str, Any]:
         "fhir_base": tenant.fhir_base,
         "smart_configuration": f"{tenant.fhir_base}/.well-known/smart-configuration",
         "authorize_endpoint": tenant.authorize_url,
+        "patient_authorize_endpoint": tenant.patient_authorize_url,
         "token_endpoint": tenant.token_url,
         "jwks_uri": tenant.jwks_url,
         "launch_url": spec.launch_url,
+        "patient_launch_url": spec.patient_launch_url,
         "webhook_url": spec.webhook_url,
         "webhook_secret_set": bool(spec.webhook_secret),
         "clients": sorted(tenant.clients),
@@ -144,6 +149,8 @@ async def list_appointments(request: web.Request) -> web.Response:
 
 
 def mint_launch_for(sandbox: Sandbox, tenant: TenantState, req: LaunchRequest) -> dict[str, Any]:
+    if req.persona == "patient":
+        return _patient_launch(sandbox, tenant, req)
     practitioner, patient, encounter = req.practitioner, req.patient, req.encounter
     if req.appointment:
         appt = tenant.data.get("Appointment", req.appointment)
@@ -171,6 +178,7 @@ def mint_launch_for(sandbox: Sandbox, tenant: TenantState, req: LaunchRequest) -
     body: dict[str, Any] = {
         "launch": launch.launch_id,
         "iss": tenant.fhir_base,
+        "persona": "provider",
         "practitioner": practitioner,
         "patient": patient,
         "encounter": encounter,
@@ -180,6 +188,42 @@ def mint_launch_for(sandbox: Sandbox, tenant: TenantState, req: LaunchRequest) -
     if tenant.spec.launch_url:
         body["launch_url"] = add_query(
             tenant.spec.launch_url, {"iss": tenant.fhir_base, "launch": launch.launch_id}
+        )
+    return body
+
+
+def _patient_launch(sandbox: Sandbox, tenant: TenantState, req: LaunchRequest) -> dict[str, Any]:
+    """A patient-portal launch: the patient in context is the user; no practitioner and no
+    encounter (the portal knows neither)."""
+    patient = req.patient
+    if req.appointment:
+        appt = tenant.data.get("Appointment", req.appointment)
+        if appt is None:
+            raise _json_error(f"Appointment/{req.appointment} not found", 404)
+        patient = patient or participant_id(appt, "Patient")
+    if not patient or tenant.data.get("Patient", patient) is None:
+        raise _json_error("a known patient is required for a patient launch", 422)
+    settings = sandbox.settings
+    launch = tenant.mint_launch(
+        None,
+        patient,
+        None,
+        sandbox.clock(),
+        settings.launch_ttl,
+        settings.launch_id_style,
+        persona="patient",
+    )
+    body: dict[str, Any] = {
+        "launch": launch.launch_id,
+        "iss": tenant.fhir_base,
+        "persona": "patient",
+        "patient": patient,
+        "expires_at": launch.expires_at,
+        "launch_url": None,
+    }
+    if tenant.spec.patient_launch_url:
+        body["launch_url"] = add_query(
+            tenant.spec.patient_launch_url, {"iss": tenant.fhir_base, "launch": launch.launch_id}
         )
     return body
 

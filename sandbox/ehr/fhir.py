@@ -69,9 +69,41 @@ def authorize_request(
         raise FhirError(401, "security", "access token has expired")
     needed = [f"user/{rtype}.read"] + ([f"user/{rtype}.write"] if write else [])
     missing = [s for s in needed if s not in grant.scopes]
-    if missing:
+    if missing and not (not write and patient_compartment(grant, rtype)):
         raise FhirError(403, "forbidden", f"access token lacks scope {' '.join(missing)}")
     return grant
+
+
+def patient_compartment(grant: Grant, rtype: str) -> str | None:
+    """The patient a token is confined to for `rtype`: a `patient/<Type>.read` scope without
+    the `user/` one reads only the launch patient's own compartment. None: not confined."""
+    if f"user/{rtype}.read" in grant.scopes or f"patient/{rtype}.read" not in grant.scopes:
+        return None
+    return grant.launch.patient
+
+
+def in_compartment(res: d.Resource, patient: str) -> bool:
+    rtype = res.get("resourceType")
+    if rtype == "Patient":
+        return bool(res.get("id") == patient)
+    if rtype == "Appointment":
+        return d.participant_id(res, "Patient") == patient
+    if rtype == "Encounter":
+        return bool(res.get("subject", {}).get("reference") == f"Patient/{patient}")
+    return False
+
+
+def _check_compartment_search(rtype: str, q: Any, patient: str) -> None:
+    """Like Cerner, a patient token searching another patient's records is forbidden."""
+    named = {
+        v.strip().removeprefix("Patient/")
+        for name in ("patient", "subject")
+        for raw in q.getall(name, [])
+        for v in raw.split(",")
+        if v.strip()
+    }
+    if named - {patient}:
+        raise FhirError(403, "forbidden", f"{rtype} search outside the patient in context")
 
 
 def capability_statement(tenant: TenantState) -> dict[str, Any]:
@@ -150,10 +182,13 @@ async def read_handler(request: web.Request) -> web.Response:
     try:
         if rtype not in FHIR_TYPES:
             raise FhirError(404, "not-supported", f"resource type {rtype} is not supported")
-        authorize_request(request, tenant, rtype)
+        grant = authorize_request(request, tenant, rtype)
         res = tenant.data.get(rtype, rid)
         if res is None:
             raise FhirError(404, "not-found", f"{rtype}/{rid} not found")
+        patient = patient_compartment(grant, rtype)
+        if patient is not None and not in_compartment(res, patient):
+            raise FhirError(403, "forbidden", f"{rtype}/{rid} is not the patient in context")
     except FhirError as err:
         return outcome(err.status, err.code, err.diagnostics, tenant)
     return fhir_response(res, headers={"ETag": _etag(res)})
@@ -165,12 +200,17 @@ async def search_handler(request: web.Request) -> web.Response:
     try:
         if rtype not in FHIR_TYPES:
             raise FhirError(404, "not-supported", f"resource type {rtype} is not supported")
-        authorize_request(request, tenant, rtype)
+        grant = authorize_request(request, tenant, rtype)
         q = request.query
+        patient = patient_compartment(grant, rtype)
+        if patient is not None:
+            _check_compartment_search(rtype, q, patient)
         if rtype == "Appointment":
             found = search_appointments(q, tenant.data)
         else:
             found = search_generic(rtype, q, tenant.data)
+        if patient is not None:
+            found = [r for r in found if in_compartment(r, patient)]
     except FhirError as err:
         return outcome(err.status, err.code, err.diagnostics, tenant)
     except SearchError as err:

@@ -15,9 +15,11 @@ from aiohttp import web
 from sandbox.ehr.app_keys import SANDBOX
 from sandbox.ehr.client_auth import OAuthError, authenticate_client
 from sandbox.ehr.keys import jwks
-from sandbox.ehr.state import SMART_PATH, AuthCode, Grant, Sandbox, TenantState
+from sandbox.ehr.state import PERSONAS, SMART_PATH, AuthCode, Grant, Launch, Sandbox, TenantState
 
 FHIR_TYPES = ("Patient", "Practitioner", "Encounter", "Appointment", "Location")
+# Types with a patient compartment: patient/<Type>.read confines a token to its patient.
+PATIENT_TYPES = ("Patient", "Encounter", "Appointment")
 SUPPORTED_SCOPES = [
     "launch",
     "openid",
@@ -27,6 +29,7 @@ SUPPORTED_SCOPES = [
     "offline_access",
     *[f"user/{t}.read" for t in FHIR_TYPES],
     "user/Appointment.write",
+    *[f"patient/{t}.read" for t in PATIENT_TYPES],
 ]
 CAPABILITIES = [
     "launch-ehr",
@@ -39,6 +42,7 @@ CAPABILITIES = [
     "context-style",
     "sso-openid-connect",
     "permission-user",
+    "permission-patient",
     "permission-offline",
     "permission-v1",
 ]
@@ -123,8 +127,8 @@ class _Redirect(Exception):
 
 
 def _validate_authorize(
-    tenant: TenantState, q: dict[str, str], allowed: list[str] | None, now: float
-) -> tuple[list[str], Any]:
+    tenant: TenantState, q: dict[str, str], allowed: list[str] | None, now: float, persona: str
+) -> tuple[list[str], Launch]:
     if q.get("response_type") != "code":
         raise _Redirect("unsupported_response_type", "response_type must be code")
     if not q.get("state"):
@@ -150,6 +154,12 @@ def _validate_authorize(
     launch = tenant.launches.get(launch_id)
     if launch is None or launch.expires_at <= now:
         raise _Redirect("invalid_request", "launch is unknown or has expired")
+    if launch.persona != persona:
+        raise _Redirect("invalid_request", f"launch was not issued for the {persona} persona")
+    if persona == "patient" and any(s.startswith("user/") for s in scopes):
+        raise _Redirect("invalid_scope", "user scopes are not available to the patient persona")
+    if any(s.startswith("patient/") for s in scopes) and not launch.patient:
+        raise _Redirect("invalid_scope", "patient scopes need a patient in the launch context")
     challenge = q.get("code_challenge", "")
     if not challenge:
         raise _Redirect("invalid_request", "code_challenge is required (PKCE)")
@@ -161,7 +171,10 @@ def _validate_authorize(
 
 
 async def authorize_handler(request: web.Request) -> web.Response:
+    """Cerner has one authorize endpoint per persona: `provider` for clinicians launched from
+    PowerChart, `patient` for patients launched from the patient portal."""
     tenant = tenant_or_404(request)
+    persona = request.match_info["persona"]
     sandbox: Sandbox = request.app[SANDBOX]
     q = {k: v for k, v in request.query.items()}
     client = tenant.clients.get(q.get("client_id", ""))
@@ -173,7 +186,7 @@ async def authorize_handler(request: web.Request) -> web.Response:
     now = sandbox.clock()
     state = q.get("state")
     try:
-        scopes, launch = _validate_authorize(tenant, q, client.scopes, now)
+        scopes, launch = _validate_authorize(tenant, q, client.scopes, now, persona)
     except _Redirect as err:
         params = {"error": err.error, "error_description": err.description}
         if state:
@@ -235,16 +248,23 @@ def _issue(
         "need_patient_banner": True,
         "smart_style_url": f"{tenant.origin}/_sandbox/smart-style.json",
         "tenant": tenant.guid,
-        "user": launch.practitioner,
     }
+    if launch.persona == "provider":
+        body["user"] = launch.practitioner
     if launch.patient:
         body["patient"] = launch.patient
     if launch.encounter:
         body["encounter"] = launch.encounter
     if with_id_token and "openid" in grant.scopes:
+        # The patient persona's user is the patient: fhirUser is a Patient reference.
+        kind, who = (
+            ("Patient", launch.patient)
+            if launch.persona == "patient"
+            else ("Practitioner", launch.practitioner)
+        )
         claims: dict[str, Any] = {
             "iss": tenant.issuer,
-            "sub": launch.practitioner,
+            "sub": who,
             "aud": grant.client_id,
             "iat": int(now),
             "exp": int(now) + ttl,
@@ -252,10 +272,10 @@ def _issue(
         if nonce:
             claims["nonce"] = nonce
         if "fhirUser" in grant.scopes or "profile" in grant.scopes:
-            claims["fhirUser"] = f"{tenant.fhir_base}/Practitioner/{launch.practitioner}"
-            prac = tenant.data.get("Practitioner", launch.practitioner)
-            if prac is not None:
-                claims["name"] = prac["name"][0]["text"]
+            claims["fhirUser"] = f"{tenant.fhir_base}/{kind}/{who}"
+            person = tenant.data.get(kind, who or "")
+            if person is not None:
+                claims["name"] = person["name"][0]["text"]
         body["id_token"] = tenant.signing_key.sign(claims)
     return body
 
@@ -363,7 +383,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/r4/{tenant}/.well-known/smart-configuration", smart_config_handler),
         web.get(f"{base}/.well-known/openid-configuration", openid_config_handler),
         web.get(f"{base}/jwks", jwks_handler),
-        web.get(f"{base}/personas/provider/authorize", authorize_handler),
+        web.get(f"{base}/personas/{{persona:{'|'.join(PERSONAS)}}}/authorize", authorize_handler),
         web.post(f"{base}/token", token_handler),
         web.get("/_sandbox/smart-style.json", smart_style_handler),
     ]

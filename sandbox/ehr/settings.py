@@ -39,6 +39,8 @@ class TenantSpec(BaseModel):
     name: str
     id_prefix: int | None = Field(default=None, ge=1, le=9)  # None: position in the list
     launch_url: str | None = None
+    # Where the patient portal launches the patient-facing app (patient persona).
+    patient_launch_url: str | None = None
     webhook_url: str | None = None
     webhook_secret: str | None = None
 

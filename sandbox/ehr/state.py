@@ -14,15 +14,20 @@ from sandbox.ehr.keys import SigningKey, new_signing_key
 from sandbox.ehr.settings import ClientSpec, EhrSettings, TenantSpec
 
 SMART_PATH = "protocols/oauth2/profiles/smart-v1"
+PERSONAS = ("provider", "patient")
 
 
 @dataclass
 class Launch:
+    """An EHR launch: a clinician's in PowerChart (provider persona), or a patient's own in
+    the patient portal (patient persona: patient context only, no practitioner)."""
+
     launch_id: str
-    practitioner: str
+    practitioner: str | None
     patient: str | None
     encounter: str | None
     expires_at: float
+    persona: str = "provider"
 
 
 @dataclass
@@ -94,7 +99,14 @@ class TenantState:
 
     @property
     def authorize_url(self) -> str:
-        return f"{self.auth_base}/personas/provider/authorize"
+        return self.persona_authorize_url("provider")
+
+    @property
+    def patient_authorize_url(self) -> str:
+        return self.persona_authorize_url("patient")
+
+    def persona_authorize_url(self, persona: str) -> str:
+        return f"{self.auth_base}/personas/{persona}/authorize"
 
     @property
     def token_url(self) -> str:
@@ -111,12 +123,13 @@ class TenantState:
     # --- launches -----------------------------------------------------------------------
     def mint_launch(
         self,
-        practitioner: str,
+        practitioner: str | None,
         patient: str | None,
         encounter: str | None,
         now: float,
         ttl: int,
         style: str = "urlsafe",
+        persona: str = "provider",
     ) -> Launch:
         if style == "base64":
             launch_id = "+" + base64.b64encode(secrets.token_bytes(23)).decode() + "/="
@@ -128,6 +141,7 @@ class TenantState:
             patient=patient,
             encounter=encounter,
             expires_at=now + ttl,
+            persona=persona,
         )
         self.launches[launch.launch_id] = launch
         return launch
