@@ -165,6 +165,12 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
 async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
     settings = launch_settings(request)
     pool = request.app[DB_POOL]
+    if await existing_meeting(pool, visit.appointment_key):
+        # Known already (a provider launched it first, or the EHR re-sent the booking):
+        # no second subscription, no second appointment-created.
+        async with pool.acquire() as conn, conn.transaction():
+            await _first_delivery(conn, event.event_id)
+        return "already known"
     # The meeting exists before we promise the patient a link; Graph calls are idempotent,
     # so a retry after a failure below creates nothing twice.
     meeting = await create_meeting(request.app[GRAPH], settings, visit)
