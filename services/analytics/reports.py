@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from services.analytics.histogram import percentile_ms
+from services.analytics.histogram import representative_ms
 
 if TYPE_CHECKING:
     import asyncpg
@@ -31,27 +30,23 @@ NOT_SET = "not set"
 
 @dataclass
 class Figure:
-    """Counts and bucket counts of one figure (lobby wait or duration) over a group."""
+    """One figure (lobby wait or duration) over a group: exact count and sum, and the
+    histogram buckets holding its nearest-rank median and p90 (see histogram.py)."""
 
     count: int = 0
     sum_ms: int = 0
-    buckets: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-
-    def add(self, other: Figure) -> None:
-        self.count += other.count
-        self.sum_ms += other.sum_ms
-        for bucket, n in other.buckets.items():
-            self.buckets[bucket] += n
+    median_bucket: int | None = None
+    p90_bucket: int | None = None
 
     def summary(self) -> dict[str, float | int | None]:
-        def seconds(ms: float | None) -> float | None:
-            return None if ms is None else round(ms / 1000, 1)
+        def seconds(bucket: int | None) -> float | None:
+            return None if bucket is None else round(representative_ms(bucket) / 1000, 1)
 
         return {
             "count": self.count,
-            "mean": seconds(self.sum_ms / self.count) if self.count else None,
-            "median": seconds(percentile_ms(self.buckets, 0.5)),
-            "p90": seconds(percentile_ms(self.buckets, 0.9)),
+            "mean": round(self.sum_ms / self.count / 1000, 1) if self.count else None,
+            "median": seconds(self.median_bucket),
+            "p90": seconds(self.p90_bucket),
         }
 
 
@@ -64,14 +59,6 @@ class UsageRow:
     sms_sent: int = 0
     lobby_wait: Figure = field(default_factory=Figure)
     duration: Figure = field(default_factory=Figure)
-
-    def add(self, other: UsageRow) -> None:
-        self.appointments += other.appointments
-        self.completed += other.completed
-        self.no_show += other.no_show
-        self.sms_sent += other.sms_sent
-        self.lobby_wait.add(other.lobby_wait)
-        self.duration.add(other.duration)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -94,51 +81,124 @@ class UsageReport:
     totals: UsageRow
 
 
+# Counts and sums per group, and for the whole range (the row with total true).
+_SUMS = """
+SELECT {column} AS grp, grouping({column}) = 1 AS total,
+    coalesce(sum(visits), 0)::bigint AS visits, coalesce(sum(completed), 0)::bigint AS completed,
+    coalesce(sum(no_show), 0)::bigint AS no_show, coalesce(sum(sms_sent), 0)::bigint AS sms_sent,
+    coalesce(sum(lobby_wait_count), 0)::bigint AS lw_count,
+    coalesce(sum(lobby_wait_sum_ms), 0)::bigint AS lw_sum,
+    coalesce(sum(duration_count), 0)::bigint AS d_count,
+    coalesce(sum(duration_sum_ms), 0)::bigint AS d_sum
+FROM daily_usage
+WHERE tenant_id = $1 AND day BETWEEN $2 AND $3
+GROUP BY GROUPING SETS (({column}), ())
+"""
+
+# The buckets of the nearest-rank median and p90 per group and figure, from `{counts}`:
+# rows (grp, figure, bucket, n) with one row per bucket. A percentile's bucket is the first,
+# in bucket order, whose running count reaches max(1, ceil(q * count)); the rank is computed
+# in float8 like histogram.percentile_ms, so both pick the same bucket. Only two rows per
+# group come back, instead of every bucket of every group.
+_RANKED = """
+SELECT grp, figure, min(bucket) FILTER (WHERE seen >= r1) AS b1,
+    min(bucket) FILTER (WHERE seen >= r2) AS b2
+FROM (
+    SELECT grp, figure, bucket, sum(n) OVER (PARTITION BY grp, figure ORDER BY bucket) AS seen,
+        greatest(1, ceil($4::float8 * sum(n) OVER (PARTITION BY grp, figure))) AS r1,
+        greatest(1, ceil($5::float8 * sum(n) OVER (PARTITION BY grp, figure))) AS r2
+    FROM ({counts}) AS counts
+) AS running
+GROUP BY grp, figure
+"""
+
+# Per day: the tenant-level histograms are already one row per day and bucket.
+_PER_DAY = """
+SELECT day AS grp, figure, bucket, visits AS n FROM tenant_day_histograms
+WHERE tenant_id = $1 AND day BETWEEN $2 AND $3 AND visits <> 0
+"""
+_PER_DAY_TOTAL = """
+SELECT NULL::date AS grp, figure, bucket, sum(visits)::int AS n FROM tenant_day_histograms
+WHERE tenant_id = $1 AND day BETWEEN $2 AND $3 GROUP BY figure, bucket HAVING sum(visits) <> 0
+"""
+# Per dimension: whole weeks from the weekly tier, the days at either end from the daily one;
+# $6..$7 are the days the whole weeks cover (none when $6 > $7). Groups are compared in the
+# "C" collation: hashing and sorting by the locale's collation costs far more, for nothing.
+_PER_DIMENSION = """
+SELECT grp, figure, bucket, sum(visits)::int AS n FROM (
+    SELECT {column} AS grp, figure, bucket, visits FROM weekly_histograms
+    WHERE tenant_id = $1 AND week BETWEEN $6 AND $7::date - 6
+    UNION ALL
+    SELECT {column}, figure, bucket, visits FROM daily_histograms
+    WHERE tenant_id = $1
+        AND (day BETWEEN $2 AND $6::date - 1 OR day BETWEEN $7::date + 1 AND $3)
+) AS h
+GROUP BY grp, figure, bucket HAVING sum(visits) <> 0
+"""
+_PER_DIMENSION_TOTAL = (
+    "SELECT NULL AS grp, figure, bucket, sum(n)::int AS n FROM per_group GROUP BY 2, 3"
+)
+
+PERCENTILE_GROUPS: dict[GroupBy, str] = {
+    "department": 'department COLLATE "C"',
+    "environment": 'environment COLLATE "C"',
+    "integration": "integration_id",
+}
+
+
+def percentile_sql(group_by: GroupBy) -> str:
+    """Rows (grp text, total bool, figure, b1, b2): the median (b1) and p90 (b2) buckets per
+    group, and for the whole range in the row with total true."""
+    if group_by == "day":
+        groups, total = _PER_DAY, _PER_DAY_TOTAL
+        prefix = ""
+    else:
+        per_group = _PER_DIMENSION.format(column=PERCENTILE_GROUPS[group_by])
+        prefix = f"WITH per_group AS MATERIALIZED ({per_group})"
+        groups, total = "SELECT * FROM per_group", _PER_DIMENSION_TOTAL
+    return (
+        f"{prefix} SELECT grp::text, false AS total, figure, b1, b2"  # noqa: S608 (constants)
+        f" FROM ({_RANKED.format(counts=groups)}) AS g"
+        f" UNION ALL SELECT NULL, true, figure, b1, b2 FROM ({_RANKED.format(counts=total)}) AS t"
+    )
+
+
+def whole_weeks(start: date, end: date) -> tuple[date, date]:
+    """The first and last day of the whole ISO weeks (Monday to Sunday) inside start..end;
+    first > last when there is none."""
+    first = start + timedelta(days=-start.weekday() % 7)
+    last = end - timedelta(days=(end.weekday() + 1) % 7)
+    if first > last:
+        return end + timedelta(days=1), end
+    return first, last
+
+
 async def usage(
     db: asyncpg.Pool, tenant_id: str, start: date, end: date, group_by: GroupBy
 ) -> UsageReport:
     column = GROUP_COLUMNS[group_by]
+    args: list[object] = [tenant_id, start, end, 0.5, 0.9]
+    if group_by != "day":
+        args += whole_weeks(start, end)
     async with db.acquire() as conn:
-        sums = await conn.fetch(
-            f"SELECT {column} AS grp, sum(visits)::bigint AS visits,"  # noqa: S608 (fixed map)
-            " sum(completed)::bigint AS completed, sum(no_show)::bigint AS no_show,"
-            " sum(sms_sent)::bigint AS sms_sent, sum(lobby_wait_count)::bigint AS lw_count,"
-            " sum(lobby_wait_sum_ms)::bigint AS lw_sum, sum(duration_count)::bigint AS d_count,"
-            " sum(duration_sum_ms)::bigint AS d_sum FROM daily_usage"
-            " WHERE tenant_id = $1 AND day BETWEEN $2 AND $3 GROUP BY grp",
-            tenant_id,
-            start,
-            end,
-        )
-        # Per day, the tenant-level histograms hold the same counts in far fewer rows.
-        source = "tenant_day_histograms" if group_by == "day" else "daily_histograms"
-        buckets = await conn.fetch(
-            f"SELECT {column} AS grp, figure, bucket, sum(visits)::bigint AS n"  # noqa: S608
-            f" FROM {source} WHERE tenant_id = $1 AND day BETWEEN $2 AND $3"
-            " GROUP BY 1, 2, 3 HAVING sum(visits) <> 0",
-            tenant_id,
-            start,
-            end,
-        )
+        sums = await conn.fetch(_SUMS.format(column=column), tenant_id, start, end)
+        percentiles = await conn.fetch(percentile_sql(group_by), *args)
     rows: dict[str, UsageRow] = {}
     if group_by == "day":
         days = [(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
         rows = {day: UsageRow(day) for day in days}
+    totals = UsageRow("total")
     for r in sums:
-        row = rows.setdefault(r["grp"], UsageRow(r["grp"]))
+        row = totals if r["total"] else rows.setdefault(r["grp"], UsageRow(r["grp"]))
         row.appointments, row.completed, row.no_show = r["visits"], r["completed"], r["no_show"]
         row.sms_sent = r["sms_sent"]
         row.lobby_wait.count, row.lobby_wait.sum_ms = r["lw_count"], r["lw_sum"]
         row.duration.count, row.duration.sum_ms = r["d_count"], r["d_sum"]
-    for r in buckets:
-        row = rows.setdefault(r["grp"], UsageRow(r["grp"]))
+    for r in percentiles:
+        row = totals if r["total"] else rows.setdefault(r["grp"], UsageRow(r["grp"]))
         figure = row.lobby_wait if r["figure"] == "lobby_wait" else row.duration
-        figure.buckets[r["bucket"]] += r["n"]
-    ordered = [rows[k] for k in sorted(rows)]
-    totals = UsageRow("total")
-    for row in ordered:
-        totals.add(row)
-    return UsageReport(start, end, group_by, ordered, totals)
+        figure.median_bucket, figure.p90_bucket = r["b1"], r["b2"]
+    return UsageReport(start, end, group_by, [rows[k] for k in sorted(rows)], totals)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The daily rollup: each visit adds one contribution to its (tenant, day, environment,
-department, integration) row and to the histogram buckets of its lobby wait and duration.
+department, integration) row and to the histogram buckets of its lobby wait and duration,
+per day and per ISO week (the weekly tier lets a long report read weeks instead of days).
 
 A recomputed visit subtracts its previous contribution and adds the new one in the same
 transaction, so the rollup always equals a fresh aggregation of the facts; `check` proves it.
@@ -110,7 +111,17 @@ async def apply(conn: Connection, old: Contribution | None, new: Contribution | 
         "  SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::uuid[],"
         "   $6::text[], $7::smallint[], $8::int[])"
         "  ON CONFLICT (tenant_id, day, environment, department, integration_id, figure, bucket)"
-        "  DO UPDATE SET visits = h.visits + excluded.visits)"
+        "  DO UPDATE SET visits = h.visits + excluded.visits),"
+        " weekly AS (INSERT INTO weekly_histograms AS w (tenant_id, week, environment,"
+        "  department, integration_id, figure, bucket, visits)"
+        "  SELECT tenant_id, day - (extract(isodow FROM day)::int - 1), environment,"
+        "   department, integration_id, figure, bucket, sum(visits)"
+        "  FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::uuid[],"
+        "   $6::text[], $7::smallint[], $8::int[])"
+        "   AS u(tenant_id, day, environment, department, integration_id, figure, bucket, visits)"
+        "  GROUP BY 1, 2, 3, 4, 5, 6, 7 HAVING sum(visits) <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7"
+        "  ON CONFLICT (tenant_id, week, environment, department, integration_id, figure, bucket)"
+        "  DO UPDATE SET visits = w.visits + excluded.visits)"
         " INSERT INTO tenant_day_histograms AS t (tenant_id, day, figure, bucket, visits)"
         " SELECT tenant_id, day, figure, bucket, sum(visits) FROM unnest($1::text[],"
         "  $2::date[], $6::text[], $7::smallint[], $8::int[])"
@@ -199,6 +210,22 @@ WHERE e.visits IS DISTINCT FROM a.visits
 """
 )
 
+_CHECK_WEEKLY = (
+    _EXPECTED_HISTOGRAMS  # noqa: S608 (constant SQL, no input)
+    + """, per_week AS (
+    SELECT tenant_id, day - (extract(isodow FROM day)::int - 1) AS week, environment, department,
+        integration_id, figure, bucket, sum(visits) AS visits
+    FROM expected GROUP BY 1, 2, 3, 4, 5, 6, 7
+), actual AS (
+    SELECT * FROM weekly_histograms WHERE tenant_id = $1 AND visits <> 0
+)
+SELECT coalesce(e.week, a.week) AS week, coalesce(e.figure, a.figure) AS figure
+FROM per_week e FULL JOIN actual a
+    USING (tenant_id, week, environment, department, integration_id, figure, bucket)
+WHERE e.visits IS DISTINCT FROM a.visits
+"""
+)
+
 
 async def check(conn: Connection, tenant_id: str) -> list[str]:
     """Differences between the rollup and a recomputation from the facts; empty when equal."""
@@ -213,6 +240,10 @@ async def check(conn: Connection, tenant_id: str) -> list[str]:
     problems += [
         f"tenant_day_histograms differ on {r['day']} for {r['figure']}"
         for r in await conn.fetch(_CHECK_TENANT_DAY, tenant_id, THRESHOLDS_MS)
+    ]
+    problems += [
+        f"weekly_histograms differ in the week of {r['week']} for {r['figure']}"
+        for r in await conn.fetch(_CHECK_WEEKLY, tenant_id, THRESHOLDS_MS)
     ]
     return problems
 
@@ -230,6 +261,13 @@ async def rebuild(conn: Connection, tenant_id: str) -> None:
         "INSERT INTO daily_histograms " + _EXPECTED_HISTOGRAMS + " SELECT * FROM expected",  # noqa: S608
         tenant_id,
         THRESHOLDS_MS,
+    )
+    await conn.execute("DELETE FROM weekly_histograms WHERE tenant_id = $1", tenant_id)
+    await conn.execute(
+        "INSERT INTO weekly_histograms SELECT tenant_id, day - (extract(isodow FROM day)::int - 1),"
+        " environment, department, integration_id, figure, bucket, sum(visits)"
+        " FROM daily_histograms WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4, 5, 6, 7",
+        tenant_id,
     )
     await conn.execute("DELETE FROM tenant_day_histograms WHERE tenant_id = $1", tenant_id)
     await conn.execute(
