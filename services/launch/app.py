@@ -8,7 +8,7 @@ from aiohttp import web
 from libs.common.events import Topic
 from libs.common.settings import ServiceSettings
 from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
-from services.launch import patient, provider, scheduling
+from services.launch import patient, patient_launch, provider, scheduling
 from services.launch.graph import GraphClient
 from services.launch.integrations import IntegrationDirectory, on_integration_config
 from services.launch.notifications import receive_notifications
@@ -53,6 +53,7 @@ def create_app(settings: ServiceSettings) -> web.Application:
     router = app.router
     router.add_get("/launch/provider", provider.launch_provider)
     router.add_get("/launch/provider/{integration_id}", provider.launch_provider)
+    router.add_get("/launch/patient/{integration_id}", patient_launch.launch_patient)
     router.add_get("/launch/callback", provider.launch_callback)
     router.add_get("/visit", provider.provider_page)
     router.add_get("/visit/choose", provider.choose_page)

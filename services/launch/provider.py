@@ -4,7 +4,6 @@ clinician the visit with a live roster."""
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import uuid
 from datetime import UTC, datetime
@@ -16,145 +15,43 @@ import structlog
 from aiohttp import web
 
 from libs.common.events import SmsRequestedV1, Topic, make_event
-from libs.common.keys import appointment_key
 from libs.common.outbox import enqueue
 from libs.common.web import DB_POOL
 from services.launch.fhir import Appointment, FhirClient, FhirError
-from services.launch.graph import GraphError
 from services.launch.integrations import Integration
-from services.launch.meetings import Visit, create_meeting, record_visit
-from services.launch.outbound import HTTP, OutboundError
+from services.launch.launch_flow import (
+    NOT_CONFIGURED,
+    VisitUnavailable,
+    begin_launch,
+    complete_launch,
+    open_visit,
+)
+from services.launch.outbound import HTTP
 from services.launch.pages import page, problem_page
+from services.launch.patient_launch import finish_patient_launch
 from services.launch.sessions import current_session, set_session_cookie, start_session
-from services.launch.smart import Pkce, SmartError, ehr_user_id
-from services.launch.state import GRAPH, INTEGRATIONS, SMART, launch_settings
+from services.launch.smart import SmartError, ehr_user_id
+from services.launch.state import INTEGRATIONS, launch_settings
 
 log = structlog.get_logger(__name__)
-
-NOT_CONFIGURED = "This FHIR URL is not configured for the Teams connector; ask your administrator."
-
-
-def _redirect_uri(request: web.Request) -> str:
-    return f"{launch_settings(request).public_base_url.rstrip('/')}/launch/callback"
-
-
-def _launch_parameters(request: web.Request) -> tuple[str, str]:
-    iss, launch = request.query.get("iss", ""), request.query.get("launch", "")
-    if not iss or not launch or len(iss) > 2048 or len(launch) > 1024:
-        raise web.HTTPBadRequest(
-            text="The EHR launch is missing iss or launch, or they are too long.",
-        )
-    if len(request.query.getall("iss")) > 1 or len(request.query.getall("launch")) > 1:
-        raise web.HTTPBadRequest(text="The EHR launch repeats iss or launch.")
-    return iss, launch
 
 
 async def launch_provider(request: web.Request) -> web.StreamResponse:
     """Validates `iss` against configuration before any outbound request."""
-    settings = launch_settings(request)
-    try:
-        iss, launch = _launch_parameters(request)
-    except web.HTTPBadRequest as exc:
-        return problem_page(400, "This launch is not valid", exc.text or "")
-    directory = request.app[INTEGRATIONS]
-    integration: Integration | None
-    if "integration_id" in request.match_info:
-        try:
-            wanted = uuid.UUID(request.match_info["integration_id"])
-        except ValueError:
-            return problem_page(404, "Unknown integration", NOT_CONFIGURED)
-        integration = await directory.by_id(wanted)
-        if integration is not None and integration.fhir_base_url != iss:
-            integration = None
-    else:
-        integration = await directory.by_fhir_base(iss)
-    if integration is None:
-        log.warning("launch refused: iss not configured", iss_length=len(iss))
-        return problem_page(403, "This EHR is not set up", NOT_CONFIGURED)
-    try:
-        config = await request.app[SMART].discover(iss)
-    except (SmartError, OutboundError) as exc:
-        return problem_page(502, "The EHR could not be reached", str(exc))
-    smart = request.app[SMART]
-    state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
-    pkce = Pkce.new() if smart.uses_pkce(integration, config) else None
-    sealed = settings.field_cipher().encrypt(
-        orjson.dumps({"verifier": pkce.verifier if pkce else None, "nonce": nonce}).decode(),
-        f"launch-state:{integration.integration_id}",
-    )
-    await request.app[DB_POOL].execute(
-        "INSERT INTO launch_states (state_hash, integration_id, secrets, expires_at)"
-        " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
-        _digest(state),
-        integration.integration_id,
-        sealed,
-        settings.launch_state_ttl_s,
-    )
-    url = smart.authorize_url(
-        integration,
-        config,
-        state=state,
-        nonce=nonce,
-        launch=launch,
-        redirect_uri=_redirect_uri(request),
-        pkce=pkce,
-    )
-    raise web.HTTPFound(url)
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode()).digest()
+    return await begin_launch(request, "provider")
 
 
 async def launch_callback(request: web.Request) -> web.StreamResponse:
+    """The one SMART callback: the persona sealed with the state picks the flow."""
+    completed = await complete_launch(request)
+    if isinstance(completed, web.Response):
+        return completed
+    if completed.persona == "patient":
+        return await finish_patient_launch(request, completed)
     settings = launch_settings(request)
-    if "error" in request.query:
-        return problem_page(
-            400,
-            "The EHR did not approve the sign-in",
-            request.query.get("error_description", request.query["error"])[:300],
-        )
-    state, code = request.query.get("state", ""), request.query.get("code", "")
-    if not state or not code or len(state) > 256 or len(code) > 4096:
-        return problem_page(
-            400, "This sign-in is not valid", "Launch the visit again from the EHR."
-        )
-    row = await request.app[DB_POOL].fetchrow(
-        "DELETE FROM launch_states WHERE state_hash = $1 RETURNING integration_id, secrets,"
-        " expires_at > now() AS fresh",
-        _digest(state),
-    )
-    if row is None or not row["fresh"]:
-        log.warning("launch callback refused: unknown, reused or expired state")
-        return problem_page(
-            400,
-            "This sign-in has expired or was already used",
-            "Launch the visit again from the EHR.",
-        )
-    integration = await request.app[INTEGRATIONS].by_id(row["integration_id"])
-    if integration is None:
-        return problem_page(403, "This EHR is not set up", NOT_CONFIGURED)
-    cipher = settings.field_cipher()
-    stored = orjson.loads(
-        cipher.decrypt(row["secrets"], f"launch-state:{integration.integration_id}")
-    )
-    smart = request.app[SMART]
+    integration, tokens = completed.integration, completed.tokens
     try:
-        config = await smart.discover(integration.fhir_base_url)
-        tokens = await smart.exchange_code(
-            integration,
-            config,
-            cipher,
-            code=code,
-            redirect_uri=_redirect_uri(request),
-            verifier=stored["verifier"],
-        )
-        if not tokens.id_token:
-            raise SmartError("The EHR did not say who signed in (no id_token).")
-        claims = await smart.validate_id_token(
-            integration, config, tokens.id_token, stored["nonce"]
-        )
-        user = ehr_user_id(claims, integration.fhir_base_url)
+        user = ehr_user_id(completed.claims, integration.fhir_base_url)
     except SmartError as exc:
         log.warning("launch refused", reason=str(exc))
         return problem_page(400, "The sign-in could not be completed", str(exc))
@@ -175,12 +72,12 @@ async def launch_callback(request: web.Request) -> web.StreamResponse:
     key = None
     if chosen is not None:
         try:
-            key = await _open_visit(request, integration, chosen, user)
+            key = await open_visit(request, integration, chosen, user)
         except VisitUnavailable as exc:
             return problem_page(503, "The meeting could not be prepared", str(exc))
     token = await start_session(
         request.app[DB_POOL],
-        cipher,
+        settings.field_cipher(),
         integration_id=integration.integration_id,
         ehr_user_id=user,
         appointment_key=key,
@@ -204,47 +101,6 @@ async def _find_appointments(
     if not found and patient:
         found = await fhir.todays_appointments(patient, datetime.now(UTC))
     return [a for a in found if a.is_video_visit and a.status != "cancelled"]
-
-
-class VisitUnavailable(Exception):
-    """The meeting could not be created now; the clinician can retry."""
-
-
-async def _open_visit(
-    request: web.Request, integration: Integration, appointment: Appointment, user: str
-) -> str:
-    settings = launch_settings(request)
-    key = appointment_key(
-        settings.appointment_key_secret.get_secret_value(),
-        integration.integration_id,
-        appointment.id,
-    )
-    pool = request.app[DB_POOL]
-    updated = await pool.execute(
-        "UPDATE appointments SET ehr_user_id = $2, updated_at = now() WHERE appointment_key = $1",
-        key,
-        user,
-    )
-    if updated == "UPDATE 1":
-        return key
-    if appointment.start is None or appointment.end is None:
-        raise VisitUnavailable("The appointment has no start or end time in the EHR.")
-    visit = Visit(
-        appointment_key=key,
-        integration=integration,
-        department=appointment.department(integration.department),
-        starts_at=appointment.start,
-        ends_at=appointment.end,
-        time_zone=settings.default_time_zone,
-        schedule_version=appointment.schedule_version,
-    )
-    try:
-        meeting = await create_meeting(request.app[GRAPH], settings, visit)
-    except GraphError as exc:
-        raise VisitUnavailable(str(exc)) from None
-    async with pool.acquire() as conn, conn.transaction():
-        await record_visit(conn, settings, visit, meeting, ehr_user_id=user)
-    return key
 
 
 def _option(appointment: Appointment, integration: Integration) -> dict[str, str]:
@@ -297,7 +153,7 @@ async def choose_submit(request: web.Request) -> web.StreamResponse:
     if appointment is None:
         return problem_page(404, "The appointment is gone", "Launch the visit again from the EHR.")
     try:
-        key = await _open_visit(request, integration, appointment, session.ehr_user_id)
+        key = await open_visit(request, integration, appointment, session.ehr_user_id)
     except VisitUnavailable as exc:
         return problem_page(503, "The meeting could not be prepared", str(exc))
     await pool.execute(

@@ -24,6 +24,8 @@ class LaunchSettings(ServiceSettings):
         "launch openid fhirUser profile online_access user/Appointment.read"
         " user/Encounter.read user/Patient.read user/Practitioner.read"
     )
+    # Scopes of the patient-facing app that patient portals launch (Cerner's patient persona).
+    smart_patient_scopes: str = "launch openid fhirUser patient/Appointment.read"
     smart_discovery_ttl_s: float = Field(default=300, ge=0)
     # Stand-ins serve http on loopback; real FHIR and auth servers must be https.
     allow_loopback_http: bool = False

@@ -9,7 +9,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -24,6 +24,12 @@ from services.launch.outbound import OutboundError, check_endpoint, read_json
 from services.launch.settings import LaunchSettings
 
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "ES384"]
+# Who launched: a clinician from the EHR, or a patient from the patient portal.
+Persona = Literal["provider", "patient"]
+# Cerner runs one authorize endpoint per persona and advertises the provider one at its EHR
+# FHIR root; patient apps use the patient persona's, which sits beside it.
+CERNER_PROVIDER_PERSONA = "/personas/provider/authorize"
+CERNER_PATIENT_PERSONA = "/personas/patient/authorize"
 
 
 class SmartConfiguration(BaseModel):
@@ -120,12 +126,18 @@ class SmartClient:
         launch: str,
         redirect_uri: str,
         pkce: Pkce | None,
+        persona: Persona = "provider",
     ) -> str:
+        scopes = (
+            self._settings.smart_patient_scopes
+            if persona == "patient"
+            else self._settings.smart_scopes
+        )
         params = {
             "response_type": "code",
             "client_id": integration.smart_client_id,
             "redirect_uri": redirect_uri,
-            "scope": self._settings.smart_scopes,
+            "scope": scopes,
             "state": state,
             "nonce": nonce,
             "launch": launch,
@@ -134,8 +146,9 @@ class SmartClient:
         }
         if pkce is not None:
             params |= {"code_challenge": pkce.challenge, "code_challenge_method": "S256"}
-        separator = "&" if "?" in config.authorization_endpoint else "?"
-        return config.authorization_endpoint + separator + urlencode(params, quote_via=quote)
+        endpoint = authorization_endpoint(config, persona)
+        separator = "&" if "?" in endpoint else "?"
+        return endpoint + separator + urlencode(params, quote_via=quote)
 
     def _client_auth(
         self, integration: Integration, config: SmartConfiguration, cipher: FieldCipher
@@ -290,15 +303,40 @@ class SmartClient:
         raise SmartError("The EHR's identity token was signed by an unknown key.")
 
 
-def ehr_user_id(claims: dict[str, Any], iss: str) -> str:
-    """`fhirUser` as `Practitioner/<id>`, whether the EHR sent it absolute (Cerner) or
-    relative (some simulators); an absolute one must point into this FHIR server."""
+def authorization_endpoint(config: SmartConfiguration, persona: Persona) -> str:
+    """Where to send this persona. A Cerner discovery document names the provider persona's
+    endpoint; a patient goes to the patient persona's beside it. Other SMART servers serve
+    both personas from the one endpoint they advertise."""
+    endpoint = config.authorization_endpoint
+    if persona == "patient" and endpoint.endswith(CERNER_PROVIDER_PERSONA):
+        return endpoint.removesuffix(CERNER_PROVIDER_PERSONA) + CERNER_PATIENT_PERSONA
+    return endpoint
+
+
+def _fhir_user(claims: dict[str, Any], iss: str, kind: str, label: str) -> str:
+    """`fhirUser` as `<kind>/<id>`, whether the EHR sent it absolute (Cerner) or relative
+    (some simulators); an absolute one must point into this FHIR server."""
     value = str(claims.get("fhirUser") or "")
     if value.startswith(iss + "/"):
         value = value[len(iss) + 1 :]
     parts = value.split("/")
-    if len(parts) != 2 or parts[0] != "Practitioner" or not parts[1]:
-        raise SmartError("The EHR did not say which practitioner signed in.")
+    if len(parts) != 2 or parts[0] != kind or not parts[1]:
+        raise SmartError(f"The EHR did not say which {label} signed in.")
     if not all(c.isalnum() or c in ".-" for c in parts[1]) or len(parts[1]) > 64:
-        raise SmartError("The EHR's practitioner id is not valid.")
+        raise SmartError(f"The EHR's {label} id is not valid.")
     return value
+
+
+def ehr_user_id(claims: dict[str, Any], iss: str) -> str:
+    """The clinician's EHR user id: `fhirUser` as `Practitioner/<id>`."""
+    return _fhir_user(claims, iss, "Practitioner", "practitioner")
+
+
+def patient_in_context(claims: dict[str, Any], iss: str, patient: str | None) -> str:
+    """The patient a patient-persona launch is for: the token's `patient` context, which must
+    be the patient who signed in (`fhirUser` = `Patient/<id>`). Someone acting for a patient
+    (a `RelatedPerson`) is refused. Messages never name the patient."""
+    signed_in = _fhir_user(claims, iss, "Patient", "patient")
+    if not patient or not secrets.compare_digest(signed_in, f"Patient/{patient}"):
+        raise SmartError("The EHR's patient context is not the patient who signed in.")
+    return patient

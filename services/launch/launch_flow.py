@@ -1,0 +1,220 @@
+"""The SMART EHR launch steps both personas share: refuse an unconfigured `iss` before any
+outbound request, discovery, a single-use state with PKCE and nonce, the callback's code
+exchange and id_token validation, and opening the visit's meeting."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from libs.common.keys import appointment_key
+from libs.common.web import DB_POOL
+from services.launch.fhir import Appointment
+from services.launch.graph import GraphError
+from services.launch.integrations import Integration
+from services.launch.meetings import Visit, create_meeting, record_visit
+from services.launch.outbound import OutboundError
+from services.launch.pages import problem_page
+from services.launch.smart import Persona, Pkce, SmartError, TokenResponse
+from services.launch.state import GRAPH, INTEGRATIONS, SMART, launch_settings
+
+log = structlog.get_logger(__name__)
+
+NOT_CONFIGURED = "This FHIR URL is not configured for the Teams connector; ask your administrator."
+
+
+def redirect_uri(request: web.Request) -> str:
+    """One callback for both personas; the persona travels sealed with the state."""
+    return f"{launch_settings(request).public_base_url.rstrip('/')}/launch/callback"
+
+
+def _launch_parameters(request: web.Request) -> tuple[str, str]:
+    iss, launch = request.query.get("iss", ""), request.query.get("launch", "")
+    if not iss or not launch or len(iss) > 2048 or len(launch) > 1024:
+        raise web.HTTPBadRequest(
+            text="The EHR launch is missing iss or launch, or they are too long.",
+        )
+    if len(request.query.getall("iss")) > 1 or len(request.query.getall("launch")) > 1:
+        raise web.HTTPBadRequest(text="The EHR launch repeats iss or launch.")
+    return iss, launch
+
+
+async def begin_launch(request: web.Request, persona: Persona) -> web.StreamResponse:
+    """`/launch/<persona>[/<integration>]?iss=&launch=`: validates `iss` against
+    configuration before any outbound request, then redirects to the EHR's authorize."""
+    settings = launch_settings(request)
+    try:
+        iss, launch = _launch_parameters(request)
+    except web.HTTPBadRequest as exc:
+        return problem_page(400, "This launch is not valid", exc.text or "")
+    directory = request.app[INTEGRATIONS]
+    integration: Integration | None
+    if "integration_id" in request.match_info:
+        try:
+            wanted = uuid.UUID(request.match_info["integration_id"])
+        except ValueError:
+            return problem_page(404, "Unknown integration", NOT_CONFIGURED)
+        integration = await directory.by_id(wanted)
+        if integration is not None and integration.fhir_base_url != iss:
+            integration = None
+    else:
+        integration = await directory.by_fhir_base(iss)
+    if integration is None:
+        log.warning("launch refused: iss not configured", persona=persona, iss_length=len(iss))
+        return problem_page(403, "This EHR is not set up", NOT_CONFIGURED)
+    smart = request.app[SMART]
+    try:
+        config = await smart.discover(iss)
+    except (SmartError, OutboundError) as exc:
+        return problem_page(502, "The EHR could not be reached", str(exc))
+    state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+    pkce = Pkce.new() if smart.uses_pkce(integration, config) else None
+    sealed = settings.field_cipher().encrypt(
+        orjson.dumps(
+            {"verifier": pkce.verifier if pkce else None, "nonce": nonce, "persona": persona}
+        ).decode(),
+        f"launch-state:{integration.integration_id}",
+    )
+    await request.app[DB_POOL].execute(
+        "INSERT INTO launch_states (state_hash, integration_id, secrets, expires_at)"
+        " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+        _digest(state),
+        integration.integration_id,
+        sealed,
+        settings.launch_state_ttl_s,
+    )
+    url = smart.authorize_url(
+        integration,
+        config,
+        state=state,
+        nonce=nonce,
+        launch=launch,
+        redirect_uri=redirect_uri(request),
+        pkce=pkce,
+        persona=persona,
+    )
+    raise web.HTTPFound(url)
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+@dataclass(frozen=True)
+class CompletedLaunch:
+    """A callback whose state, code and id_token all checked out."""
+
+    persona: Persona
+    integration: Integration
+    tokens: TokenResponse
+    claims: dict[str, Any]
+
+
+async def complete_launch(request: web.Request) -> CompletedLaunch | web.Response:
+    """Consumes the single-use state, exchanges the code and validates the id_token; a
+    problem page when any of it fails."""
+    settings = launch_settings(request)
+    if "error" in request.query:
+        return problem_page(
+            400,
+            "The EHR did not approve the sign-in",
+            request.query.get("error_description", request.query["error"])[:300],
+        )
+    state, code = request.query.get("state", ""), request.query.get("code", "")
+    if not state or not code or len(state) > 256 or len(code) > 4096:
+        return problem_page(400, "This sign-in is not valid", "Launch the visit again.")
+    row = await request.app[DB_POOL].fetchrow(
+        "DELETE FROM launch_states WHERE state_hash = $1 RETURNING integration_id, secrets,"
+        " expires_at > now() AS fresh",
+        _digest(state),
+    )
+    if row is None or not row["fresh"]:
+        log.warning("launch callback refused: unknown, reused or expired state")
+        return problem_page(
+            400, "This sign-in has expired or was already used", "Launch the visit again."
+        )
+    integration = await request.app[INTEGRATIONS].by_id(row["integration_id"])
+    if integration is None:
+        return problem_page(403, "This EHR is not set up", NOT_CONFIGURED)
+    cipher = settings.field_cipher()
+    stored = orjson.loads(
+        cipher.decrypt(row["secrets"], f"launch-state:{integration.integration_id}")
+    )
+    # States sealed before the patient launch existed carry no persona: they are provider's.
+    persona: Persona = "patient" if stored.get("persona") == "patient" else "provider"
+    smart = request.app[SMART]
+    try:
+        config = await smart.discover(integration.fhir_base_url)
+        tokens = await smart.exchange_code(
+            integration,
+            config,
+            cipher,
+            code=code,
+            redirect_uri=redirect_uri(request),
+            verifier=stored["verifier"],
+        )
+        if not tokens.id_token:
+            raise SmartError("The EHR did not say who signed in (no id_token).")
+        claims = await smart.validate_id_token(
+            integration, config, tokens.id_token, stored["nonce"]
+        )
+    except SmartError as exc:
+        log.warning("launch refused", persona=persona, reason=str(exc))
+        return problem_page(400, "The sign-in could not be completed", str(exc))
+    return CompletedLaunch(persona, integration, tokens, claims)
+
+
+class VisitUnavailable(Exception):
+    """The meeting could not be created now; the user can retry."""
+
+
+async def open_visit(
+    request: web.Request, integration: Integration, appointment: Appointment, user: str | None
+) -> str:
+    """The appointment key of a known appointment, or of one whose meeting is created now and
+    recorded with `appointment-created`. `user` is the clinician's EHR user id; a patient is
+    not an EHR user, so a patient launch passes None and nothing about them is stored."""
+    settings = launch_settings(request)
+    key = appointment_key(
+        settings.appointment_key_secret.get_secret_value(),
+        integration.integration_id,
+        appointment.id,
+    )
+    pool = request.app[DB_POOL]
+    if user is not None:
+        updated = await pool.execute(
+            "UPDATE appointments SET ehr_user_id = $2, updated_at = now()"
+            " WHERE appointment_key = $1",
+            key,
+            user,
+        )
+        known = updated == "UPDATE 1"
+    else:
+        known = await pool.fetchval("SELECT 1 FROM appointments WHERE appointment_key = $1", key)
+    if known:
+        return key
+    if appointment.start is None or appointment.end is None:
+        raise VisitUnavailable("The appointment has no start or end time in the EHR.")
+    visit = Visit(
+        appointment_key=key,
+        integration=integration,
+        department=appointment.department(integration.department),
+        starts_at=appointment.start,
+        ends_at=appointment.end,
+        time_zone=settings.default_time_zone,
+        schedule_version=appointment.schedule_version,
+    )
+    try:
+        meeting = await create_meeting(request.app[GRAPH], settings, visit)
+    except GraphError as exc:
+        raise VisitUnavailable(str(exc)) from None
+    async with pool.acquire() as conn, conn.transaction():
+        await record_visit(conn, settings, visit, meeting, ehr_user_id=user)
+    return key
