@@ -50,7 +50,7 @@ async def _api(
         return await _json(r, 200, 201, 202)
 
 
-async def configure_portal(http: aiohttp.ClientSession) -> tuple[str, str, str]:
+async def configure_portal(http: aiohttp.ClientSession) -> tuple[str, dict[str, str], str]:
     session = await portal_session(http, CONFIG, ADMIN)
     fhir_base = f"{EHR}/r4/{TENANT_A}"
     listing = await _api(http, session, "GET", "/api/integrations")
@@ -114,13 +114,11 @@ async def configure_portal(http: aiohttp.ClientSession) -> tuple[str, str, str]:
         )
     await _api(http, session, "PUT", "/api/allocation", {"monthly_allocation": 500})
     records = await _api(http, session, "GET", f"/api/integrations/{integration_id}/records")
-    launch_url = next(
-        str(r["value"]) for r in records["records"] if r["key"] == "provider_launch_url"
-    )
-    return integration_id, launch_url, str(number["phone_number"])
+    urls = {str(r["key"]): str(r["value"]) for r in records["records"]}
+    return integration_id, urls, str(number["phone_number"])
 
 
-async def register_in_ehr(http: aiohttp.ClientSession, launch_url: str) -> None:
+async def register_in_ehr(http: aiohttp.ClientSession, records: dict[str, str]) -> None:
     """What the Cerner admin does with the integration records."""
     client = {
         "client_id": SMART_CLIENT_ID,
@@ -131,7 +129,8 @@ async def register_in_ehr(http: aiohttp.ClientSession, launch_url: str) -> None:
     async with http.post(f"{EHR}/_sandbox/clients", json=client) as r:
         await _json(r, 200, 201)
     tenant = {
-        "launch_url": launch_url,
+        "launch_url": records["provider_launch_url"],
+        "patient_launch_url": records["patient_launch_url"],
         "webhook_url": f"{LAUNCH}/ehr/scheduling",
         "webhook_secret": WEBHOOK_SECRET,
     }
@@ -165,7 +164,7 @@ async def seed(ca_file: str) -> Seeded:
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=30),
     ) as http:
-        integration_id, launch_url, number = await configure_portal(http)
-        await register_in_ehr(http, launch_url)
+        integration_id, records, number = await configure_portal(http)
+        await register_in_ehr(http, records)
         booked = await book_visits(http)
-    return Seeded(integration_id, launch_url, number, booked)
+    return Seeded(integration_id, records["provider_launch_url"], number, booked)
