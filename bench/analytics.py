@@ -1,11 +1,13 @@
 """Analytics: ingest throughput from Kafka into facts and the daily rollup (inbox dedupe
 included; baseline: asyncpg COPY of the same number of rows in the same database), and the
-latency of a 90-day usage report over 1,000,000 generated appointments (baseline: the same
-report aggregated straight from the facts)."""
+latency (p50 and p95 per grouping; the figure is the worst p95) of a 90-day usage report over
+1,000,000 generated appointments (baseline: the same report aggregated straight from the
+facts)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import statistics
@@ -309,8 +311,10 @@ async def report_latency(smoke: bool) -> Result:
             await rollup.rebuild(conn, TENANT)
         await pool.execute("ANALYZE")
 
-        groups: list[reports.GroupBy] = ["day", "department", "integration"]
+        groups: list[reports.GroupBy] = ["day", "department", "environment", "integration"]
         samples: dict[str, list[float]] = {g: [] for g in groups}
+        for group_by in groups:  # warm the caches and the prepared statements
+            await reports.usage(pool, TENANT, first, last, group_by)
         for _ in range(repeats):
             for group_by in groups:
                 started = time.perf_counter()
@@ -325,19 +329,27 @@ async def report_latency(smoke: bool) -> Result:
         assert totals.totals.appointments > count * 0.7
     finally:
         await _drop(name, pool)
-    medians = {g: statistics.median(v) for g, v in samples.items()}
-    print("  90-day report median ms by group_by:", {g: round(m, 1) for g, m in medians.items()})
-    worst = max(medians.values())
+    p95s = {g: p95(v) for g, v in samples.items()}
+    for g, v in samples.items():
+        p50 = statistics.median(v)
+        print(f"  90-day report by {g:<11} p50 {p50:7.1f} ms  p95 {p95s[g]:7.1f} ms")
+    worst = max(p95s.values())
     baseline = statistics.median(direct)
     return Result(
-        name=f"analytics 90-day report ({count:,} appts)",
+        name=f"analytics 90-day report p95 ({count:,} appts)",
         figure=worst,
         unit="ms",
         baseline=baseline,
         ratio=worst / baseline,
-        goal="< 100 ms",
+        goal="p95 < 100 ms",
         meets_goal=worst < 100,
     )
+
+
+def p95(samples: list[float]) -> float:
+    """The 95th percentile (nearest rank) of the samples."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 BENCHMARKS = [
