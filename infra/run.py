@@ -15,7 +15,7 @@ import signal
 import ssl
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -142,6 +142,30 @@ class RunningSystem:
     processes: list[Process]
     children: list[tuple[Process, asyncio.subprocess.Process]]
     seeded: Seeded
+    env: dict[str, str] = field(default_factory=dict)
+
+    def child(self, name: str) -> asyncio.subprocess.Process:
+        return next(child for process, child in self.children if process.name == name)
+
+    async def restart(self, name: str, within_s: float = 60) -> asyncio.subprocess.Process:
+        """Starts one process again after it exited (or was killed), in the same slot, and
+        waits until it is healthy; the block's end stops the new one like the others."""
+        index, (process, old) = next(
+            (i, pc) for i, pc in enumerate(self.children) if pc[0].name == name
+        )
+        await old.wait()
+        child = await start(process, self.env)
+        self.children[index] = (process, child)
+        trusted = ssl.create_default_context(cafile=str(TLS / "ca.pem"))
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=5), connector=aiohttp.TCPConnector(ssl=trusted)
+        ) as session:
+            if not await wait_healthy(session, process, within_s=within_s):
+                raise StartFailed(
+                    f"{process.name} did not become healthy again;"
+                    f" see {LOGS / (process.module + '.log')}"
+                )
+        return child
 
 
 @contextlib.asynccontextmanager
@@ -175,7 +199,7 @@ async def running_system() -> AsyncIterator[RunningSystem]:
                     )
         print("run: entering sample data (admin portal, EHR registration, two bookings)...")
         seeded = await seed(str(TLS / "ca.pem"))
-        yield RunningSystem(wanted, children, seeded)
+        yield RunningSystem(wanted, children, seeded, env)
     finally:
         print("run: stopping services...")
         for _, child in children:
