@@ -17,12 +17,13 @@ KUSTOMIZE := $(TOOLS)/bin/kustomize
 PG_ADMIN_DSN ?= postgresql://postgres@127.0.0.1:15432/postgres
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv infra infra-down run demo test test-only lint format bench bench-smoke clean deploy-check
+.PHONY: help setup venv infra infra-down run demo test test-only test-faults lint format bench bench-smoke clean deploy-check
 
 help:
 	@echo "make run    - set up and start Kafka, Postgres, the stand-ins and the four services; Ctrl-C stops"
 	@echo "make test   - set up, start Kafka and Postgres, lint, then run every test"
 	@echo "make demo   - start everything and drive one visit from booking to report"
+	@echo "make test-faults - the fault-injection and privacy suite (kills the local Kafka and Postgres; run alone)"
 	@echo "make lint   - ruff and mypy --strict"
 	@echo "make deploy-check - render deploy/overlays with kustomize and validate them offline"
 	@echo "make bench  - run the benchmarks (bench/results/latest.json)"
@@ -66,6 +67,12 @@ test: infra lint deploy-check
 
 test-only:
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# Not part of `make test`: it SIGKILLs the shared Kafka broker and restarts Postgres, so it must
+# run alone (no other pytest against them). FAULTS_APPOINTMENTS=500 for the full day (default 60).
+test-faults: infra
+	@if pgrep -f "pytest" >/dev/null; then echo "test-faults: other pytest runs use Kafka and Postgres; wait for them:"; pgrep -af pytest; exit 1; fi
+	@EHR_FAULTS=1 $(PY) -m pytest tests/faults -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv
 	@$(VENV)/bin/ruff check .
