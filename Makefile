@@ -71,7 +71,7 @@ test-only:
 # Not part of `make test`: it SIGKILLs the shared Kafka broker and restarts Postgres, so it must
 # run alone (no other pytest against them). FAULTS_APPOINTMENTS=500 for the full day (default 60).
 test-faults: infra
-	@if pgrep -f "pytest" >/dev/null; then echo "test-faults: other pytest runs use Kafka and Postgres; wait for them:"; pgrep -af pytest; exit 1; fi
+	@if pgrep -f '[p]ytest' >/dev/null; then echo "test-faults: other test runs use Kafka and Postgres; wait for them:"; pgrep -af '[p]ytest'; exit 1; fi
 	@EHR_FAULTS=1 $(PY) -m pytest tests/faults -s -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv

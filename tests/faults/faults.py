@@ -80,8 +80,8 @@ async def kill_kafka(log: FaultLog, down_s: float = 10.0) -> None:
     restarted = time.monotonic() - started
     await broker_serving()
     log.note(
-        f"kafka broker SIGKILLed, restarted after {restarted:.1f} s,"
-        f" serving again after {time.monotonic() - started:.1f} s"
+        f"kafka broker SIGKILLed, start issued after {down_s:.0f} s, port open after"
+        f" {restarted:.1f} s, serving metadata after {time.monotonic() - started:.1f} s"
     )
 
 
