@@ -166,12 +166,9 @@ class Day:
         now = datetime.now(UTC).replace(microsecond=0)
         for i in range(self.count):
             reminded = i % 4 == 0
-            # Reminders are planned 15 min before the start; these become due during the run.
-            start = (
-                now + timedelta(minutes=15, seconds=40 + i)
-                if reminded
-                else now + timedelta(hours=2, minutes=i)
-            )
+            # Reminders are planned 15 min before the start; a reminded visit's start is set
+            # when it is booked (visit()), so its reminder falls due 30 s later, in the run.
+            start = now + timedelta(hours=2, minutes=i)
             patient = directory["patients"][i % len(directory["patients"])]
             location = directory["locations"][i % len(directory["locations"])]
             self.visits.append(
@@ -238,6 +235,10 @@ class Day:
         return await eventually("the Teams meeting", probe, within_s=60)
 
     async def visit(self, visit: Visit) -> None:
+        if visit.reminded:
+            visit.start = datetime.now(UTC).replace(microsecond=0) + timedelta(
+                minutes=15, seconds=30
+            )
         booking = {
             "patient": visit.patient,
             "practitioner": self.practitioner,
