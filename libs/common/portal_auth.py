@@ -22,13 +22,12 @@ from typing import Any, ClassVar, Literal
 
 import aiohttp
 import jwt
-import msal
 import orjson
-import requests
 import structlog
 from aiohttp import web
 from pydantic import Field, SecretStr
 
+from libs.common.entra import confidential_client
 from libs.common.settings import ServiceSettings
 from libs.common.web import DB_POOL, SETTINGS
 
@@ -107,17 +106,12 @@ class EntraSignIn:
         # Built on first use (in a worker thread): msal reads the authority's discovery
         # document when constructed, and the portal must start even if Entra is unreachable.
         if self._msal is None:
-            session = requests.Session()
-            # requests would let REQUESTS_CA_BUNDLE override verification; pin ours.
-            session.trust_env = False
-            session.verify = self._settings.tls_ca_bundle or True
-            self._msal = msal.ConfidentialClientApplication(
+            self._msal = confidential_client(
                 self._settings.entra_client_id,
-                authority=f"{self._host}/organizations",
-                client_credential=self._settings.entra_client_secret.get_secret_value(),
-                instance_discovery=False,
-                http_client=session,
-                timeout=self._settings.external_call_timeout_s,
+                self._settings.entra_client_secret,
+                f"{self._host}/organizations",
+                ca_bundle=self._settings.tls_ca_bundle,
+                timeout_s=self._settings.external_call_timeout_s,
             )
         return self._msal
 

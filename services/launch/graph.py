@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-import msal
 import requests
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from libs.common.entra import confidential_client
 from services.launch.outbound import OutboundError, read_json
 from services.launch.settings import LaunchSettings
 
@@ -55,17 +55,12 @@ class GraphClient:
     def _acquire(self, ms_tenant_id: str) -> str:
         app = self._apps.get(ms_tenant_id)
         if app is None:
-            session = requests.Session()
-            # requests would let REQUESTS_CA_BUNDLE override verification; pin ours.
-            session.trust_env = False
-            session.verify = self._settings.tls_ca_bundle or True
-            app = msal.ConfidentialClientApplication(
+            app = confidential_client(
                 self._settings.entra_client_id,
-                authority=f"{self._settings.entra_authority_host.rstrip('/')}/{ms_tenant_id}",
-                client_credential=self._settings.entra_client_secret.get_secret_value(),
-                instance_discovery=False,
-                http_client=session,
-                timeout=self._settings.external_call_timeout_s,
+                self._settings.entra_client_secret,
+                f"{self._settings.entra_authority_host.rstrip('/')}/{ms_tenant_id}",
+                ca_bundle=self._settings.tls_ca_bundle,
+                timeout_s=self._settings.external_call_timeout_s,
             )
             self._apps[ms_tenant_id] = app
         # msal serves from its token cache until the token nears expiry.
