@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 GROWTH = 1.05
 LAST_THRESHOLD_MS = 48 * 3600 * 1000
@@ -42,6 +42,21 @@ def representative_ms(bucket: int) -> float:
     if bucket >= len(THRESHOLDS_MS):
         return float(low)
     return math.sqrt(low * THRESHOLDS_MS[bucket])
+
+
+def percentile_bucket(counts: Sequence[int | None], q: float) -> int | None:
+    """The bucket of the nearest-rank percentile (q in (0, 1]) of a dense histogram, where
+    counts[i] is the number of values in bucket i (None counts as zero)."""
+    total = sum(n or 0 for n in counts)
+    if total <= 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for bucket, n in enumerate(counts):
+        seen += n or 0
+        if seen >= rank:
+            return bucket
+    return None  # unreachable: the running sum ends at total >= rank
 
 
 def percentile_ms(counts: Mapping[int, int], q: float) -> float | None:

@@ -1,17 +1,20 @@
 """The daily rollup: each visit adds one contribution to its (tenant, day, environment,
-department, integration) row and to the histogram buckets of its lobby wait and duration,
-per day and per ISO week (the weekly tier lets a long report read weeks instead of days).
+department, integration) row and to the histograms of its lobby wait and duration, per day,
+per ISO week (the weekly tier lets a long report read weeks instead of days) and per tenant
+and day (a per-day report reads one histogram per day). A histogram is one row whose array
+holds the count of every bucket.
 
 A recomputed visit subtracts its previous contribution and adds the new one in the same
 transaction, so the rollup always equals a fresh aggregation of the facts; `check` proves it.
 """
 
+# ruff: noqa: S608 -- every statement here is built from constants: table and column names.
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from services.analytics.histogram import THRESHOLDS_MS, bucket_of
@@ -102,40 +105,73 @@ async def apply(conn: Connection, old: Contribution | None, new: Contribution | 
         *(list(part) for part in zip(*keys, strict=True)),
         *(list(column) for column in columns),
     )
-    changed = sorted(k for k, n in buckets.items() if n != 0)
-    if not changed:
+    await _add_histograms(conn, buckets)
+
+
+def _dense(deltas: dict[int, int], length: int) -> list[int]:
+    counts = [0] * length
+    for bucket, n in deltas.items():
+        counts[bucket] = n
+    return counts
+
+
+async def _add_counts(
+    conn: Connection, table: str, key_columns: str, key_types: str, rows: dict[Any, dict[int, int]]
+) -> None:
+    """Adds each row's bucket deltas to its histogram (creating it if new). The deltas of all
+    rows travel as one flat array of equal-length slices, so one statement does every row."""
+    keys = sorted(k for k, deltas in rows.items() if any(deltas.values()))
+    if not keys:
         return
+    length = 1 + max(b for k in keys for b, n in rows[k].items() if n)
+    flat = [n for k in keys for n in _dense(rows[k], length)]
+    types = key_types.split(",")
+    unnest = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
+    flat_param, length_param = f"${len(types) + 1}::int[]", f"${len(types) + 2}::int"
     await conn.execute(
-        "WITH fine AS (INSERT INTO daily_histograms AS h (tenant_id, day, environment,"
-        "  department, integration_id, figure, bucket, visits)"
-        "  SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::uuid[],"
-        "   $6::text[], $7::smallint[], $8::int[])"
-        "  ON CONFLICT (tenant_id, day, environment, department, integration_id, figure, bucket)"
-        "  DO UPDATE SET visits = h.visits + excluded.visits),"
-        " weekly AS (INSERT INTO weekly_histograms AS w (tenant_id, week, environment,"
-        "  department, integration_id, figure, bucket, visits)"
-        "  SELECT tenant_id, day - (extract(isodow FROM day)::int - 1), environment,"
-        "   department, integration_id, figure, bucket, sum(visits)"
-        "  FROM unnest($1::text[], $2::date[], $3::text[], $4::text[], $5::uuid[],"
-        "   $6::text[], $7::smallint[], $8::int[])"
-        "   AS u(tenant_id, day, environment, department, integration_id, figure, bucket, visits)"
-        "  GROUP BY 1, 2, 3, 4, 5, 6, 7 HAVING sum(visits) <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7"
-        "  ON CONFLICT (tenant_id, week, environment, department, integration_id, figure, bucket)"
-        "  DO UPDATE SET visits = w.visits + excluded.visits)"
-        " INSERT INTO tenant_day_histograms AS t (tenant_id, day, figure, bucket, visits)"
-        " SELECT tenant_id, day, figure, bucket, sum(visits) FROM unnest($1::text[],"
-        "  $2::date[], $6::text[], $7::smallint[], $8::int[])"
-        "  AS u(tenant_id, day, figure, bucket, visits) GROUP BY 1, 2, 3, 4"
-        " ON CONFLICT (tenant_id, day, figure, bucket)"
-        " DO UPDATE SET visits = t.visits + excluded.visits",
-        [k[0][0] for k in changed],
-        [k[0][1] for k in changed],
-        [k[0][2] for k in changed],
-        [k[0][3] for k in changed],
-        [k[0][4] for k in changed],
-        [k[1] for k in changed],
-        [k[2] for k in changed],
-        [buckets[k] for k in changed],
+        f"INSERT INTO {table} AS h ({key_columns}, counts)"
+        f" SELECT {key_columns},"
+        f" ({flat_param})[(n - 1) * {length_param} + 1 : n * {length_param}]"
+        f" FROM unnest({unnest}) WITH ORDINALITY AS k({key_columns}, n)"
+        f" ON CONFLICT ({key_columns})"
+        " DO UPDATE SET counts = add_counts(h.counts, excluded.counts)",
+        *(list(part) for part in zip(*keys, strict=True)),
+        flat,
+        length,
+    )
+
+
+DAILY_KEY = "tenant_id, day, environment, department, integration_id, figure"
+WEEKLY_KEY = "tenant_id, week, environment, department, integration_id, figure"
+TENANT_DAY_KEY = "tenant_id, day, figure"
+HISTOGRAM_TABLES = (
+    "daily_histogram_counts",
+    "weekly_histogram_counts",
+    "tenant_day_histogram_counts",
+)
+
+
+async def _add_histograms(conn: Connection, buckets: dict[tuple[RollupKey, str, int], int]) -> None:
+    daily: dict[tuple[Any, ...], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    weekly: dict[tuple[Any, ...], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    tenant_day: dict[tuple[Any, ...], dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for (key, figure, bucket), n in buckets.items():
+        if n == 0:
+            continue
+        tenant, day, environment, department, integration = key
+        week = day - timedelta(days=day.weekday())
+        daily[(*key, figure)][bucket] += n
+        weekly[(tenant, week, environment, department, integration, figure)][bucket] += n
+        tenant_day[(tenant, day, figure)][bucket] += n
+    # Always the same tier order and sorted keys: the same lock order in every transaction.
+    await _add_counts(
+        conn, "daily_histogram_counts", DAILY_KEY, "text,date,text,text,uuid,text", daily
+    )
+    await _add_counts(
+        conn, "weekly_histogram_counts", WEEKLY_KEY, "text,date,text,text,uuid,text", weekly
+    )
+    await _add_counts(
+        conn, "tenant_day_histogram_counts", TENANT_DAY_KEY, "text,date,text", tenant_day
     )
 
 
@@ -158,7 +194,7 @@ WITH expected AS (
 )
 """
 _CHECK_USAGE = (
-    _EXPECTED_USAGE  # noqa: S608 (constant SQL, no input)
+    _EXPECTED_USAGE
     + """, actual AS (
     SELECT * FROM daily_usage WHERE tenant_id = $1 AND visits <> 0
 )
@@ -185,11 +221,20 @@ WITH visits AS (
     GROUP BY 1, 2, 3, 4, 5, 6, 7
 )
 """
+
+
+# A histogram table's rows unnested back into (key..., bucket, visits) rows.
+def _buckets(table: str, key_columns: str) -> str:
+    return (
+        f"SELECT {key_columns}, (o - 1)::smallint AS bucket, n AS visits"
+        f" FROM {table}, unnest(counts) WITH ORDINALITY AS u(n, o)"
+        " WHERE tenant_id = $1 AND n <> 0"
+    )
+
+
 _CHECK_HISTOGRAMS = (
-    _EXPECTED_HISTOGRAMS  # noqa: S608 (constant SQL, no input)
-    + """, actual AS (
-    SELECT * FROM daily_histograms WHERE tenant_id = $1 AND visits <> 0
-)
+    _EXPECTED_HISTOGRAMS
+    + f""", actual AS ({_buckets("daily_histogram_counts", DAILY_KEY)})
 SELECT coalesce(e.day, a.day) AS day, coalesce(e.figure, a.figure) AS figure
 FROM expected e FULL JOIN actual a
     USING (tenant_id, day, environment, department, integration_id, figure, bucket)
@@ -198,12 +243,10 @@ WHERE e.visits IS DISTINCT FROM a.visits
 )
 
 _CHECK_TENANT_DAY = (
-    _EXPECTED_HISTOGRAMS  # noqa: S608 (constant SQL, no input)
-    + """, per_day AS (
+    _EXPECTED_HISTOGRAMS
+    + f""", per_day AS (
     SELECT tenant_id, day, figure, bucket, sum(visits) AS visits FROM expected GROUP BY 1, 2, 3, 4
-), actual AS (
-    SELECT * FROM tenant_day_histograms WHERE tenant_id = $1 AND visits <> 0
-)
+), actual AS ({_buckets("tenant_day_histogram_counts", TENANT_DAY_KEY)})
 SELECT coalesce(e.day, a.day) AS day, coalesce(e.figure, a.figure) AS figure
 FROM per_day e FULL JOIN actual a USING (tenant_id, day, figure, bucket)
 WHERE e.visits IS DISTINCT FROM a.visits
@@ -211,14 +254,12 @@ WHERE e.visits IS DISTINCT FROM a.visits
 )
 
 _CHECK_WEEKLY = (
-    _EXPECTED_HISTOGRAMS  # noqa: S608 (constant SQL, no input)
-    + """, per_week AS (
+    _EXPECTED_HISTOGRAMS
+    + f""", per_week AS (
     SELECT tenant_id, day - (extract(isodow FROM day)::int - 1) AS week, environment, department,
         integration_id, figure, bucket, sum(visits) AS visits
     FROM expected GROUP BY 1, 2, 3, 4, 5, 6, 7
-), actual AS (
-    SELECT * FROM weekly_histograms WHERE tenant_id = $1 AND visits <> 0
-)
+), actual AS ({_buckets("weekly_histogram_counts", WEEKLY_KEY)})
 SELECT coalesce(e.week, a.week) AS week, coalesce(e.figure, a.figure) AS figure
 FROM per_week e FULL JOIN actual a
     USING (tenant_id, week, environment, department, integration_id, figure, bucket)
@@ -234,44 +275,47 @@ async def check(conn: Connection, tenant_id: str) -> list[str]:
         for r in await conn.fetch(_CHECK_USAGE, tenant_id)
     ]
     problems += [
-        f"daily_histograms differ on {r['day']} for {r['figure']}"
+        f"daily_histogram_counts differ on {r['day']} for {r['figure']}"
         for r in await conn.fetch(_CHECK_HISTOGRAMS, tenant_id, THRESHOLDS_MS)
     ]
     problems += [
-        f"tenant_day_histograms differ on {r['day']} for {r['figure']}"
+        f"tenant_day_histogram_counts differ on {r['day']} for {r['figure']}"
         for r in await conn.fetch(_CHECK_TENANT_DAY, tenant_id, THRESHOLDS_MS)
     ]
     problems += [
-        f"weekly_histograms differ in the week of {r['week']} for {r['figure']}"
+        f"weekly_histogram_counts differ in the week of {r['week']} for {r['figure']}"
         for r in await conn.fetch(_CHECK_WEEKLY, tenant_id, THRESHOLDS_MS)
     ]
     return problems
+
+
+_REBUILD_HISTOGRAMS = (
+    _EXPECTED_HISTOGRAMS
+    + f""", daily AS (
+    INSERT INTO daily_histogram_counts
+    SELECT {DAILY_KEY}, histogram_counts(array_agg(bucket), array_agg(visits))
+    FROM expected GROUP BY 1, 2, 3, 4, 5, 6
+), weekly AS (
+    INSERT INTO weekly_histogram_counts
+    SELECT tenant_id, day - (extract(isodow FROM day)::int - 1), environment, department,
+        integration_id, figure, histogram_counts(array_agg(bucket), array_agg(visits))
+    FROM expected GROUP BY 1, 2, 3, 4, 5, 6
+)
+INSERT INTO tenant_day_histogram_counts
+SELECT tenant_id, day, figure, histogram_counts(array_agg(bucket), array_agg(visits))
+FROM expected GROUP BY 1, 2, 3
+"""
+)
 
 
 async def rebuild(conn: Connection, tenant_id: str) -> None:
     """Replaces a tenant's rollup with one aggregated from its facts (after a bulk load, or
     to repair what `check` reported). Run it in a transaction."""
     await conn.execute("DELETE FROM daily_usage WHERE tenant_id = $1", tenant_id)
-    await conn.execute("DELETE FROM daily_histograms WHERE tenant_id = $1", tenant_id)
     await conn.execute(
-        "INSERT INTO daily_usage " + _EXPECTED_USAGE + " SELECT * FROM expected",  # noqa: S608
+        "INSERT INTO daily_usage " + _EXPECTED_USAGE + " SELECT * FROM expected",
         tenant_id,
     )
-    await conn.execute(
-        "INSERT INTO daily_histograms " + _EXPECTED_HISTOGRAMS + " SELECT * FROM expected",  # noqa: S608
-        tenant_id,
-        THRESHOLDS_MS,
-    )
-    await conn.execute("DELETE FROM weekly_histograms WHERE tenant_id = $1", tenant_id)
-    await conn.execute(
-        "INSERT INTO weekly_histograms SELECT tenant_id, day - (extract(isodow FROM day)::int - 1),"
-        " environment, department, integration_id, figure, bucket, sum(visits)"
-        " FROM daily_histograms WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4, 5, 6, 7",
-        tenant_id,
-    )
-    await conn.execute("DELETE FROM tenant_day_histograms WHERE tenant_id = $1", tenant_id)
-    await conn.execute(
-        "INSERT INTO tenant_day_histograms SELECT tenant_id, day, figure, bucket, sum(visits)"
-        " FROM daily_histograms WHERE tenant_id = $1 GROUP BY 1, 2, 3, 4",
-        tenant_id,
-    )
+    for table in HISTOGRAM_TABLES:
+        await conn.execute(f"DELETE FROM {table} WHERE tenant_id = $1", tenant_id)
+    await conn.execute(_REBUILD_HISTOGRAMS, tenant_id, THRESHOLDS_MS)

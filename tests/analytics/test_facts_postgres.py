@@ -263,11 +263,11 @@ async def test_check_finds_a_tampered_rollup(facts: Facts) -> None:
     )
     await _apply_all(facts, events(visit))
     await facts.pool.execute("UPDATE daily_usage SET duration_sum_ms = duration_sum_ms + 1")
-    await facts.pool.execute("UPDATE daily_histograms SET visits = visits + 1")
+    await facts.pool.execute("UPDATE daily_histogram_counts SET counts[1] = counts[1] + 1")
     async with facts.pool.acquire() as conn:
         problems = await rollup.check(conn, visit.tenant_id)
     assert any("daily_usage" in p for p in problems)
-    assert any("daily_histograms" in p for p in problems)
+    assert any("daily_histogram_counts" in p for p in problems)
     async with facts.pool.acquire() as conn, conn.transaction():
         await rollup.rebuild(conn, visit.tenant_id)
     async with facts.pool.acquire() as conn:

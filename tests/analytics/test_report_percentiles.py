@@ -1,4 +1,4 @@
-"""The usage report's median and p90, computed in SQL from the daily and weekly histogram
+"""The usage report's median and p90, ranked from the per-day, weekly and end-day histogram
 tiers, equal histogram.percentile_ms over the same values, for every grouping and for random
 ranges that start and end on any weekday."""
 
@@ -97,7 +97,8 @@ async def _check(
                 assert (row.duration.median_bucket, row.lobby_wait.p90_bucket) == (None, None)
 
 
-def test_sql_percentiles_equal_the_python_ones(database_url: str) -> None:
+def test_report_percentiles_equal_the_reference_over_the_values(database_url: str) -> None:
+    """Every group's and the total's median and p90 buckets equal the reference's."""
     loop = asyncio.new_event_loop()
     facts = loop.run_until_complete(Facts.open(database_url))
 
