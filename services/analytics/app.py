@@ -15,6 +15,7 @@ from services.analytics.api import add_api_routes
 from services.analytics.dashboard import add_dashboard_routes
 from services.analytics.facts import FactsProjector
 from services.analytics.metrics import MetricsRecorder
+from services.analytics.openapi import openapi_json
 from services.analytics.settings import AnalyticsSettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -60,4 +61,5 @@ def create_app(settings: ServiceSettings) -> web.Application:
     add_portal_auth(app)
     add_api_routes(app)
     add_dashboard_routes(app)
+    app.router.add_get("/openapi.json", openapi_json)
     return app

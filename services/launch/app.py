@@ -12,6 +12,7 @@ from services.launch import patient, patient_launch, provider, scheduling
 from services.launch.graph import GraphClient
 from services.launch.integrations import IntegrationDirectory, on_integration_config
 from services.launch.notifications import receive_notifications
+from services.launch.openapi import openapi_json
 from services.launch.outbound import HTTP, outbound_http_ctx
 from services.launch.roster import roster_feed_ctx, stream_roster
 from services.launch.sessions import current_session
@@ -64,4 +65,5 @@ def create_app(settings: ServiceSettings) -> web.Application:
     router.add_get("/join/{token}/enter", patient.join_enter)
     router.add_post("/ehr/scheduling", scheduling.receive_scheduling_event)
     router.add_post("/graph/notifications", receive_notifications)
+    router.add_get("/openapi.json", openapi_json)
     return app

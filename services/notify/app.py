@@ -13,6 +13,7 @@ from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
 from services.notify.acs import AcsSmsClient
 from services.notify.clock import Clock, SystemClock
 from services.notify.consumers import handlers
+from services.notify.openapi import openapi_json
 from services.notify.purge import Purger
 from services.notify.scheduler import Dispatcher
 from services.notify.settings import NotifySettings
@@ -79,4 +80,5 @@ def create_app(settings: ServiceSettings, clock: Clock | None = None) -> web.App
     app.cleanup_ctx.append(consumer_ctx(CONSUMER_GROUP, handlers(clock)))
     app.cleanup_ctx.append(sms_ctx(clock))
     app.router.add_post("/acs/events", acs_events)
+    app.router.add_get("/openapi.json", openapi_json)
     return app
