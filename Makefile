@@ -85,9 +85,11 @@ format: venv
 	@$(VENV)/bin/ruff check --fix .
 
 bench: infra
+	@infra/wrk.sh
 	@$(PY) -m bench
 
 bench-smoke: infra
+	@infra/wrk.sh
 	@$(PY) -m bench --smoke
 
 clean: infra-down

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from bench import analytics, codec, notify, outbox
+from bench import analytics, codec, join, notify, outbox
 from bench.harness import Benchmark, Result, print_table, write_json
 
 BENCHMARKS = [
@@ -13,6 +13,7 @@ BENCHMARKS = [
     Benchmark("outbox relay publish", outbox.run),
     *notify.BENCHMARKS,
     *analytics.BENCHMARKS,
+    *join.BENCHMARKS,
 ]
 
 

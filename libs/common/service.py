@@ -61,4 +61,14 @@ def run_service(
     tls: TlsListener | None = None,
 ) -> None:
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
-    asyncio.run(serve(create_app(settings), settings, tls))
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(create_app(settings), settings, tls))
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop `EHR_EVENT_LOOP` names: uvloop's, or the standard library's."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop

@@ -69,6 +69,8 @@ class ServiceSettings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+    # uvloop (libuv) or the standard library's loop; docs/performance.md has the comparison.
+    event_loop: Literal["uvloop", "asyncio"] = "asyncio"
 
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
     consumer_batch_size: int = Field(default=100, ge=1)
