@@ -226,10 +226,11 @@ async def ingest(smoke: bool) -> Result:
         unit="ev/s",
         baseline=baseline,
         ratio=ratio,
-        # One transaction per event with a synchronous commit (the foundation runner's
-        # exactly-once design) bounds this near the disk's fsync rate.
-        goal=">= 0.0005x COPY",
-        meets_goal=ratio >= 0.0005,
+        # Issue 9's goal. Not met: every event is decoded, deduped through the inbox and folded
+        # into the facts and three rollup tiers in its own transaction (about ten statements),
+        # where COPY streams rows. See docs/performance.md.
+        goal=">= 0.15x COPY",
+        meets_goal=ratio >= 0.15,
     )
 
 
