@@ -249,7 +249,12 @@ class Envelope(BaseModel, Generic[P]):
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            # "0001-01-01T00:00:00+01:00" is before year 1 in UTC; a ValueError makes it a
+            # validation problem instead of an exception no consumer expects.
+            raise ValueError("date-time is out of range in UTC") from None
 
 
 class UndeliverableEvent(Exception):
@@ -273,7 +278,10 @@ def encode_event(event: Envelope[Any]) -> bytes:
     return orjson.dumps(event.model_dump(mode="json"))
 
 
-def decode_event(raw: bytes | None) -> Envelope[Any]:
+def decode_event(raw: bytes | None, topic: str | None = None) -> Envelope[Any]:
+    """The event in `raw`, or `UndeliverableEvent` (and no other exception) with the reason.
+    With `topic`, an event whose type is another topic's is undeliverable too: a handler
+    only understands its own topic's payloads."""
     if raw is None:
         raise UndeliverableEvent("empty message")
     try:
@@ -284,12 +292,17 @@ def decode_event(raw: bytes | None) -> Envelope[Any]:
         raise UndeliverableEvent("event is not a JSON object")
     event_type, version = document.get("type"), document.get("version")
     model = (
+        # `type(...) is int`: JSON true is a bool, which Python would take for version 1.
         PAYLOAD_MODELS.get((event_type, version))
-        if isinstance(event_type, str) and isinstance(version, int)
+        if isinstance(event_type, str) and type(version) is int
         else None
     )
     if model is None:
-        raise UndeliverableEvent(f"unknown event type or version: {event_type!r} v{version!r}")
+        raise UndeliverableEvent(
+            f"unknown event type or version: {str(event_type)[:100]!r} v{str(version)[:20]!r}"
+        )
+    if topic is not None and event_type != topic:
+        raise UndeliverableEvent(f"a {event_type} event does not belong on topic {topic}")
     try:
         return Envelope[model].model_validate_json(raw)  # type: ignore[valid-type]
     except ValidationError as exc:

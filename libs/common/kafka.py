@@ -262,7 +262,7 @@ class ConsumerRunner:
         """Returns False when the record must be retried later."""
         base_topic = record.topic.removeprefix(self._prefix)
         try:
-            event = decode_event(record.value)
+            event = decode_event(record.value, base_topic)
         except UndeliverableEvent as exc:
             await self._dead_letter(record, exc.reason)
             return True
