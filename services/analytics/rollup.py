@@ -115,30 +115,29 @@ def _dense(deltas: dict[int, int], length: int) -> list[int]:
     return counts
 
 
-async def _add_counts(
-    conn: Connection, table: str, key_columns: str, key_types: str, rows: dict[Any, dict[int, int]]
-) -> None:
-    """Adds each row's bucket deltas to its histogram (creating it if new). The deltas of all
-    rows travel as one flat array of equal-length slices, so one statement does every row."""
+def _add_counts(
+    table: str, key_columns: str, key_types: str, rows: dict[Any, dict[int, int]], first: int
+) -> tuple[str, list[object]]:
+    """An upsert adding each row's bucket deltas to its histogram (creating it if new), and its
+    parameters, numbered from $first. The deltas of all rows travel as one flat array of
+    equal-length slices, so one statement does every row."""
     keys = sorted(k for k, deltas in rows.items() if any(deltas.values()))
     if not keys:
-        return
+        return "", []
     length = 1 + max(b for k in keys for b, n in rows[k].items() if n)
     flat = [n for k in keys for n in _dense(rows[k], length)]
     types = key_types.split(",")
-    unnest = ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(types))
-    flat_param, length_param = f"${len(types) + 1}::int[]", f"${len(types) + 2}::int"
-    await conn.execute(
+    unnest = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+    flat_param, length_param = f"${first + len(types)}::int[]", f"${first + len(types) + 1}::int"
+    sql = (
         f"INSERT INTO {table} AS h ({key_columns}, counts)"
         f" SELECT {key_columns},"
         f" ({flat_param})[(n - 1) * {length_param} + 1 : n * {length_param}]"
         f" FROM unnest({unnest}) WITH ORDINALITY AS k({key_columns}, n)"
         f" ON CONFLICT ({key_columns})"
-        " DO UPDATE SET counts = add_counts(h.counts, excluded.counts)",
-        *(list(part) for part in zip(*keys, strict=True)),
-        flat,
-        length,
+        " DO UPDATE SET counts = add_counts(h.counts, excluded.counts)"
     )
+    return sql, [*(list(part) for part in zip(*keys, strict=True)), flat, length]
 
 
 DAILY_KEY = "tenant_id, day, environment, department, integration_id, figure"
@@ -163,16 +162,24 @@ async def _add_histograms(conn: Connection, buckets: dict[tuple[RollupKey, str, 
         daily[(*key, figure)][bucket] += n
         weekly[(tenant, week, environment, department, integration, figure)][bucket] += n
         tenant_day[(tenant, day, figure)][bucket] += n
-    # Always the same tier order and sorted keys: the same lock order in every transaction.
-    await _add_counts(
-        conn, "daily_histogram_counts", DAILY_KEY, "text,date,text,text,uuid,text", daily
-    )
-    await _add_counts(
-        conn, "weekly_histogram_counts", WEEKLY_KEY, "text,date,text,text,uuid,text", weekly
-    )
-    await _add_counts(
-        conn, "tenant_day_histogram_counts", TENANT_DAY_KEY, "text,date,text", tenant_day
-    )
+    # One round trip for the three tiers. Always the same tier order and sorted keys: the same
+    # lock order in every transaction.
+    statements: list[str] = []
+    params: list[object] = []
+    for table, key_columns, key_types, rows in (
+        ("daily_histogram_counts", DAILY_KEY, "text,date,text,text,uuid,text", daily),
+        ("weekly_histogram_counts", WEEKLY_KEY, "text,date,text,text,uuid,text", weekly),
+        ("tenant_day_histogram_counts", TENANT_DAY_KEY, "text,date,text", tenant_day),
+    ):
+        sql, args = _add_counts(table, key_columns, key_types, rows, len(params) + 1)
+        if sql:
+            statements.append(sql)
+            params += args
+    if not statements:
+        return
+    *before, last = statements
+    ctes = ", ".join(f"tier{i} AS ({sql})" for i, sql in enumerate(before))
+    await conn.execute(f"WITH {ctes} {last}" if ctes else last, *params)
 
 
 # Recomputes the rollup of one tenant from its facts and lists every row that differs.

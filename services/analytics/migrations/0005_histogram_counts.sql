@@ -4,11 +4,22 @@
 -- to 60,000 bucket rows, and sums and ranks them in the service. Arrays may differ in length
 -- (a trailing bucket nobody reached is simply absent); missing elements count as zero.
 
--- Element-wise sum of two histograms, for the rollup's increments.
+-- Element-wise sum of two histograms, for the rollup's increments. PL/pgSQL, not SQL: a SQL
+-- function with a FROM clause is not inlined and is planned again on every call (about 1 ms
+-- against 0.1 ms here, measured in one run); the deltas are mostly zeros.
 CREATE FUNCTION add_counts(a int[], b int[]) RETURNS int[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(array_agg(coalesce(x, 0) + coalesce(y, 0) ORDER BY i), '{}')
-    FROM unnest(a, b) WITH ORDINALITY AS t(x, y, i)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    IF cardinality(b) > cardinality(a) THEN
+        a := a || array_fill(0, ARRAY[cardinality(b) - cardinality(a)]);
+    END IF;
+    FOR i IN 1 .. cardinality(b) LOOP
+        IF b[i] <> 0 THEN
+            a[i] := coalesce(a[i], 0) + b[i];
+        END IF;
+    END LOOP;
+    RETURN a;
+END
 $$;
 
 -- The dense histogram of sparse (bucket, visits) pairs, for rebuilds and this migration.
