@@ -169,6 +169,9 @@ class FactsProjector:
             p.ends_at,
             p.schedule_version,
         )
+        if old["department"] is None and old["sms_sent"]:
+            # Messages seen before the booking waited for their department label (below).
+            self.metrics.sms_sent(str(event.event_id), p.environment, p.department, old["sms_sent"])
         await self._recompute(conn, event, old)
 
     async def on_appointment_rescheduled(self, conn: Connection, event: Envelope[Any]) -> None:
@@ -312,7 +315,9 @@ class FactsProjector:
             event.key,
             p.integration_id,
         )
-        if status == "INSERT 0 1" and p.outcome == "sent":
+        # Topics are consumed in no set order: a message seen before its booking is counted
+        # when the booking brings the department, so its label is never "unknown".
+        if status == "INSERT 0 1" and p.outcome == "sent" and old["department"] is not None:
             self.metrics.sms_sent(str(event.event_id), old["environment"], old["department"])
         await self._recompute(conn, event, old)
 

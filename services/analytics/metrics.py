@@ -88,9 +88,11 @@ class MetricsRecorder:
 
         self.stash(event_id, observe)
 
-    def sms_sent(self, event_id: str, environment: str | None, department: str | None) -> None:
+    def sms_sent(
+        self, event_id: str, environment: str | None, department: str | None, count: int = 1
+    ) -> None:
         env, dept = self.labels(environment, department)
-        self.stash(event_id, SMS_SENT.labels(env, dept).inc)
+        self.stash(event_id, lambda: SMS_SENT.labels(env, dept).inc(count))
 
     def fact_changed(self, event_id: str, environment: str | None, occurred_at: float) -> None:
         env, _ = self.labels(environment, None)

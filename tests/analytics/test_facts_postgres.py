@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from libs.common.events import Envelope, MeetingEndedV1, Topic, make_event
 from services.analytics import reports, rollup
@@ -272,3 +274,28 @@ async def test_check_finds_a_tampered_rollup(facts: Facts) -> None:
         await rollup.rebuild(conn, visit.tenant_id)
     async with facts.pool.acquire() as conn:
         assert await rollup.check(conn, visit.tenant_id) == []
+
+
+async def test_sms_seen_before_its_booking_is_counted_under_the_booking_department(
+    facts: Facts,
+) -> None:
+    """An sms-sent consumed before appointment-created reaches the metric under the booking's
+    department once the booking arrives, never under "unknown"."""
+    department = f"Dept {uuid.uuid4().hex[:6]}"
+    visit = _visit([Person("dr", "organizer", None, [(_t(0), _t(10))])])
+    visit = replace(visit, department=department, sms_sent=2)
+    stream = events(visit)
+    sms = [e for e in stream if e.type == Topic.SMS_SENT]
+    rest = [e for e in stream if e.type != Topic.SMS_SENT]
+    assert len(sms) == 2
+    await _apply_all(facts, [*sms, *rest])
+    facts.projector.metrics.on_batch([(e.type, str(e.event_id), True) for e in [*sms, *rest]])
+
+    def counted(dept: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "appointment_sms_sent_total", {"environment": "production", "department": dept}
+        )
+        return value or 0.0
+
+    assert counted(department) == 2
+    assert (await facts.fact(visit.key))["sms_sent"] == 2
