@@ -12,6 +12,8 @@ TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=jinja2.select_autoescape(["html"]),
     enable_async=False,
+    # Templates ship with the code: no stat() of the file on every page.
+    auto_reload=False,
 )
 
 

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -22,6 +23,9 @@ from services.launch.pages import page, problem_page
 from services.launch.settings import LaunchSettings
 from services.launch.state import launch_settings
 
+if TYPE_CHECKING:
+    from libs.common.db import Connection
+
 log = structlog.get_logger(__name__)
 DEVICE_COOKIE = "visit_device"
 
@@ -35,38 +39,48 @@ def patient_pseudonym(settings: LaunchSettings, appointment_key: str, device: st
     return f"pt_{digest[:20]}"
 
 
-async def _visit(request: web.Request) -> tuple[str, asyncpg.Record] | web.Response:
+# One read per open of the link: the visit, and whether this device is in its lobby already.
+# Patients open the link several times (the SMS, then Join, then again after a reload); only
+# the first open from a device writes, so the repeats need no transaction.
+_VISIT = (
+    "SELECT a.tenant_id, a.status, a.starts_at, a.time_zone, a.patient_join_url,"
+    " i.organisation_name, EXISTS (SELECT 1 FROM lobby_arrivals l"
+    "  WHERE l.appointment_key = a.appointment_key AND l.participant = $2) AS arrived"
+    " FROM appointments a LEFT JOIN integrations i USING (integration_id)"
+    " WHERE a.appointment_key = $1"
+)
+
+
+def _appointment(request: web.Request) -> str | web.Response:
     settings = launch_settings(request)
-    token = request.match_info["token"]
     try:
-        key = join_tokens.verify(
-            settings.join_token_secret.get_secret_value(), token, datetime.now(UTC)
+        return join_tokens.verify(
+            settings.join_token_secret.get_secret_value(),
+            request.match_info["token"],
+            datetime.now(UTC),
         )
     except join_tokens.JoinTokenError as exc:
         log.info("join link refused", reason=str(exc))
         return problem_page(
             410 if "expired" in str(exc) else 404, "This link does not work", str(exc)
         )
-    row = await request.app[DB_POOL].fetchrow(
-        "SELECT a.tenant_id, a.status, a.starts_at, a.time_zone, a.patient_join_url,"
-        " i.organisation_name FROM appointments a LEFT JOIN integrations i USING (integration_id)"
-        " WHERE a.appointment_key = $1",
-        key,
-    )
+
+
+async def _visit(conn: Connection, key: str, participant: str) -> asyncpg.Record | web.Response:
+    row = await conn.fetchrow(_VISIT, key, participant)
     if row is None:
         return problem_page(404, "This link does not work", "We could not find this visit.")
     if row["status"] == "cancelled":
         return problem_page(
             410, "This visit was cancelled", "Contact your clinic to book a new time."
         )
-    return key, row
+    return row
 
 
-async def _record_arrival(request: web.Request, key: str, tenant_id: str, device: str) -> None:
-    settings = launch_settings(request)
-    participant = patient_pseudonym(settings, key, device)
+async def _record_arrival(conn: Connection, key: str, tenant_id: str, participant: str) -> None:
+    """The lobby arrival and its `patient-joined`, in one transaction, once per device."""
     now = datetime.now(UTC)
-    async with request.app[DB_POOL].acquire() as conn, conn.transaction():
+    async with conn.transaction():
         status = await conn.execute(
             "INSERT INTO lobby_arrivals (appointment_key, participant, arrived_at)"
             " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -77,6 +91,27 @@ async def _record_arrival(request: web.Request, key: str, tenant_id: str, device
         if status == "INSERT 0 1":
             payload = PatientJoinedV1(participant=participant, lobby_entered_at=now)
             await enqueue(conn, make_event(Topic.PATIENT_JOINED, tenant_id, key, payload))
+
+
+async def _arrive(
+    request: web.Request, *, needs_meeting: bool
+) -> tuple[asyncpg.Record, str, bool] | web.Response:
+    """Checks the link, finds the visit and records this device's arrival (first open only):
+    the visit's row, the device and whether it is new. One pooled connection throughout."""
+    key = _appointment(request)
+    if isinstance(key, web.Response):
+        return key
+    device, fresh = _device(request)
+    participant = patient_pseudonym(launch_settings(request), key, device)
+    async with request.app[DB_POOL].acquire() as conn:
+        row = await _visit(conn, key, participant)
+        if isinstance(row, web.Response):
+            return row
+        if needs_meeting and not row["patient_join_url"]:
+            return problem_page(503, "The visit is not ready yet", "Try again in a minute.")
+        if not row["arrived"]:
+            await _record_arrival(conn, key, row["tenant_id"], participant)
+    return row, device, fresh
 
 
 def _device(request: web.Request) -> tuple[str, bool]:
@@ -100,12 +135,10 @@ def _remember(response: web.StreamResponse, device: str, fresh: bool) -> None:
 
 
 async def join_page(request: web.Request) -> web.StreamResponse:
-    found = await _visit(request)
-    if isinstance(found, web.Response):
-        return found
-    key, row = found
-    device, fresh = _device(request)
-    await _record_arrival(request, key, row["tenant_id"], device)
+    arrived = await _arrive(request, needs_meeting=False)
+    if isinstance(arrived, web.Response):
+        return arrived
+    row, device, fresh = arrived
     zone = ZoneInfo(row["time_zone"])
     response = page(
         "prejoin.html",
@@ -118,14 +151,10 @@ async def join_page(request: web.Request) -> web.StreamResponse:
 
 
 async def join_enter(request: web.Request) -> web.StreamResponse:
-    found = await _visit(request)
-    if isinstance(found, web.Response):
-        return found
-    key, row = found
-    if not row["patient_join_url"]:
-        return problem_page(503, "The visit is not ready yet", "Try again in a minute.")
-    device, fresh = _device(request)
-    await _record_arrival(request, key, row["tenant_id"], device)
+    arrived = await _arrive(request, needs_meeting=True)
+    if isinstance(arrived, web.Response):
+        return arrived
+    row, device, fresh = arrived
     response = web.HTTPSeeOther(row["patient_join_url"])
     _remember(response, device, fresh)
     raise response
