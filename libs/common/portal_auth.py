@@ -195,9 +195,14 @@ class EntraSignIn:
 ENTRA = web.AppKey("entra_sign_in", EntraSignIn)
 
 
+_LOCAL_PATH = re.compile(r"/(?![/\\])[\x21-\x5b\x5d-\x7e]{0,2047}")
+
+
 def _safe_return_to(value: str | None) -> str:
-    # Only local paths: anything else would make the portal an open redirect.
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
+    # Only local paths: anything else would make the portal an open redirect. Printable
+    # ASCII only: browsers (and yarl, building the Location) drop tabs and newlines, so
+    # "/\t/evil.example" would arrive as "//evil.example", another site.
+    if value and _LOCAL_PATH.fullmatch(value):
         return value
     return "/"
 

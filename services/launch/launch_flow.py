@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,10 @@ def _launch_parameters(request: web.Request) -> tuple[str, str]:
         )
     if len(request.query.getall("iss")) > 1 or len(request.query.getall("launch")) > 1:
         raise web.HTTPBadRequest(text="The EHR launch repeats iss or launch.")
+    if any(unicodedata.category(c) == "Cc" for c in launch):
+        # An EHR's launch id is opaque but never holds NUL, CR/LF or other control
+        # characters; passing them on would only store a state for a launch that cannot be.
+        raise web.HTTPBadRequest(text="The EHR launch parameter holds control characters.")
     return iss, launch
 
 
