@@ -9,7 +9,8 @@ import asyncio
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -21,18 +22,21 @@ import orjson
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from cryptography.hazmat.primitives.asymmetric import rsa
 from yarl import URL
 
 from libs.common.events import IntegrationConfigV1
-from sandbox.ehr import TENANT_A, TENANT_B, RunningEhr
-from sandbox.microsoft.app import RunningSandbox
+from libs.common.kafka import create_producer
+from sandbox.ehr import TENANT_A, TENANT_B, EhrSettings, RunningEhr, start_ehr
+from sandbox.ehr.clock import FakeClock
+from sandbox.microsoft import SandboxConfig, start_sandbox
 from sandbox.tls import TlsFiles
 from services.launch.app import create_app
 from services.launch.outbound import HTTP
 from services.launch.settings import LaunchSettings
 from services.launch.state import INTEGRATIONS
-from tests.conftest import free_port, running_app, wait_for
+from tests.conftest import KAFKA, PG_ADMIN_DSN, free_port, running_app, wait_for
 from tests.support.launch_harness import (
     SMART_CLIENT_ID,
     SMART_CLIENT_SECRET,
@@ -135,33 +139,77 @@ class Gateway:
         return {t: int(await self.fetchval(f"SELECT count(*) FROM {t}")) for t in tables}
 
 
-@pytest.fixture
-async def gateway(
-    make_settings: Callable[..., Any],
-    microsoft: RunningSandbox,
-    ehr: RunningEhr,
-    standin_tls: TlsFiles,
-    ca_bundle: str,
-    producer: AIOKafkaProducer,
-    topic_prefix: str,
-    database_url: str,
-) -> AsyncIterator[Gateway]:
-    port, tls_port = free_port(), free_port()
-    settings: LaunchSettings = make_settings(
-        LaunchSettings,
-        http_port=port,
-        public_base_url=f"http://127.0.0.1:{port}",
-        notification_base_url=f"https://127.0.0.1:{tls_port}",
-        entra_authority_host=microsoft.base_url,
-        graph_base_url=microsoft.base_url,
-        tls_ca_bundle=ca_bundle,
-        allow_loopback_http=True,
-        scheduling_webhook_secrets=orjson.dumps({TENANT_A: SECRET_A, TENANT_B: SECRET_B}).decode(),
-    )
-    app = create_app(settings)
-    ids = {TENANT_A: uuid.uuid4(), TENANT_B: uuid.uuid4()}
-    outbound = OutboundLog()
-    async with serve_with_tls(app, port, tls_port, standin_tls):
+@pytest.fixture(scope="module")
+async def module_infra(infrastructure: None) -> AsyncIterator[tuple[str, str]]:
+    """(database URL, topic prefix) shared by one module's tests, dropped afterwards: a
+    gateway takes seconds to start, and the sweeps measure what changed, not absolutes."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name, prefix
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    kafka = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await kafka.start()
+    try:
+        mine = [t for t in await kafka.list_topics() if t.startswith(prefix)]
+        if mine:
+            await kafka.delete_topics(mine)
+    finally:
+        await kafka.close()
+
+
+@pytest.fixture(scope="module")
+async def gateway(module_infra: tuple[str, str], standin_tls: TlsFiles) -> AsyncIterator[Gateway]:
+    """One gateway, EHR stand-in and Microsoft stand-in for a module's tests."""
+    database_url, topic_prefix = module_infra
+    async with AsyncExitStack() as stack:
+        ehr = await start_ehr(
+            EhrSettings(port=0, webhook_backoff_base=0.01, webhook_backoff_max=0.05), FakeClock()
+        )
+        stack.push_async_callback(ehr.close)
+        microsoft = await start_sandbox(
+            SandboxConfig(
+                port=0,
+                tls_dir=standin_tls.directory,
+                lro_delay_s=0.2,
+                validation_timeout_s=3,
+                notification_retry_delays=(0.01, 0.05, 0.2),
+            )
+        )
+        stack.push_async_callback(microsoft.stop)
+        producer = create_producer(KAFKA)
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        port, tls_port = free_port(), free_port()
+        settings = LaunchSettings(
+            database_url=database_url,
+            kafka_bootstrap_servers=KAFKA,
+            kafka_topic_prefix=topic_prefix,
+            http_port=port,
+            outbox_poll_interval_s=0.2,
+            log_json=True,
+            public_base_url=f"http://127.0.0.1:{port}",
+            notification_base_url=f"https://127.0.0.1:{tls_port}",
+            entra_authority_host=microsoft.base_url,
+            graph_base_url=microsoft.base_url,
+            tls_ca_bundle=str(standin_tls.ca),
+            allow_loopback_http=True,
+            scheduling_webhook_secrets=orjson.dumps(
+                {TENANT_A: SECRET_A, TENANT_B: SECRET_B}
+            ).decode(),
+        )
+        app = create_app(settings)
+        ids = {TENANT_A: uuid.uuid4(), TENANT_B: uuid.uuid4()}
+        outbound = OutboundLog()
+        await stack.enter_async_context(serve_with_tls(app, port, tls_port, standin_tls))
         system = LaunchSystem(
             url=f"http://127.0.0.1:{port}",
             notification_url=f"https://127.0.0.1:{tls_port}",

@@ -9,6 +9,7 @@ redirects through any parameter, in the launch gateway and in the portal sign-in
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from urllib.parse import parse_qs, quote, urlsplit
@@ -27,6 +28,7 @@ from tests.hostile.attack_support import (
     forging_ehr,
     gateway,
     mint_launch,
+    module_infra,
     off_site,
     origin,
     trap,
@@ -34,7 +36,15 @@ from tests.hostile.attack_support import (
 )
 from tests.support.launch_harness import integration_config
 
-__all__ = ["config_portal", "config_settings", "forging_ehr", "gateway", "trap", "trap_url"]
+__all__ = [
+    "config_portal",
+    "config_settings",
+    "forging_ehr",
+    "gateway",
+    "module_infra",
+    "trap",
+    "trap_url",
+]
 
 NOT_SET_UP = "This EHR is not set up"
 SIGN_IN_REFUSED = "The sign-in could not be completed"
@@ -199,6 +209,7 @@ async def test_odd_launch_values_are_refused_or_sent_on_exactly_once(gateway: Ga
     callback answers 4xx: no session, no header injection, no off-site redirect."""
     base = gateway.fhir_base(TENANT_A)
     ehr = origin(gateway.ehr.url)
+    sessions = await _sessions(gateway)
     async with aiohttp.ClientSession() as http:
         for value in ODD_LAUNCH_VALUES:
             async with http.get(
@@ -220,7 +231,7 @@ async def test_odd_launch_values_are_refused_or_sent_on_exactly_once(gateway: Ga
             async with http.get(callback, allow_redirects=False) as r:
                 assert r.status == 400, value
                 assert "Location" not in r.headers
-    assert await gateway.fetchval("SELECT count(*) FROM provider_sessions") == 0
+    assert await _sessions(gateway) == sessions
 
 
 @pytest.mark.parametrize(
@@ -250,6 +261,17 @@ async def _authorized(http: aiohttp.ClientSession, gw: Gateway, tenant: str) -> 
     return query["state"][0], query["code"][0]
 
 
+async def _state_stored(gw: Gateway, state: str) -> bool:
+    digest = hashlib.sha256(state.encode()).digest()
+    return bool(
+        await gw.fetchval("SELECT count(*) FROM launch_states WHERE state_hash = $1", digest)
+    )
+
+
+async def _sessions(gw: Gateway) -> int:
+    return int(await gw.fetchval("SELECT count(*) FROM provider_sessions"))
+
+
 async def _callback(
     http: aiohttp.ClientSession, gw: Gateway, state: str, code: str
 ) -> tuple[int, str]:
@@ -262,6 +284,7 @@ async def _callback(
 
 async def test_state_burnt_by_a_failed_callback_cannot_be_used_again(gateway: Gateway) -> None:
     """A state presented with a wrong code is consumed: the right code later gets 400."""
+    sessions = await _sessions(gateway)
     async with aiohttp.ClientSession() as http:
         state, code = await _authorized(http, gateway, TENANT_A)
         status, body = await _callback(http, gateway, state, "not-the-code")
@@ -270,30 +293,32 @@ async def test_state_burnt_by_a_failed_callback_cannot_be_used_again(gateway: Ga
         status, body = await _callback(http, gateway, state, code)
         assert status == 400
         assert "expired or was already used" in body
-    assert await gateway.fetchval("SELECT count(*) FROM provider_sessions") == 0
-    assert await gateway.fetchval("SELECT count(*) FROM launch_states") == 0
+    assert await _sessions(gateway) == sessions
+    assert not await _state_stored(gateway, state)
 
 
 async def test_expired_state_is_refused_and_removed(gateway: Gateway) -> None:
     """A state past its TTL gets 400 and no token exchange, even with the EHR's real code."""
     async with aiohttp.ClientSession() as http:
         state, code = await _authorized(http, gateway, TENANT_A)
-        conn_count = await gateway.fetchval(
+        expired = await gateway.fetchval(
             "WITH u AS (UPDATE launch_states SET expires_at = now() - interval '1 second'"
-            " RETURNING 1) SELECT count(*) FROM u"
+            " WHERE state_hash = $1 RETURNING 1) SELECT count(*) FROM u",
+            hashlib.sha256(state.encode()).digest(),
         )
-        assert conn_count == 1
+        assert expired == 1
         gateway.outbound.clear()
         status, body = await _callback(http, gateway, state, code)
     assert status == 400
     assert "expired or was already used" in body
     assert gateway.outbound.urls == []
-    assert await gateway.fetchval("SELECT count(*) FROM launch_states") == 0
+    assert not await _state_stored(gateway, state)
 
 
 async def test_code_and_state_of_two_integrations_cannot_be_mixed(gateway: Gateway) -> None:
     """A's state with B's code (and B's state with A's code) is refused: the code goes only
     to the state's own EHR, which refuses a code it did not issue; no session starts."""
+    sessions = await _sessions(gateway)
     async with aiohttp.ClientSession() as http:
         state_a, code_a = await _authorized(http, gateway, TENANT_A)
         state_b, code_b = await _authorized(http, gateway, TENANT_B)
@@ -310,7 +335,7 @@ async def test_code_and_state_of_two_integrations_cannot_be_mixed(gateway: Gatew
             status, body = await _callback(http, gateway, state, code)
             assert status == 400
             assert "expired or was already used" in body
-    assert await gateway.fetchval("SELECT count(*) FROM provider_sessions") == 0
+    assert await _sessions(gateway) == sessions
 
 
 async def test_forged_id_tokens_are_refused_through_the_real_callback(
@@ -324,6 +349,7 @@ async def test_forged_id_tokens_are_refused_through_the_real_callback(
     config = integration_config(gateway.system.settings, integration_id, forging_ehr.fhir_base)
     await gateway.add_integration("contoso", config)
     gateway.outbound.clear()
+    sessions = await _sessions(gateway)
     outcomes = {}
     async with aiohttp.ClientSession() as http:
         for mode in ForgingEhr.MODES:
@@ -350,7 +376,7 @@ async def test_forged_id_tokens_are_refused_through_the_real_callback(
         f"{FORGE_PATH}/Appointment",
     }
     assert trap.hits == []
-    assert await gateway.fetchval("SELECT count(*) FROM provider_sessions") == 0
+    assert await _sessions(gateway) == sessions
 
 
 EVIL = "evil.example"
