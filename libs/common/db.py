@@ -32,6 +32,19 @@ def _checked_schema(schema: str) -> str:
     return schema
 
 
+async def _keep_session(_conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Release without asyncpg's default reset query.
+
+    By default every release sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL;`: a second round trip for each pooled query, which doubled the client CPU of
+    a `pool.fetchval` (docs/performance.md, "Provider launch"). Nothing here leaves session
+    state behind: search_path comes with the connection, advisory locks are transaction
+    scoped, cursors live in transactions, and LISTENers UNLISTEN when they remove
+    themselves. asyncpg still rolls back a transaction left open and drops the connection's
+    notification callbacks before this runs.
+    """
+
+
 async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn,
@@ -39,6 +52,7 @@ async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 
         max_size=max_size,
         command_timeout=30,
         server_settings={"search_path": _checked_schema(schema), "application_name": schema},
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
