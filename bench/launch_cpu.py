@@ -98,10 +98,14 @@ async def launch(http: aiohttp.ClientSession, system: BenchSystem, appointment: 
         raise RuntimeError(f"the provider page answered {status}: {page[:300]}")
 
 
-async def launch_cpu(count: int, warmup: int) -> tuple[float, float, int]:
+async def launch_cpu(
+    count: int, warmup: int, extra_env: dict[str, str] | None = None
+) -> tuple[float, float, int]:
     """(CPU s per launch, idle CPU s per s, launches)"""
     async with (
-        bench_system(tenants=1, services=("launch",), webhooks=False) as system,
+        bench_system(
+            tenants=1, services=("launch",), webhooks=False, extra_env=extra_env
+        ) as system,
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=system.client_ssl()),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -116,11 +120,12 @@ async def launch_cpu(count: int, warmup: int) -> tuple[float, float, int]:
         idle_started, idle_cpu = time.perf_counter(), process_cpu_s(pid)
         await asyncio.sleep(2.0)
         idle_rate = (process_cpu_s(pid) - idle_cpu) / (time.perf_counter() - idle_started)
-        started, cpu = time.perf_counter(), process_cpu_s(pid)
-        for appointment in appointments[warmup:]:
-            await launch(http, system, appointment)
-        used = process_cpu_s(pid) - cpu
-        elapsed = time.perf_counter() - started
+        async with system.profiling("launch"):
+            started, cpu = time.perf_counter(), process_cpu_s(pid)
+            for appointment in appointments[warmup:]:
+                await launch(http, system, appointment)
+            used = process_cpu_s(pid) - cpu
+            elapsed = time.perf_counter() - started
     return (used - idle_rate * elapsed) / count, idle_rate, count
 
 

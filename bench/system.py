@@ -79,6 +79,20 @@ class BenchSystem:
     def client_ssl(self) -> ssl.SSLContext:
         return self.tls.client_context()
 
+    @contextlib.asynccontextmanager
+    async def profiling(self, *names: str) -> AsyncIterator[None]:
+        """Samples the named processes started under BENCH_PROFILE while the block runs."""
+        chosen = [n for n in names if profiled(n) and n in self.children]
+        for name in chosen:
+            self.children[name].send_signal(signal.SIGUSR1)
+        try:
+            yield
+        finally:
+            for name in chosen:
+                self.children[name].send_signal(signal.SIGUSR2)
+            if chosen:
+                await asyncio.sleep(5)  # the process renders and saves the session
+
 
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process, all its threads (from /proc/<pid>/stat)."""
@@ -174,14 +188,51 @@ def integration_config(tenant: Tenant, cipher: FieldCipher) -> IntegrationConfig
     )
 
 
+# BENCH_PROFILE=launch,notify runs those processes under pyinstrument, sampling on the CPU time
+# of the event loop's thread (not wall time: on a 2-core machine shared with other jobs,
+# wall-time samples land wherever the process happened to be preempted). The CPU clock costs
+# a system call per Python call, which inflates call-heavy code (generators most); with
+# BENCH_PROFILE_TIMER=wall the cheap wall clock is used instead. Sampling runs only
+# inside `BenchSystem.profiling()`; the session is saved next to the logs (open it with
+# `pyinstrument --load FILE`).
+PROFILED = """
+import os, runpy, signal, sys, time
+from pyinstrument import Profiler
+from pyinstrument.stack_sampler import get_stack_sampler
+
+profiler = Profiler(interval=0.0005, async_mode="disabled")
+
+def start(*_):
+    if os.environ.get("BENCH_PROFILE_TIMER", "cpu") == "cpu":
+        get_stack_sampler().timer_func = time.thread_time
+    profiler.start()
+
+def stop(*_):
+    profiler.stop().save(os.environ["BENCH_PROFILE_OUT"])
+
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+module = sys.argv.pop(1)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def profiled(name: str) -> bool:
+    return name in os.environ.get("BENCH_PROFILE", "").split(",")
+
+
 async def _start(
     name: str, module: str, env: dict[str, str], log_dir: Path
 ) -> asyncio.subprocess.Process:
     log_file = (log_dir / f"{name}.log").open("ab")
+    command = ["-m", module]
+    if profiled(name):
+        command = ["-c", PROFILED, module]
+        env = env | {"BENCH_PROFILE_OUT": str(log_dir / f"{name}.pyisession")}
+        print(f"bench: profiling {name} into {log_dir / name}.pyisession", flush=True)
     return await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        module,
+        *command,
         cwd=ROOT,
         env=env,
         stdout=log_file,
