@@ -115,6 +115,11 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
         return _problem(422, f"invalid scheduling event: {', '.join(fields[:5])}")
     if event.tenant != tenant:
         return _problem(422, "X-EHR-Tenant does not match the event's tenant")
+    if event.fhir_base.rsplit("/", 1)[-1] != tenant:
+        # The secret vouches for one tenant, whose GUID ends its FHIR base: without this,
+        # a holder of tenant A's secret could book or cancel tenant B's visits.
+        log.warning("scheduling event for another tenant's FHIR base", tenant=tenant)
+        return _problem(422, "the event's fhir_base does not belong to X-EHR-Tenant")
     integration = await request.app[INTEGRATIONS].by_fhir_base(event.fhir_base)
     if integration is None:
         log.warning("scheduling event for an unconfigured FHIR base", tenant=tenant)
