@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import structlog
 
 from libs.common.events import Envelope, IntegrationConfigV1
 
 if TYPE_CHECKING:
     from libs.common.db import Connection
+
+log = structlog.get_logger(__name__)
 
 CACHE_TTL_S = 2.0
 
@@ -109,7 +112,18 @@ class IntegrationDirectory:
         )
         integrations = [Integration(**dict(row)) for row in rows]
         self._by_id = {i.integration_id: i for i in integrations}
-        self._by_base = {i.fhir_base_url: i for i in integrations}
+        by_base: dict[str, Integration] = {}
+        shared: set[str] = set()
+        for integration in integrations:
+            if integration.fhir_base_url in by_base:
+                shared.add(integration.fhir_base_url)
+            by_base[integration.fhir_base_url] = integration
+        for base in shared:
+            # Config keys bases by tenant, so two tenants can claim one FHIR base. Picking
+            # either would hand one tenant's visits to the other: resolve it to neither.
+            del by_base[base]
+            log.warning("fhir base configured by more than one integration", iss_length=len(base))
+        self._by_base = by_base
         self._loaded_at = time.monotonic()
 
     async def by_id(self, integration_id: uuid.UUID) -> Integration | None:
@@ -118,7 +132,9 @@ class IntegrationDirectory:
 
     async def by_fhir_base(self, iss: str) -> Integration | None:
         """Exact, byte-for-byte match: SMART `aud` must equal `iss`, and anything looser
-        would let a crafted `iss` reach a server we never configured."""
+        would let a crafted `iss` reach a server we never configured. None as well when
+        more than one integration has this base (only its own launch URL can tell them
+        apart)."""
         await self._refresh()
         return self._by_base.get(iss)
 
