@@ -425,6 +425,7 @@ async def test_no_launch_redirect_leaves_the_site_whatever_the_parameters(
                         assert query["redirect_uri"] == [callback]
                         assert query["aud"] == [base]
                     url = str(r.url.join(URL(location)))
+            assert hops >= 3, "the launch went to the EHR and came back to our callback"
             for path in (
                 "/launch/callback?error=access_denied&error_description=x",
                 "/launch/callback",
