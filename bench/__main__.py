@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from bench import analytics, codec, join, launch_cpu, notify, outbox
+from bench import analytics, codec, join, launch_cpu, notify, outbox, pipeline
 from bench.harness import Benchmark, Result, print_table, write_json
 
 BENCHMARKS = [
@@ -15,6 +15,7 @@ BENCHMARKS = [
     *analytics.BENCHMARKS,
     *join.BENCHMARKS,
     *launch_cpu.BENCHMARKS,
+    *pipeline.BENCHMARKS,
 ]
 
 

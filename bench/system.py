@@ -43,6 +43,7 @@ SMART_CLIENT_ID = "teams-connector-bench"
 SMART_CLIENT_SECRET = "bench-smart-client-secret"  # noqa: S105 - local stand-in only
 WEBHOOK_SECRET = "bench-scheduling-secret"  # noqa: S105 - local stand-in only
 ACS_WEBHOOK_SECRET = "bench-acs-webhook-secret"  # noqa: S105 - local stand-in only
+APPOINTMENT_KEY_SECRET = "bench-appointment-key-secret"  # noqa: S105 - local stand-in only
 ORGANIZER = "dr.lee@contosohealth.onmicrosoft.com"
 SERVICES = ("config", "launch", "notify", "analytics")
 
@@ -309,6 +310,7 @@ async def bench_system(
         "EHR_GRAPH_BASE_URL": urls["microsoft"],
         "EHR_ACS_ENDPOINT": urls["microsoft"],
         "EHR_ACS_WEBHOOK_SECRET": ACS_WEBHOOK_SECRET,
+        "EHR_APPOINTMENT_KEY_SECRET": APPOINTMENT_KEY_SECRET,
         "EHR_SCHEDULING_WEBHOOK_SECRETS": orjson.dumps({"*": WEBHOOK_SECRET}).decode(),
         "EHR_LAUNCH_PUBLIC_BASE_URL": urls["launch"],
     } | (extra_env or {})
