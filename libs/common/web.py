@@ -39,6 +39,9 @@ CONSUMERS = web.AppKey("consumers", list[ConsumerRunner])
 
 MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TooLargeRenderer = Callable[[web.Request, int], web.StreamResponse]
+# A service may render the 413 for its audience (JSON for an API, a page for a browser).
+BODY_TOO_LARGE: web.AppKey[TooLargeRenderer] = web.AppKey("body_too_large")
 
 
 @web.middleware
@@ -73,6 +76,35 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 log.error("request failed", method=request.method, status=status)
         response.headers["X-Request-Id"] = request_id
         return response
+
+
+def _too_large(request: web.Request) -> web.StreamResponse:
+    limit = request.client_max_size
+    render = request.app.get(BODY_TOO_LARGE)
+    if render is not None:
+        response = render(request, limit)
+    else:
+        response = web.Response(
+            status=413, text=f"The request body is larger than {limit} bytes; nothing was read."
+        )
+    # The rest of the body is drained and dropped, and the connection is not reused.
+    response.force_close()
+    return response
+
+
+@web.middleware
+async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuses a body over the app's client_max_size with 413: by its Content-Length before
+    any handler runs, and a chunked (or compressed) one when reading passes the limit."""
+    length = request.content_length
+    if length is not None and length > request.client_max_size:
+        log.info("request body refused", method=request.method, content_length=length)
+        return _too_large(request)
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        log.info("request body refused", method=request.method, content_length=None)
+        return _too_large(request)
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -202,9 +234,11 @@ def create_service_app(
     *,
     migrations_dir: Path,
     shared_migrations: Sequence[tuple[str, Path]] = (),
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> web.Application:
-    """The base every service builds on: state, pool, producer, relay and the ops routes."""
-    app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY_BYTES)
+    """The base every service builds on: state, pool, producer, relay and the ops routes.
+    Request bodies over `max_body_bytes` are refused with 413 (see body_limit)."""
+    app = web.Application(middlewares=[request_context, body_limit], client_max_size=max_body_bytes)
     app[SETTINGS] = settings
     app[CONSUMERS] = []
     app.cleanup_ctx.append(database_ctx(migrations_dir, shared_migrations))

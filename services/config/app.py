@@ -14,7 +14,7 @@ from aiohttp import web
 
 from libs.common.portal_auth import PORTAL_MIGRATIONS, add_portal_auth, error_page
 from libs.common.settings import ServiceSettings
-from libs.common.web import DB_POOL, Handler, create_service_app
+from libs.common.web import BODY_TOO_LARGE, DB_POOL, Handler, create_service_app
 from services.config.acs_numbers import AcsPhoneNumbers
 from services.config.api import add_api_routes, refusal
 from services.config.context import CONTEXT, ConfigContext, Refused
@@ -40,23 +40,24 @@ def _is_api(request: web.Request) -> bool:
     return request.path.startswith("/api/")
 
 
+def too_large(request: web.Request, limit: int) -> web.StreamResponse:
+    """The 413 of libs/common/web.py:body_limit, rendered for its audience."""
+    message = f"The request is larger than {limit // 1024} KiB."
+    response = refusal(Refused(413, message)) if _is_api(request) else error_page(413, message)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
 @web.middleware
 async def portal_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Body size cap, refusals rendered for their audience, and browser hardening headers."""
-    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
-        message = f"The request is larger than {MAX_REQUEST_BYTES // 1024} KiB."
-        if _is_api(request):
-            response: web.StreamResponse = refusal(Refused(413, message))
-        else:
-            response = error_page(413, message)
-    else:
-        try:
-            response = await handler(request)
-        except Refused as exc:
-            response = refusal(exc) if _is_api(request) else error_page(exc.status, exc.message)
-        except web.HTTPException as exc:
-            exc.headers.update(SECURITY_HEADERS)
-            raise
+    """Refusals rendered for their audience, and browser hardening headers."""
+    try:
+        response = await handler(request)
+    except Refused as exc:
+        response = refusal(exc) if _is_api(request) else error_page(exc.status, exc.message)
+    except web.HTTPException as exc:
+        exc.headers.update(SECURITY_HEADERS)
+        raise
     response.headers.update(SECURITY_HEADERS)
     return response
 
@@ -92,8 +93,12 @@ CONFIG_SETTINGS = web.AppKey("config_settings", ConfigSettings)
 def create_app(settings: ServiceSettings) -> web.Application:
     assert isinstance(settings, ConfigSettings)
     app = create_service_app(
-        settings, migrations_dir=MIGRATIONS, shared_migrations=[PORTAL_MIGRATIONS]
+        settings,
+        migrations_dir=MIGRATIONS,
+        shared_migrations=[PORTAL_MIGRATIONS],
+        max_body_bytes=MAX_REQUEST_BYTES,
     )
+    app[BODY_TOO_LARGE] = too_large
     app.middlewares.append(portal_guard)
     app[CONFIG_SETTINGS] = settings
     app.cleanup_ctx.append(portal_ctx)
