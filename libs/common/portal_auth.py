@@ -244,7 +244,10 @@ async def callback(request: web.Request) -> web.Response:
     flow = orjson.loads(settings.field_cipher().decrypt(row["flow"], "portal-sign-in"))
     binding = request.cookies.get(SIGN_IN_COOKIE, "")
     expected = str(flow.pop("binding", ""))
-    if not hmac.compare_digest(hashlib.sha256(binding.encode()).hexdigest(), expected):
+    # A cookie that is not UTF-8 arrives with surrogates, which do not encode.
+    if not binding.isascii() or not hmac.compare_digest(
+        hashlib.sha256(binding.encode()).hexdigest(), expected
+    ):
         return error_page(400, "This sign-in was started in another browser. Sign in again.")
     params = {
         k: v
@@ -304,7 +307,8 @@ async def logout(request: web.Request) -> web.Response:
 
 async def current_principal(request: web.Request) -> Principal | None:
     token = request.cookies.get(SESSION_COOKIE)
-    if not token or len(token) > 128:
+    # Our tokens are URL-safe ASCII; a cookie that is not UTF-8 arrives with surrogates.
+    if not token or len(token) > 128 or not token.isascii():
         return None
     row = await request.app[DB_POOL].fetchrow(
         "SELECT tenant_id, user_oid, upn, roles, csrf_token FROM portal_sessions"
@@ -355,7 +359,12 @@ def verify_csrf(request: web.Request, principal: Principal, form_value: object =
     presented = request.headers.get("X-CSRF-Token") or (
         form_value if isinstance(form_value, str) else ""
     )
-    if not presented or not hmac.compare_digest(presented, principal.csrf_token):
+    # compare_digest refuses non-ASCII text: such a token was never issued.
+    if (
+        not presented
+        or not presented.isascii()
+        or not hmac.compare_digest(presented, principal.csrf_token)
+    ):
         raise forbidden(
             request,
             "The form's security token is missing or out of date. Reload the page and try again.",

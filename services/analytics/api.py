@@ -25,6 +25,9 @@ ACCURACY = (
     " (0.5 s below one second)"
 )
 CSV_EXPORT_CHUNK = 1000
+# A 90-day window, its day after and its month must stay inside the calendar.
+EARLIEST_DAY = date(1970, 1, 1)
+LATEST_DAY = date(9000, 12, 31)
 
 
 def settings_of(request: web.Request) -> AnalyticsSettings:
@@ -48,19 +51,31 @@ def _parse_day(request: web.Request, name: str) -> date | None:
     if value is None or value == "":
         return None
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError:
         raise bad_request(f"{name} must be a date like 2026-01-31") from None
+    if not EARLIEST_DAY <= day <= LATEST_DAY:
+        raise bad_request(f"{name} must be between {EARLIEST_DAY} and {LATEST_DAY}")
+    return day
+
+
+def small_number(text: str) -> int | None:
+    """A count typed in a query: ASCII digits ("²".isdigit() is true too), at most six."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else None
+
+
+def days_of(request: web.Request) -> int:
+    days = small_number(request.query.get("days", "30"))
+    if days not in RANGES_DAYS:
+        raise bad_request("days must be 7, 30 or 90")
+    return days
 
 
 def date_range(request: web.Request) -> tuple[date, date]:
     """`from`/`to` (inclusive UTC days), or `days` (7, 30 or 90) ending today."""
     start, end = _parse_day(request, "from"), _parse_day(request, "to")
     if start is None or end is None:
-        days_text = request.query.get("days", "30")
-        if not days_text.isdigit() or int(days_text) not in RANGES_DAYS:
-            raise bad_request("days must be 7, 30 or 90")
-        span = timedelta(days=int(days_text) - 1)
+        span = timedelta(days=days_of(request) - 1)
         if start is not None:
             end = start + span
         else:
@@ -211,17 +226,15 @@ async def meetings_report(request: web.Request) -> web.Response:
                 break
             after = reports.decode_cursor(cursor)
         return csv_response(csv_text(MEETINGS_CSV_HEADER, rows), f"meetings-{start}-{end}.csv")
-    limit_text = request.query.get("limit", str(settings.meetings_page_size))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= settings.meetings_page_size:
+    limit = small_number(request.query.get("limit", str(settings.meetings_page_size)))
+    if limit is None or not 1 <= limit <= settings.meetings_page_size:
         raise bad_request(f"limit must be between 1 and {settings.meetings_page_size}")
     cursor_text = request.query.get("cursor")
     try:
         after = reports.decode_cursor(cursor_text) if cursor_text else None
     except reports.BadCursor as exc:
         raise bad_request(str(exc)) from None
-    page, next_cursor = await reports.meetings(
-        pool, principal.tenant_id, start, end, int(limit_text), after
-    )
+    page, next_cursor = await reports.meetings(pool, principal.tenant_id, start, end, limit, after)
     return json_response(
         {
             "from": start.isoformat(),
@@ -239,6 +252,8 @@ async def allocation_report(request: web.Request) -> web.Response:
         month = date.fromisoformat(f"{month_text}-01") if month_text else today()
     except ValueError:
         raise bad_request("month must look like 2026-01") from None
+    if not EARLIEST_DAY <= month <= LATEST_DAY:
+        raise bad_request(f"month must be between {EARLIEST_DAY:%Y-%m} and {LATEST_DAY:%Y-%m}")
     result = await reports.allocation(request.app[DB_POOL], principal.tenant_id, month)
     return json_response(result.as_json())
 

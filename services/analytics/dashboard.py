@@ -13,7 +13,7 @@ from markupsafe import Markup
 from libs.common.portal_auth import require_principal
 from libs.common.web import DB_POOL
 from services.analytics import reports
-from services.analytics.api import ACCURACY, RANGES_DAYS, bad_request, today
+from services.analytics.api import ACCURACY, RANGES_DAYS, bad_request, days_of, today
 from services.analytics.charts import bar_chart, line_chart
 
 TEMPLATES = jinja2.Environment(
@@ -40,10 +40,7 @@ def _minutes(figure: reports.Figure) -> float | None:
 
 async def dashboard(request: web.Request) -> web.Response:
     principal = await require_principal(request, "view_reports")
-    days_text = request.query.get("days", "30")
-    if not days_text.isdigit() or int(days_text) not in RANGES_DAYS:
-        raise bad_request("days must be 7, 30 or 90")
-    days = int(days_text)
+    days = days_of(request)
     end = today()
     start = end - timedelta(days=days - 1)
     pool = request.app[DB_POOL]

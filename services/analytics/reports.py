@@ -229,8 +229,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, key = raw.split("|", 1)
-        return datetime.fromisoformat(at), key
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        # What encode_cursor wrote: an aware time Postgres holds, a printable meeting id.
+        when = datetime.fromisoformat(at).astimezone(UTC)
+        if not key.isprintable() or len(key) > 200:
+            raise ValueError(key)
+        return when, key
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise BadCursor("the page cursor is not valid") from None
 
 

@@ -65,14 +65,18 @@ class Appointment(BaseModel):
     @property
     def schedule_version(self) -> int:
         version = self.meta.versionId or "1"
-        return int(version) if version.isdigit() else 1
+        # ASCII digits only ("²".isdigit() is true too) and within Postgres' integer.
+        if version.isascii() and version.isdigit() and int(version) < 2**31:
+            return int(version)
+        return 1
 
     def department(self, fallback: str) -> str:
         for participant in self.participant:
             actor = participant.get("actor") or {}
             if isinstance(actor, dict) and str(actor.get("reference", "")).startswith("Location/"):
                 display = actor.get("display")
-                if isinstance(display, str) and 0 < len(display) <= 200:
+                # Stored and sent to Graph: no NUL or control characters.
+                if isinstance(display, str) and 0 < len(display) <= 200 and display.isprintable():
                     return display
         return fallback
 

@@ -39,7 +39,8 @@ def mint(secret: str, appointment_key: str, expires_at: datetime) -> str:
 
 def verify(secret: str, token: str, now: datetime) -> str:
     """The appointment key the token names; raises JoinTokenError otherwise."""
-    if len(token) > 512 or token.count(".") != 1:
+    # compare_digest refuses non-ASCII text (TypeError): such a token was never minted.
+    if len(token) > 512 or not token.isascii() or token.count(".") != 1:
         raise JoinTokenError("This link is not valid.")
     body, signature = token.split(".")
     if not hmac.compare_digest(signature, _sign(secret, body)):

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import AliasChoices, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from libs.common.events import (
     AttendanceInterval,
@@ -73,10 +81,20 @@ class CallEvent(BaseModel):
         validation_alias=AliasChoices("activeParticipants@exited"),
     )
 
+    @field_validator("eventDateTime")
+    @classmethod
+    def _storable(cls, value: datetime) -> datetime:
+        # 0001-01-01T00:00+01:00 is year 0 in UTC, which neither Python nor Postgres holds.
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("eventDateTime is out of range") from None
+
 
 class ChangeNotification(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    subscriptionId: str = Field(max_length=256)  # noqa: N815
+    # Graph's subscription ids are GUIDs; printable ASCII keeps NUL out of the SQL lookup.
+    subscriptionId: str = Field(max_length=256, pattern=r"^[\x20-\x7e]*$")  # noqa: N815
     clientState: str | None = Field(default=None, max_length=256)  # noqa: N815
     resourceData: CallEvent  # noqa: N815
 
@@ -104,7 +122,9 @@ async def receive_notifications(request: web.Request) -> web.Response:
         return web.Response(text=token, content_type="text/plain")
     try:
         batch = Notifications.model_validate_json(await request.read())
-    except ValidationError:
+        digests = [notification_digest(note) for note in batch.value]
+    except (ValidationError, TypeError):
+        # TypeError: orjson refuses an integer beyond 64 bits (say, inside Identity).
         return web.json_response({"error": "not a change notification"}, status=400)
     pool = request.app[DB_POOL]
     matched = []
@@ -127,17 +147,23 @@ async def receive_notifications(request: web.Request) -> web.Response:
                 {"error": "unknown subscription or wrong clientState"}, status=403
             )
         matched.append((note, row))
-    for note, row in matched:
-        await _apply(request, note, row)
+    for (note, row), digest in zip(matched, digests, strict=True):
+        await _apply(request, note, row, digest)
     return web.Response(status=202)
 
 
-async def _apply(request: web.Request, note: ChangeNotification, row: asyncpg.Record) -> None:
-    settings = launch_settings(request)
-    event = note.resourceData
-    digest = hashlib.sha256(
+def notification_digest(note: ChangeNotification) -> bytes:
+    """What dedupes Graph's redeliveries of one notification."""
+    return hashlib.sha256(
         orjson.dumps(note.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
     ).digest()
+
+
+async def _apply(
+    request: web.Request, note: ChangeNotification, row: asyncpg.Record, digest: bytes
+) -> None:
+    settings = launch_settings(request)
+    event = note.resourceData
     reports: list[dict[str, Any]] = []
     if event.eventType.endswith("CallEnded"):
         try:

@@ -50,7 +50,11 @@ LAUNCH_PARAMETERS = [
 ]
 LAUNCH_RESPONSES = {
     "302": redirect("To the EHR's authorize endpoint"),
-    "400": _page("iss or launch missing, repeated or too long"),
+    "400": {
+        "description": "iss or launch missing, repeated or too long (a request line over 8 KiB"
+        " is refused by the HTTP parser, in plain text)",
+        "content": {HTML: {"schema": STR}, TEXT: {"schema": STR}},
+    },
     "403": _page("iss is not a configured FHIR base URL; nothing was requested from it"),
     "502": _page("The EHR's SMART configuration could not be read"),
 }
@@ -106,7 +110,11 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "302": redirect("Provider: to the visit page or the visit chooser"),
                 "303": redirect("Patient: to the visit's join link"),
-                "400": _page("Unknown, reused or expired state, or the EHR refused the sign-in"),
+                "400": {
+                    "description": "Unknown, reused or expired state, or the EHR refused the"
+                    " sign-in (a request line over 8 KiB is refused by the HTTP parser)",
+                    "content": {HTML: {"schema": STR}, TEXT: {"schema": STR}},
+                },
                 "403": _page("The integration is no longer configured"),
                 "404": _page("No video visit found"),
                 "410": _page("The visit was cancelled"),

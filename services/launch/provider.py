@@ -90,6 +90,15 @@ async def launch_callback(request: web.Request) -> web.StreamResponse:
     raise response
 
 
+def form_token_matches(presented: object, expected: str) -> bool:
+    """compare_digest refuses non-ASCII text: such a token was never issued."""
+    return (
+        isinstance(presented, str)
+        and presented.isascii()
+        and secrets.compare_digest(presented, expected)
+    )
+
+
 async def _find_appointments(
     fhir: FhirClient, encounter: str | None, patient: str | None
 ) -> list[Appointment]:
@@ -134,7 +143,7 @@ async def choose_submit(request: web.Request) -> web.StreamResponse:
     if session is None:
         return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
     form = await request.post()
-    if not secrets.compare_digest(str(form.get("csrf_token", "")), session.csrf_token):
+    if not form_token_matches(form.get("csrf_token"), session.csrf_token):
         return problem_page(403, "This form has expired", "Reload the page and try again.")
     chosen = str(form.get("appointment", ""))
     if chosen not in {option["id"] for option in session.candidates}:
@@ -216,7 +225,7 @@ async def send_link(request: web.Request) -> web.StreamResponse:
     if session is None or session.appointment_key is None:
         return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
     form = await request.post()
-    if not secrets.compare_digest(str(form.get("csrf_token", "")), session.csrf_token):
+    if not form_token_matches(form.get("csrf_token"), session.csrf_token):
         return problem_page(403, "This form has expired", "Reload the page and try again.")
     tenant_id = await pool.fetchval(
         "SELECT tenant_id FROM appointments WHERE appointment_key = $1", session.appointment_key

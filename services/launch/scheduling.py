@@ -9,7 +9,8 @@ import hmac
 import re
 import time
 import uuid
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeGuard
 
 import orjson
 import phonenumbers
@@ -34,6 +35,10 @@ log = structlog.get_logger(__name__)
 
 _SIGNATURE = re.compile(r"^t=(\d{1,12})((?:,v1=[0-9a-f]{64})+)$")
 _TENANT = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+# The join link expires at the end plus a grace period, reminders fall before the start and
+# reports bucket by day: times near the calendar's ends would overflow all of them.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class PatientContact(BaseModel):
@@ -90,6 +95,13 @@ def normalised_phone(raw: str | None) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def _bookable(at: datetime | None) -> TypeGuard[datetime]:
+    try:
+        return at is not None and EARLIEST <= at.astimezone(UTC) < LATEST
+    except OverflowError:  # 0001-01-01T00:00+01:00 is year 0 in UTC
+        return False
+
+
 def _problem(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -138,8 +150,8 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
             )
             return web.json_response({"status": "ignored: not a video visit"})
         if (
-            appointment.start is None
-            or appointment.end is None
+            not _bookable(appointment.start)
+            or not _bookable(appointment.end)
             or appointment.end <= appointment.start
         ):
             return _problem(422, "invalid scheduling event: appointment start/end")

@@ -63,7 +63,8 @@ async def current_session(
     request: web.Request, pool: asyncpg.Pool, cipher: FieldCipher
 ) -> ProviderSession | None:
     token = request.cookies.get(PROVIDER_COOKIE, "")
-    if not token or len(token) > 128:
+    # Our tokens are URL-safe ASCII; a cookie that is not UTF-8 arrives with surrogates.
+    if not token or len(token) > 128 or not token.isascii():
         return None
     row = await pool.fetchrow(
         "SELECT token_hash, integration_id, ehr_user_id, appointment_key, candidates, csrf_token"

@@ -19,7 +19,16 @@ from libs.common.openapi import (
     ref,
     response,
 )
-from services.notify.webhooks import MAX_EVENTS, EventGridEvent
+from services.notify.webhooks import (
+    DELIVERY_REPORT,
+    MAX_EVENTS,
+    RECEIVED,
+    VALIDATION,
+    DeliveryReportData,
+    EventGridEvent,
+    SmsReceivedData,
+    ValidationData,
+)
 
 
 def _json(description: str, schema: str = "WebhookError") -> dict[str, Any]:
@@ -85,13 +94,29 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
 }
 
 
+def _schemas() -> dict[str, Any]:
+    schemas = model_schemas((EventGridEvent, SmsReceivedData, DeliveryReportData, ValidationData))
+    # The envelope's data is one of these by eventType; other event types are ignored.
+    schemas["EventGridEvent"]["properties"]["data"] = {
+        "description": f"{RECEIVED}: SmsReceivedData; {DELIVERY_REPORT}: DeliveryReportData;"
+        f" {VALIDATION}: ValidationData; anything else is ignored.",
+        "anyOf": [
+            ref("SmsReceivedData"),
+            ref("DeliveryReportData"),
+            ref("ValidationData"),
+            {"type": "object"},
+        ],
+    }
+    return schemas
+
+
 def document() -> dict[str, Any]:
     return openapi_document(
         title="Teams EHR connector: notify (SMS)",
         description="Receives ACS SMS events from Event Grid. Event Grid authenticates with"
         " the secret in the subscription's endpoint URL (the code query parameter).",
         paths=PATHS,
-        schemas={**RESPONSE_SCHEMAS, **model_schemas((EventGridEvent,))},
+        schemas={**RESPONSE_SCHEMAS, **_schemas()},
         security_schemes={
             "event_grid_code": {"type": "apiKey", "in": "query", "name": "code"},
         },

@@ -9,6 +9,7 @@ names the fields, never their values (they hold phone numbers).
 from __future__ import annotations
 
 import hmac
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -16,6 +17,7 @@ import orjson
 import structlog
 from aiohttp import web
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -39,7 +41,20 @@ MAX_EVENTS = 500
 
 # Event Grid sends "From" with or without the leading "+".
 Phone = Annotated[str, StringConstraints(pattern=r"^\+?[1-9]\d{6,14}$")]
-Text = Annotated[str, StringConstraints(max_length=200)]
+# Stored values: Postgres text holds no NUL.
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, StringConstraints(max_length=200, pattern=NO_NUL)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    # 0001-01-01T00:00+01:00 is year 0 in UTC, which neither Python nor Postgres holds.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range") from None
+
+
+UtcTimestamp = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 class _Strict(BaseModel):
@@ -50,7 +65,7 @@ class EventGridEvent(BaseModel):
     # Event Grid may add envelope fields over time; the data models below are strict.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    id: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     topic: str = Field(default="", max_length=1000)
     subject: str = Field(max_length=1000)
     eventType: str = Field(min_length=1, max_length=200)  # noqa: N815
@@ -64,23 +79,23 @@ class SmsReceivedData(_Strict):
     From: Phone
     To: Phone
     Message: str = Field(max_length=2048)
-    ReceivedTimestamp: AwareDatetime
+    ReceivedTimestamp: UtcTimestamp
 
 
 class DeliveryAttempt(_Strict):
-    Timestamp: AwareDatetime
+    Timestamp: UtcTimestamp
     SegmentsSucceeded: int = Field(ge=0, le=100)
     SegmentsFailed: int = Field(ge=0, le=100)
 
 
 class DeliveryReportData(_Strict):
-    MessageId: str = Field(min_length=1, max_length=200)
+    MessageId: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     From: Phone
     To: Phone
     DeliveryStatus: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z]+$")
     DeliveryStatusDetails: Text
     DeliveryAttempts: list[DeliveryAttempt] = Field(default_factory=list, max_length=50)
-    ReceivedTimestamp: AwareDatetime
+    ReceivedTimestamp: UtcTimestamp
     Tag: str | None = Field(default=None, max_length=200)
 
 
