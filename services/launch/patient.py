@@ -15,8 +15,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from libs.common.events import PatientJoinedV1, Topic, make_event
-from libs.common.outbox import enqueue
+from libs.common.events import PatientJoinedV1, Topic, encode_event, make_event
 from libs.common.web import DB_POOL
 from services.launch import join_tokens
 from services.launch.pages import page, problem_page
@@ -77,20 +76,24 @@ async def _visit(conn: Connection, key: str, participant: str) -> asyncpg.Record
     return row
 
 
+# The first open from a device: its lobby arrival and `patient-joined` in one statement, so
+# one round trip and as atomic as outbox.enqueue's transaction (the outbox row is written if
+# and only if the arrival is; the outbox trigger wakes the relay as usual).
+_ARRIVAL = (
+    "WITH arrival AS (INSERT INTO lobby_arrivals (appointment_key, participant, arrived_at)"
+    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING appointment_key)"
+    " INSERT INTO outbox (event_id, topic, key, payload)"
+    " SELECT $4, $5, appointment_key, $6 FROM arrival"
+)
+
+
 async def _record_arrival(conn: Connection, key: str, tenant_id: str, participant: str) -> None:
-    """The lobby arrival and its `patient-joined`, in one transaction, once per device."""
     now = datetime.now(UTC)
-    async with conn.transaction():
-        status = await conn.execute(
-            "INSERT INTO lobby_arrivals (appointment_key, participant, arrived_at)"
-            " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            key,
-            participant,
-            now,
-        )
-        if status == "INSERT 0 1":
-            payload = PatientJoinedV1(participant=participant, lobby_entered_at=now)
-            await enqueue(conn, make_event(Topic.PATIENT_JOINED, tenant_id, key, payload))
+    payload = PatientJoinedV1(participant=participant, lobby_entered_at=now)
+    event = make_event(Topic.PATIENT_JOINED, tenant_id, key, payload)
+    await conn.execute(
+        _ARRIVAL, key, participant, now, event.event_id, event.type, encode_event(event)
+    )
 
 
 async def _arrive(
