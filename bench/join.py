@@ -8,10 +8,18 @@ and writes `patient-joined` to the outbox; the repeats find the arrival and writ
 Every wrk run uses fresh device cookies, so each run does the same mix of first opens and
 repeats whatever ran before it.
 
+Each run is measured twice: saturated (64 connections as fast as they go: req/s, and p50/p99,
+which there are about 64 / rate by Little's law) and paced (the same 64 connections offering
+half the saturated rate: the latency a patient sees below capacity). The CPU seconds the
+server process used per request are read from /proc: on a shared machine they move far less
+than req/s.
+
 Baselines, in the same run and with the same wrk settings: a bare aiohttp handler returning a
-constant, in its own process pinned the same way, on the same event loop. The event loop
-(`EHR_EVENT_LOOP`) is measured both ways, interleaved; the peak RSS (VmHWM) of each service
-is read after the runs, once analytics has caught up with every `patient-joined`.
+constant, in its own process pinned the same way, on the same event loop (paced at the same
+offered rate). The event loop (`EHR_EVENT_LOOP`) is measured both ways, interleaved, in
+`ROUNDS` rounds; each figure is from the round with the best saturated rate, the least
+disturbed by other work on the machine. The peak RSS (VmHWM) of each service is read after
+the runs, once analytics has caught up with every `patient-joined`.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import os
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,11 +67,12 @@ class Scale:
     patients: int
     warmup_s: int
     duration_s: int
+    paced_s: int
     rounds: int
 
 
-FULL = Scale(patients=6_000, warmup_s=3, duration_s=15, rounds=2)
-SMOKE = Scale(patients=300, warmup_s=0, duration_s=2, rounds=1)
+FULL = Scale(patients=6_000, warmup_s=3, duration_s=12, paced_s=8, rounds=3)
+SMOKE = Scale(patients=300, warmup_s=0, duration_s=2, paced_s=1, rounds=1)
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,18 @@ LUA = """
 local tokens = {%(tokens)s}
 local salt, hits, window, n = "%(salt)s", %(hits)d, %(window)d, #tokens
 local i = 0
+local pause, connections = %(pause_ms)d, %(connections)d
+if pause > 0 then
+  -- Paced: each connection waits a random time, on average `pause`, before each request
+  -- (wrk's delay hook). wrk sends a connection's first request at connect, all at once:
+  -- those are health checks, so that burst does not count as a patient's wait.
+  delay = function() return math.random(0, 2 * pause) end
+end
 request = function()
+  if pause > 0 and i < connections then
+    i = i + 1
+    return wrk.format("GET", "/healthz")
+  end
   local block = math.floor(i / (window * hits))
   local patient = block * window + (i %% window)
   i = i + 1
@@ -106,8 +127,9 @@ end
 """
 
 
-def write_script(directory: Path, tokens: list[str]) -> Path:
-    """A wrk script for one run: its own device cookies (salt) over the same tokens."""
+def write_script(directory: Path, tokens: list[str], rate: float | None = None) -> Path:
+    """A wrk script for one run: its own device cookies (salt) over the same tokens; with
+    `rate`, each connection pauses so that the 64 together offer about that many req/s."""
     path = directory / f"join-{uuid.uuid4().hex[:8]}.lua"
     path.write_text(
         LUA
@@ -116,6 +138,8 @@ def write_script(directory: Path, tokens: list[str]) -> Path:
             "salt": f"bench{uuid.uuid4().hex[:16]}",
             "hits": HITS,
             "window": WINDOW,
+            "pause_ms": round(CONNECTIONS * 1000 / rate) if rate else 0,
+            "connections": CONNECTIONS,
         }
     )
     return path
@@ -141,14 +165,31 @@ async def wrk(url: str, script: Path, seconds: int) -> WrkRun:
     )
 
 
-async def drive(child: Child, scale: Scale, directory: Path, tokens: list[str]) -> WrkRun:
+@dataclass(frozen=True)
+class Sample:
+    """One server measured once: saturated, CPU per request, then paced."""
+
+    saturated: WrkRun
+    cpu_ms: float
+    paced: WrkRun
+
+
+async def drive(
+    child: Child, scale: Scale, directory: Path, tokens: list[str], paced_rate: float | None
+) -> Sample:
+    """Warm-up, a saturated run and a paced one (at `paced_rate`, or half the saturated)."""
     url = f"{child.url}/join/x"
     if scale.warmup_s:
         await wrk(url, write_script(directory, tokens), scale.warmup_s)
-    run = await wrk(url, write_script(directory, tokens), scale.duration_s)
-    if run.errors:
-        raise RuntimeError(f"{child.name}: {run.errors} of {run.requests} requests failed")
-    return run
+    cpu = child.cpu_s()
+    saturated = await wrk(url, write_script(directory, tokens), scale.duration_s)
+    cpu_ms = (child.cpu_s() - cpu) * 1000 / max(saturated.requests, 1)
+    rate = paced_rate or saturated.rate / 2
+    paced = await wrk(url, write_script(directory, tokens, rate), scale.paced_s)
+    for run in (saturated, paced):
+        if run.errors:
+            raise RuntimeError(f"{child.name}: {run.errors} of {run.requests} requests failed")
+    return Sample(saturated, cpu_ms, paced)
 
 
 # -- the visits ---------------------------------------------------------------------------------
@@ -237,13 +278,14 @@ async def caught_up(system: BenchSystem, within_s: float) -> None:
 
 @dataclass
 class Measured:
-    bare: dict[str, list[WrkRun]] = field(default_factory=lambda: {loop: [] for loop in LOOPS})
-    join: dict[str, list[WrkRun]] = field(default_factory=lambda: {loop: [] for loop in LOOPS})
+    bare: dict[str, list[Sample]] = field(default_factory=lambda: {loop: [] for loop in LOOPS})
+    join: dict[str, list[Sample]] = field(default_factory=lambda: {loop: [] for loop in LOOPS})
     bare_rss_mb: float = 0.0
     rss_mb: dict[str, float] = field(default_factory=dict)
 
-    def best(self, runs: list[WrkRun]) -> WrkRun:
-        return max(runs, key=lambda r: r.rate)
+    def best(self, samples: list[Sample]) -> Sample:
+        """The least disturbed round: the best saturated rate."""
+        return max(samples, key=lambda s: s.saturated.rate)
 
 
 async def start_launch(system: BenchSystem, loop: str) -> Child:
@@ -261,30 +303,43 @@ async def measure(scale: Scale) -> Measured:
             others: list[Child] = []
             launch: Child | None = None
             try:
-                for name in SERVICES:
-                    others.append(await system.start(name))
-                launch = await start_launch(system, DEFAULT_LOOP)
+                started = await asyncio.gather(
+                    *(system.start(name) for name in SERVICES),
+                    start_launch(system, DEFAULT_LOOP),
+                    return_exceptions=True,
+                )
+                others = [c for c in started[:-1] if isinstance(c, Child)]
+                for outcome in started:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                assert isinstance(started[-1], Child)
+                launch = started[-1]
                 tokens = await book_visits(system, launch.url, scale.patients)
                 await caught_up(system, 120)
                 await launch.stop()
+                launch = None
                 for round_ in range(scale.rounds):
                     # The default loop first in even rounds, second in odd ones.
                     order = DEFAULT_FIRST if round_ % 2 == 0 else DEFAULT_FIRST[::-1]
                     for loop in order:
-                        bare = await start_bare(loop, SERVICE_CPU)
-                        try:
-                            measured.bare[loop].append(await drive(bare, scale, directory, tokens))
-                            if loop == DEFAULT_LOOP:
-                                measured.bare_rss_mb = max(measured.bare_rss_mb, bare.peak_rss_mb())
-                        finally:
-                            await bare.stop()
-                    for loop in order:
                         launch = await start_launch(system, loop)
-                        measured.join[loop].append(await drive(launch, scale, directory, tokens))
+                        sample = await drive(launch, scale, directory, tokens, None)
+                        measured.join[loop].append(sample)
                         if loop == DEFAULT_LOOP:
                             rss = max(measured.rss_mb.get("launch", 0.0), launch.peak_rss_mb())
                             measured.rss_mb["launch"] = rss
                         await launch.stop()
+                        launch = None
+                        bare = await start_bare(loop, SERVICE_CPU)
+                        try:
+                            paced = sample.paced.rate
+                            measured.bare[loop].append(
+                                await drive(bare, scale, directory, tokens, paced)
+                            )
+                            if loop == DEFAULT_LOOP:
+                                measured.bare_rss_mb = max(measured.bare_rss_mb, bare.peak_rss_mb())
+                        finally:
+                            await bare.stop()
                 # A launch again, so the outbox rows of the last run go out to analytics.
                 launch = await start_launch(system, DEFAULT_LOOP)
                 await caught_up(system, 120)
@@ -308,61 +363,82 @@ async def measured(smoke: bool) -> Measured:
         return _measured[smoke]
 
 
+def _default(m: Measured) -> tuple[Sample, Sample]:
+    return m.best(m.join[DEFAULT_LOOP]), m.best(m.bare[DEFAULT_LOOP])
+
+
 async def join_rate(smoke: bool) -> Result:
-    m = await measured(smoke)
-    join, bare = m.best(m.join[DEFAULT_LOOP]), m.best(m.bare[DEFAULT_LOOP])
-    ratio = join.rate / bare.rate
+    join, bare = _default(await measured(smoke))
+    ratio = join.saturated.rate / bare.saturated.rate
     return Result(
         name=f"launch GET /join req/s, {CONNECTIONS} conns",
-        figure=join.rate,
+        figure=join.saturated.rate,
         unit="req/s",
-        baseline=bare.rate,
+        baseline=bare.saturated.rate,
         ratio=ratio,
         goal=">= 0.6x bare",
         meets_goal=ratio >= 0.6,
     )
 
 
-async def join_p50(smoke: bool) -> Result:
-    m = await measured(smoke)
-    join, bare = m.best(m.join[DEFAULT_LOOP]), m.best(m.bare[DEFAULT_LOOP])
+def _latency(name: str, pick: Callable[[Sample], float]) -> Benchmark:
+    async def run(smoke: bool) -> Result:
+        join, bare = _default(await measured(smoke))
+        figure, baseline = pick(join), pick(bare)
+        return Result(
+            name=name,
+            figure=figure,
+            unit="ms",
+            baseline=baseline,
+            ratio=figure / baseline,
+            goal="<= 20 ms",
+            meets_goal=figure <= 20,
+        )
+
+    return Benchmark(name, run)
+
+
+async def join_cpu(smoke: bool) -> Result:
+    join, bare = _default(await measured(smoke))
+    ratio = join.cpu_ms / bare.cpu_ms
     return Result(
-        name="launch GET /join p50",
-        figure=join.p50_ms,
+        name="launch CPU per /join request",
+        figure=join.cpu_ms,
         unit="ms",
-        baseline=bare.p50_ms,
-        ratio=join.p50_ms / bare.p50_ms,
-        goal="<= 20 ms",
-        meets_goal=join.p50_ms <= 20,
+        baseline=bare.cpu_ms,
+        ratio=ratio,
+        goal="<= 1.67x bare",  # what 0.6x the rate means when the core is the limit
+        meets_goal=ratio <= 1 / 0.6,
     )
 
 
-async def join_p99(smoke: bool) -> Result:
+async def event_loop_rate(smoke: bool) -> Result:
     m = await measured(smoke)
-    join, bare = m.best(m.join[DEFAULT_LOOP]), m.best(m.bare[DEFAULT_LOOP])
-    return Result(
-        name="launch GET /join p99",
-        figure=join.p99_ms,
-        unit="ms",
-        baseline=bare.p99_ms,
-        ratio=join.p99_ms / bare.p99_ms,
-        goal="<= 20 ms",
-        meets_goal=join.p99_ms <= 20,
-    )
-
-
-async def event_loop(smoke: bool) -> Result:
-    m = await measured(smoke)
-    uv, plain = m.best(m.join["uvloop"]).rate, m.best(m.join["asyncio"]).rate
-    ratio = uv / plain
+    uv, plain = m.best(m.join["uvloop"]), m.best(m.join["asyncio"])
+    ratio = uv.saturated.rate / plain.saturated.rate
     return Result(
         name="launch /join req/s uvloop vs asyncio",
-        figure=uv,
+        figure=uv.saturated.rate,
         unit="req/s",
-        baseline=plain,
+        baseline=plain.saturated.rate,
         ratio=ratio,
-        goal=f"default={DEFAULT_LOOP}",
+        goal=f"default {DEFAULT_LOOP}",
         meets_goal=(ratio >= 1) == (DEFAULT_LOOP == "uvloop"),
+    )
+
+
+async def event_loop_cpu(smoke: bool) -> Result:
+    m = await measured(smoke)
+    uv, plain = m.best(m.join["uvloop"]), m.best(m.join["asyncio"])
+    ratio = uv.cpu_ms / plain.cpu_ms
+    return Result(
+        name="launch /join CPU uvloop vs asyncio",
+        figure=uv.cpu_ms,
+        unit="ms",
+        baseline=plain.cpu_ms,
+        ratio=ratio,
+        goal=f"default {DEFAULT_LOOP}",
+        meets_goal=(ratio <= 1) == (DEFAULT_LOOP == "uvloop"),
     )
 
 
@@ -385,8 +461,11 @@ def peak_rss(service: str) -> Benchmark:
 
 BENCHMARKS = [
     Benchmark("patient join throughput (launch, wrk)", join_rate),
-    Benchmark("patient join p50", join_p50),
-    Benchmark("patient join p99", join_p99),
-    Benchmark("patient join uvloop vs asyncio", event_loop),
+    _latency("launch GET /join p50, saturated", lambda s: s.saturated.p50_ms),
+    _latency("launch GET /join p99, saturated", lambda s: s.saturated.p99_ms),
+    _latency("launch GET /join p99, half load", lambda s: s.paced.p99_ms),
+    Benchmark("patient join CPU per request", join_cpu),
+    Benchmark("patient join uvloop vs asyncio, req/s", event_loop_rate),
+    Benchmark("patient join uvloop vs asyncio, CPU", event_loop_cpu),
     *(peak_rss(s) for s in ("launch", *SERVICES)),
 ]

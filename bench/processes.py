@@ -45,6 +45,13 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Child:
     name: str
@@ -61,6 +68,9 @@ class Child:
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.pid)
+
+    def cpu_s(self) -> float:
+        return cpu_s(self.pid)
 
     async def wait_ready(self, path: str, within_s: float = 90) -> None:
         deadline = asyncio.get_running_loop().time() + within_s
