@@ -247,6 +247,8 @@ class ConsumerRunner:
 
     async def _process_batch(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> bool:
         """Apply a batch; True when some partition must retry from a record later."""
+        if await self._apply_together(batch):
+            return False
         must_retry = False
         for tp, records in batch.items():
             for record in records:
@@ -257,6 +259,60 @@ class ConsumerRunner:
                     break
                 self._pending[tp] = record.offset + 1
         return must_retry
+
+    async def _apply_together(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> bool:
+        """Applies a whole poll in one transaction (each event still through its inbox row) and
+        returns True; or changes nothing and returns False, and the batch goes one event per
+        transaction, where a poison message, a failing handler or an outage is dealt with
+        record by record. One commit per poll instead of per event is most of the speed-up;
+        the rollback on failure is why it is safe: nothing a handler did survives it, and
+        handlers only touch the database."""
+        records = [(tp, record) for tp, records in batch.items() for record in records]
+        if len(records) < 2:
+            return False
+        decoded: list[tuple[TopicPartition, ConsumerRecord, str, Envelope[Any]]] = []
+        for tp, record in records:
+            base_topic = record.topic.removeprefix(self._prefix)
+            try:
+                decoded.append((tp, record, base_topic, decode_event(record.value, base_topic)))
+            except UndeliverableEvent:
+                return False
+        outcomes: list[tuple[str, str, bool]] = []
+        try:
+            async with (
+                asyncio.timeout(self._handler_timeout_s),
+                self._pool.acquire() as conn,
+                conn.transaction(),
+            ):
+                for _tp, record, base_topic, event in decoded:
+                    with structlog.contextvars.bound_contextvars(
+                        event_id=str(event.event_id), topic=base_topic, appointment_key=event.key
+                    ):
+                        applied = await self._apply_on(
+                            conn, event, base_topic, self._handlers[record.topic]
+                        )
+                    outcomes.append((base_topic, str(event.event_id), applied))
+        except Exception as exc:
+            log.info(
+                "batch applied one event at a time instead",
+                consumer=self.name,
+                records=len(records),
+                error=type(exc).__name__,
+            )
+            return False
+        for (tp, record, base_topic, event), outcome in zip(decoded, outcomes, strict=True):
+            self._pending[tp] = record.offset + 1
+            self._attempts.pop((tp, record.offset), None)
+            self._count(base_topic, event, applied=outcome[2])
+            self._outcomes.append(outcome)
+        return True
+
+    def _count(self, base_topic: str, event: Envelope[Any], applied: bool) -> None:
+        EVENTS_CONSUMED.labels(self.name, base_topic, "applied" if applied else "duplicate").inc()
+        if applied:
+            EVENT_HANDLING_LAG.labels(self.name, base_topic).observe(
+                max(0.0, time.time() - event.occurred_at.timestamp())
+            )
 
     async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> bool:
         """Returns False when the record must be retried later."""
@@ -294,22 +350,21 @@ class ConsumerRunner:
                 )
                 return True
             self._attempts.pop(attempt_key, None)
-            EVENTS_CONSUMED.labels(
-                self.name, base_topic, "applied" if applied else "duplicate"
-            ).inc()
+            self._count(base_topic, event, applied)
             self._outcomes.append((base_topic, str(event.event_id), applied))
-            if applied:
-                EVENT_HANDLING_LAG.labels(self.name, base_topic).observe(
-                    max(0.0, time.time() - event.occurred_at.timestamp())
-                )
             return True
 
     async def _apply(self, event: Envelope[Any], topic: str, handler: EventHandler) -> bool:
         async with self._pool.acquire() as conn, conn.transaction():
-            if not await first_delivery(conn, self.name, event.event_id, topic):
-                return False
-            await handler(conn, event)
-            return True
+            return await self._apply_on(conn, event, topic, handler)
+
+    async def _apply_on(
+        self, conn: Connection, event: Envelope[Any], topic: str, handler: EventHandler
+    ) -> bool:
+        if not await first_delivery(conn, self.name, event.event_id, topic):
+            return False
+        await handler(conn, event)
+        return True
 
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
         base_topic = record.topic.removeprefix(self._prefix)

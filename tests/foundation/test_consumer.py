@@ -257,3 +257,90 @@ async def test_transient_failure_is_retried_until_it_succeeds(
     assert seen == [("patient-joined", str(event.event_id), True)]
     assert await effects_count(pool) == 1
     assert uuid.UUID(seen[0][1]) == event.event_id
+
+
+async def test_a_poll_is_applied_in_one_transaction_and_a_failure_falls_back_per_event(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """A poll of several events commits in one transaction; a handler failing mid-poll rolls
+    the whole poll back, which is then applied one event per transaction: every effect once."""
+    pool, producer = kit
+    events = [patient_joined() for _ in range(6)]
+    failing = events[3].event_id
+    failed_once = False
+    transactions: dict[uuid.UUID, int] = {}
+
+    async def handler(conn: Any, event: Any) -> None:
+        nonlocal failed_once
+        await conn.execute(
+            "INSERT INTO effects (event_id, appointment_key) VALUES ($1, $2)",
+            event.event_id,
+            event.key,
+        )
+        if event.event_id == failing and not failed_once:
+            failed_once = True
+            raise ValueError("fails once")
+        transactions[event.event_id] = await conn.fetchval("SELECT txid_current()")
+
+    for event in events:
+        await publish(producer, topic_prefix, event)
+    runner = ConsumerRunner(
+        name=topic_prefix + "batched",
+        handlers={"patient-joined": handler},
+        pool=pool,
+        producer=producer,
+        bootstrap_servers=KAFKA,
+        topic_prefix=topic_prefix,
+    )
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(len(events))
+    finally:
+        await runner.stop()
+    assert failed_once
+    assert sorted(e for _, e, _ in seen) == sorted(str(e.event_id) for e in events)
+    assert all(applied for _, _, applied in seen)
+    assert await effects_count(pool) == len(events)
+    assert await pool.fetchval("SELECT count(*) FROM inbox") == len(events)
+    # The retry after the failure went one transaction per event.
+    assert list(transactions.values()).count(transactions[failing]) == 1
+
+
+async def test_a_poll_without_failures_shares_one_transaction(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """Events fetched in one poll are applied in a single transaction, each once."""
+    pool, producer = kit
+    events = [patient_joined() for _ in range(6)]
+    transactions: list[int] = []
+
+    async def handler(conn: Any, event: Any) -> None:
+        await conn.execute(
+            "INSERT INTO effects (event_id, appointment_key) VALUES ($1, $2)",
+            event.event_id,
+            event.key,
+        )
+        transactions.append(await conn.fetchval("SELECT txid_current()"))
+
+    for event in events:
+        await publish(producer, topic_prefix, event)
+    await publish(producer, topic_prefix, events[0])  # a duplicate inside the same poll
+    runner = ConsumerRunner(
+        name=topic_prefix + "one-transaction",
+        handlers={"patient-joined": handler},
+        pool=pool,
+        producer=producer,
+        bootstrap_servers=KAFKA,
+        topic_prefix=topic_prefix,
+    )
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(len(events) + 1)
+    finally:
+        await runner.stop()
+    assert [applied for _, _, applied in seen].count(False) == 1
+    assert await effects_count(pool) == len(events)
+    # All were published before the runner started, so the first poll holds most of them.
+    assert len(set(transactions)) < len(transactions)
