@@ -36,6 +36,7 @@ DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
 KAFKA_PRODUCER = web.AppKey("kafka_producer", AIOKafkaProducer)
 OUTBOX_RELAY = web.AppKey("outbox_relay", OutboxRelay)
 CONSUMERS = web.AppKey("consumers", list[ConsumerRunner])
+MAX_BODY = web.AppKey("max_body_bytes", int)
 
 MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,16 +95,20 @@ def _too_large(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuses a body over the app's client_max_size with 413: by its Content-Length before
-    any handler runs, and a chunked (or compressed) one when reading passes the limit."""
+    """Refuses a body over the app's client_max_size with 413 before any handler runs: by
+    its Content-Length, or, for a chunked body, by reading it up to the limit first (the
+    handler then reads it from memory), so even a handler that ignores its body never acts
+    on an oversized request. A compressed body can still pass the limit once inflated, when
+    the handler reads it: that is refused with 413 too."""
     length = request.content_length
-    if length is not None and length > request.client_max_size:
-        log.info("request body refused", method=request.method, content_length=length)
-        return _too_large(request)
     try:
+        if length is not None and length > request.client_max_size:
+            raise web.HTTPRequestEntityTooLarge(request.client_max_size, length)
+        if length is None and request.body_exists:
+            await request.read()
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
-        log.info("request body refused", method=request.method, content_length=None)
+        log.info("request body refused", method=request.method, content_length=length)
         return _too_large(request)
 
 
@@ -241,6 +246,7 @@ def create_service_app(
     app = web.Application(middlewares=[request_context, body_limit], client_max_size=max_body_bytes)
     app[SETTINGS] = settings
     app[CONSUMERS] = []
+    app[MAX_BODY] = max_body_bytes
     app.cleanup_ctx.append(database_ctx(migrations_dir, shared_migrations))
     app.cleanup_ctx.append(kafka_producer_ctx)
     app.cleanup_ctx.append(outbox_relay_ctx)
