@@ -181,7 +181,8 @@ def _int_query(
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: "²".isdigit() is true too, and int() refuses it.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not low <= int(raw) <= high:
         raise Refused(400, f"{name} must be a whole number from {low} to {high}.", name)
     return int(raw)
 

@@ -264,7 +264,8 @@ async def save_allocation(request: web.Request) -> web.Response:
     principal, form = await _form(request)
     raw = _text(form, "monthly_allocation").strip()
     try:
-        if not raw.isdigit():
+        # ASCII digits only: "²".isdigit() is true too, and int() refuses it.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
             raise Refused(422, "Enter a whole number of appointments (0 or more).")
         data = allocation.AllocationInput(monthly_allocation=int(raw))
     except (Refused, ValidationError) as exc:
@@ -281,7 +282,7 @@ async def save_allocation(request: web.Request) -> web.Response:
 async def audit_page(request: web.Request) -> web.Response:
     principal = await _viewer(request)
     raw = request.query.get("before", "")
-    before = int(raw) if raw.isdigit() and len(raw) < 19 else None
+    before = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
     async with _ctx(request).pool.acquire() as conn:
         entries = await audit.entries(conn, principal.tenant_id, limit=50, before_id=before)
     next_before = entries[-1]["id"] if len(entries) == 50 else None

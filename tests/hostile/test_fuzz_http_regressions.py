@@ -218,6 +218,31 @@ async def test_portal_refuses_undecodable_cookies_and_non_ascii_csrf(
     assert await count(config_target, "audit_log") == audit_before
 
 
+async def test_config_refuses_unicode_digits(config_target: Target) -> None:
+    """Numbers typed as Unicode digits ("²" passes str.isdigit) or 5000 digits are refused
+    with 400 or 422 in the API and the pages, and the allocation is unchanged."""
+    audit_before = await count(config_target, "audit_log")
+    signed_in = {"cookies": config_target.cookies, "headers": config_target.headers}
+    with no_error_logs():
+        for query in ("limit=%C2%B2", "before=%C2%B2", "limit=" + "9" * 5000):
+            status, text = await call("GET", f"{config_target.url}/api/audit?{query}", **signed_in)
+            assert status == 400, (query, text)
+        status, _ = await call("GET", f"{config_target.url}/audit?before=%C2%B2", **signed_in)
+        assert status == 200
+        for value in ("²", "9" * 5000):
+            status, text = await call(
+                "POST",
+                f"{config_target.url}/allocation",
+                data={
+                    "monthly_allocation": value,
+                    "csrf_token": config_target.headers["X-CSRF-Token"],
+                },
+                cookies=config_target.cookies,
+            )
+            assert status == 422, (value, text)
+    assert await count(config_target, "audit_log") == audit_before
+
+
 # -- analytics ------------------------------------------------------------------------------------
 
 
