@@ -80,6 +80,11 @@ class ServiceSettings(BaseSettings):
     shutdown_drain_timeout_s: float = Field(default=20.0, gt=0)
 
     def __init__(self, **values: Any) -> None:
+        # Unknown EHR_* variables are ignored (a deployment may set variables for another
+        # version), but a misspelt keyword in code is a bug and must not pass silently.
+        unknown = sorted(set(values) - set(type(self).model_fields))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting {', '.join(unknown)}")
         super().__init__(_secrets_dir=_secrets_dir(), **values)
 
     @property

@@ -34,3 +34,9 @@ def test_secrets_are_masked_when_printed() -> None:
     settings = LaunchSettings(join_token_secret="very-secret")
     assert "very-secret" not in repr(settings)
     assert "very-secret" not in str(settings.model_dump())
+
+
+def test_a_misspelt_keyword_is_refused() -> None:
+    """A setting passed in code under a name that does not exist raises instead of vanishing."""
+    with pytest.raises(TypeError, match="ca_bundle"):
+        LaunchSettings(ca_bundle="/tmp/ca.pem")
