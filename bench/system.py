@@ -96,7 +96,17 @@ class BenchSystem:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (from /proc/<pid>/stat)."""
+    """CPU seconds of a process, all its live threads: nanoseconds on CPU from each thread's
+    /proc/<pid>/task/<tid>/schedstat, or utime + stime in clock ticks (10 ms) from
+    /proc/<pid>/stat where schedstat is missing."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        total = 0
+    if total:
+        return total / 1e9
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     # Fields after the command: state is index 0, so utime (14th field) is index 11.
