@@ -269,8 +269,12 @@ def fuzz_blocking(
         if isinstance(result, Err):
             raise result.err()
         operations.append(result.ok())
+
     # Deletions last, so the real ids the other operations use still exist for them.
-    for operation in sorted(operations, key=lambda op: op.method.upper() == "DELETE"):
+    def deletes(operation: Any) -> bool:
+        return bool(operation.method.upper() == "DELETE" or operation.path.endswith("/remove"))
+
+    for operation in sorted(operations, key=deletes):
         if signed_in and operation.label in target.signed_in_skips:
             continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -313,10 +317,63 @@ def portal_sign_in(session: PortalSession) -> SignIn:
     return sign_in
 
 
+def _page_form(properties: dict[str, Any]) -> dict[str, Any]:
+    form = {"type": "object", "properties": {"csrf_token": {"type": "string"}, **properties}}
+    return {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": form}}}
+
+
+def config_pages() -> dict[str, Any]:
+    """The portal's server-rendered pages and their forms, for fuzzing only: any answer but
+    a 5xx (and an error log) is acceptable, so responses are left open."""
+    text = {"type": "string"}
+    on = {"enum": ["on", ""]}
+    uuid_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    answer = {"default": {"description": "A page, a redirect or a refusal"}}
+
+    def op(body: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        operation: dict[str, Any] = {"responses": answer, **extra}
+        if body is not None:
+            operation["requestBody"] = _page_form(body)
+        return operation
+
+    integration = {
+        name: text
+        for name in (
+            "fhir_base_url", "environment", "smart_client_id", "client_auth_method",
+            "client_secret", "private_key", "pkce_mode", "teams_organizer_id", "department",
+            "organisation_name",
+        )
+    } | {"enabled": on}  # fmt: skip
+    return {
+        "/": {"get": op(parameters=[{"name": "done", "in": "query", "schema": text}])},
+        "/fhir-urls": {"get": op(), "post": op(integration)},
+        "/fhir-urls/{id}": {
+            "get": op(parameters=uuid_id),
+            "post": op(integration, parameters=uuid_id),
+        },
+        "/fhir-urls/{id}/enabled": {"post": op({"enabled": on}, parameters=uuid_id)},
+        "/fhir-urls/{id}/remove": {"post": op({}, parameters=uuid_id)},
+        "/sms": {
+            "get": op(),
+            "post": op(
+                {"enabled": on, "vendor_may_send_sms": on, "organisation_has_patient_consent": on}
+            ),
+        },
+        "/phone-numbers": {"get": op(), "post": op({})},
+        "/phone-numbers/{id}/retry": {"post": op({}, parameters=uuid_id)},
+        "/phone-numbers/{id}/links": {
+            "post": op({"integration_id": {"type": "array", "items": text}}, parameters=uuid_id)
+        },
+        "/records": {"get": op()},
+        "/allocation": {"get": op(), "post": op({"monthly_allocation": text})},
+        "/audit": {"get": op(parameters=[{"name": "before", "in": "query", "schema": text}])},
+    }
+
+
 def config_document() -> dict[str, Any]:
-    """The config API's own document plus the routes every portal has."""
+    """The config API's own document plus the routes every portal has and its pages."""
     doc = copy.deepcopy(config_openapi.document())
-    doc["paths"].update({**portal_auth_paths(), **ops_paths(), **OPENAPI_PATH})
+    doc["paths"].update({**portal_auth_paths(), **ops_paths(), **OPENAPI_PATH, **config_pages()})
     doc["components"]["schemas"].update(COMMON_SCHEMAS)
     return doc
 
@@ -367,7 +424,7 @@ async def config_target(
             number_id = (await r.json())["id"]
         doc = config_document()
         path_values = {
-            path: {"id": number_id if path.startswith("/api/phone-numbers") else integration_id}
+            path: {"id": number_id if "/phone-numbers/" in path else integration_id}
             for path in doc["paths"]
             if "{id}" in path
         }
@@ -382,6 +439,12 @@ async def config_target(
             # Signing out would end the session the rest of the run uses.
             signed_in_skips={"POST /auth/logout": "ends the session"},
             path_values=path_values,
+            # The pages render the same domain calls the API makes: fewer examples there.
+            caps={
+                f"{method.upper()} {path}": 8
+                for path, item in config_pages().items()
+                for method in item
+            },
         )
 
 
