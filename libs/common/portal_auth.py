@@ -29,7 +29,7 @@ from pydantic import Field, SecretStr
 
 from libs.common.entra import confidential_client
 from libs.common.settings import ServiceSettings
-from libs.common.web import DB_POOL, SETTINGS
+from libs.common.web import DB_POOL, SETTINGS, read_form
 
 log = structlog.get_logger(__name__)
 
@@ -295,7 +295,7 @@ async def callback(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     principal = await require_principal(request, None)
-    verify_csrf(request, principal, (await request.post()).get("csrf_token"))
+    verify_csrf(request, principal, (await read_form(request)).get("csrf_token"))
     await request.app[DB_POOL].execute(
         "DELETE FROM portal_sessions WHERE token_hash = $1",
         _digest(request.cookies.get(SESSION_COOKIE, "")),

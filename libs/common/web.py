@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from multidict import MultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from libs.common.db import create_pool, migrate
@@ -110,6 +111,18 @@ async def body_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPRequestEntityTooLarge:
         log.info("request body refused", method=request.method, content_length=length)
         return _too_large(request)
+
+
+async def read_form(
+    request: web.Request,
+) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """request.post(), except that a body that is not a form is refused with 400: aiohttp
+    raises ValueError for a multipart body without its boundary or with a nameless part,
+    UnicodeDecodeError for bytes that are not UTF-8, LookupError for an unknown charset."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError):
+        raise web.HTTPBadRequest(text="The form could not be read.") from None
 
 
 async def healthz(_request: web.Request) -> web.Response:

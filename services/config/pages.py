@@ -11,6 +11,7 @@ from multidict import MultiDictProxy
 from pydantic import ValidationError
 
 from libs.common.portal_auth import Principal, current_principal, require_principal, verify_csrf
+from libs.common.web import read_form
 from services.config import allocation, audit, integrations, numbers, sms_consent
 from services.config.api import validation_refusal
 from services.config.context import CONTEXT, ConfigContext, Refused
@@ -67,7 +68,7 @@ async def _viewer(request: web.Request) -> Principal:
 
 async def _form(request: web.Request) -> tuple[Principal, MultiDictProxy[Any]]:
     principal = await require_principal(request, "edit_config")
-    form = await request.post()
+    form = await read_form(request)
     verify_csrf(request, principal, form.get("csrf_token"))
     return principal, form
 

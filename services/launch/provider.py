@@ -16,7 +16,7 @@ from aiohttp import web
 
 from libs.common.events import SmsRequestedV1, Topic, make_event
 from libs.common.outbox import enqueue
-from libs.common.web import DB_POOL
+from libs.common.web import DB_POOL, read_form
 from services.launch.fhir import Appointment, FhirClient, FhirError
 from services.launch.integrations import Integration
 from services.launch.launch_flow import (
@@ -142,7 +142,7 @@ async def choose_submit(request: web.Request) -> web.StreamResponse:
     session = await current_session(request, pool, settings.field_cipher())
     if session is None:
         return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
-    form = await request.post()
+    form = await read_form(request)
     if not form_token_matches(form.get("csrf_token"), session.csrf_token):
         return problem_page(403, "This form has expired", "Reload the page and try again.")
     chosen = str(form.get("appointment", ""))
@@ -224,7 +224,7 @@ async def send_link(request: web.Request) -> web.StreamResponse:
     session = await current_session(request, pool, settings.field_cipher())
     if session is None or session.appointment_key is None:
         return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
-    form = await request.post()
+    form = await read_form(request)
     if not form_token_matches(form.get("csrf_token"), session.csrf_token):
         return problem_page(403, "This form has expired", "Reload the page and try again.")
     tenant_id = await pool.fetchval(

@@ -63,6 +63,32 @@ async def count(target: Target, table: str) -> int:
     return int(await target.app[DB_POOL].fetchval(f"SELECT count(*) FROM {table}"))
 
 
+# Bodies that say they are forms but are not: aiohttp's request.post() raised ValueError,
+# UnicodeDecodeError or LookupError on each, a 500 from every form handler.
+NOT_FORMS: list[tuple[bytes, str]] = [
+    (
+        b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+        "multipart/form-data; boundary=b",
+    ),
+    (b"garbage", "multipart/form-data; boundary=b"),
+    (b"garbage", "multipart/form-data"),
+    (b"\xff\xfe=1", "application/x-www-form-urlencoded"),
+    (b"a=1", "application/x-www-form-urlencoded; charset=no-such-charset"),
+]
+
+
+async def post_not_forms(target: Target, path: str) -> None:
+    for body, content_type in NOT_FORMS:
+        status, text = await call(
+            "POST",
+            target.url + path,
+            data=body,
+            headers={**target.headers, "Content-Type": content_type},
+            cookies=target.cookies,
+        )
+        assert status == 400, (content_type, body, text)
+
+
 # -- launch -------------------------------------------------------------------------------------
 
 
@@ -83,8 +109,9 @@ async def test_launch_refuses_hostile_tokens_cookies_and_notifications(
     launch_target: Target,
 ) -> None:
     """Launch answers 4xx and stores nothing for: a non-ASCII join token (404), a
-    provider_session cookie that is not UTF-8 (401), a non-ASCII form token (403), and Graph
-    notifications with a NUL subscriptionId, an integer beyond 64 bits or a year-0 time (400)."""
+    provider_session cookie that is not UTF-8 (401), a non-ASCII form token (403), a body
+    that is not a form (400), and Graph notifications with a NUL subscriptionId, an integer
+    beyond 64 bits or a year-0 time (400)."""
     outbox_before = await count(launch_target, "outbox")
     with no_error_logs():
         for path in ("/join/%C3%93Z.%C2%A7Q", "/join/%C3%93Z.%C2%A7Q/enter"):
@@ -98,6 +125,7 @@ async def test_launch_refuses_hostile_tokens_cookies_and_notifications(
             cookies=launch_target.cookies,
         )
         assert status == 403
+        await post_not_forms(launch_target, "/visit/send-link")
     nul = _notification(launch_target)
     nul["value"][0]["subscriptionId"] = "a\u0000b"
     huge = _notification(
@@ -215,6 +243,23 @@ async def test_portal_refuses_undecodable_cookies_and_non_ascii_csrf(
             cookies=config_target.cookies,
         )
         assert status == 403, text
+    assert await count(config_target, "audit_log") == audit_before
+
+
+async def test_form_handlers_refuse_bodies_that_are_not_forms(
+    config_target: Target, analytics_target: Target
+) -> None:
+    """A portal form post (config's SMS page, analytics' sign-out) whose multipart body has
+    no boundary or a nameless part, whose bytes are not UTF-8 or whose charset is unknown
+    is 400; nothing is audited and the session survives."""
+    audit_before = await count(config_target, "audit_log")
+    with no_error_logs():
+        await post_not_forms(config_target, "/sms")
+        await post_not_forms(analytics_target, "/auth/logout")
+        status, _ = await call(
+            "GET", f"{analytics_target.url}/auth/session", cookies=analytics_target.cookies
+        )
+        assert status == 200
     assert await count(config_target, "audit_log") == audit_before
 
 
