@@ -100,7 +100,8 @@ async def body_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     its Content-Length, or, for a chunked body, by reading it up to the limit first (the
     handler then reads it from memory), so even a handler that ignores its body never acts
     on an oversized request. A compressed body can still pass the limit once inflated, when
-    the handler reads it: that is refused with 413 too."""
+    the handler reads it: that is refused with 413 too, and one that does not inflate (bad
+    gzip or deflate) with 400."""
     length = request.content_length
     try:
         if length is not None and length > request.client_max_size:
@@ -111,6 +112,15 @@ async def body_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     except web.HTTPRequestEntityTooLarge:
         log.info("request body refused", method=request.method, content_length=length)
         return _too_large(request)
+    except web.RequestPayloadError:
+        # A Content-Encoding (gzip, deflate) whose bytes do not decode.
+        log.info("request body refused: undecodable", method=request.method)
+        # Nothing more can be read from it: without this, aiohttp's lingering close would
+        # read on after the answer and log the same error as an unhandled exception.
+        request.content.feed_eof()
+        response = web.Response(status=400, text="The request body could not be decoded.")
+        response.force_close()
+        return response
 
 
 async def read_form(

@@ -5,6 +5,7 @@ no row of the service's schema changes, and nothing is logged at error level."""
 
 from __future__ import annotations
 
+import gzip
 import re
 from collections.abc import AsyncIterator
 
@@ -122,3 +123,56 @@ async def test_analytics_refuses_oversized_bodies_on_every_route(
     """Analytics: every POST route (sign-out) answers 413 to a body over 1 MiB, with a
     Content-Length or chunked, and changes nothing."""
     await assert_every_body_route_refuses(analytics_target)
+
+
+async def assert_compressed_bodies_refused(target: Target, method: str, path: str) -> None:
+    before = await row_counts(target)
+    bomb = gzip.compress(b" " * (target.app[MAX_BODY] * 2))
+    assert len(bomb) < 64 * 1024
+    params = {"code": target.known["code"]} if "code" in target.known else {}
+    with watching_logs() as logs:
+        for body, encoding, expected in [
+            (bomb, "gzip", 413),
+            (b"not gzip", "gzip", 400),
+            (b"not deflate", "deflate", 400),
+        ]:
+            headers = {
+                **target.headers,
+                "Content-Type": "application/json",
+                "Content-Encoding": encoding,
+            }
+            if target.name == "launch":
+                headers.update(scheduling_headers(body))
+            async with (
+                aiohttp.ClientSession(cookies=target.cookies) as http,
+                http.request(
+                    method, target.url + path, data=body, headers=headers, params=params
+                ) as r,
+            ):
+                assert r.status == expected, (encoding, await r.text())
+        assert not logs.errors(), logs.errors()
+    assert await row_counts(target) == before
+
+
+async def test_config_refuses_compressed_bodies_that_inflate_too_far_or_not_at_all(
+    config_target: Target,
+) -> None:
+    """Config: a gzip body of a few KiB that inflates past 64 KiB is 413, and gzip or
+    deflate bytes that do not inflate are 400; nothing changes."""
+    await assert_compressed_bodies_refused(config_target, "PUT", "/api/allocation")
+
+
+async def test_launch_refuses_compressed_bodies_that_inflate_too_far_or_not_at_all(
+    launch_target: Target,
+) -> None:
+    """Launch: a validly signed gzip booking that inflates past 1 MiB is 413, and gzip or
+    deflate bytes that do not inflate are 400; nothing changes."""
+    await assert_compressed_bodies_refused(launch_target, "POST", "/ehr/scheduling")
+
+
+async def test_notify_refuses_compressed_bodies_that_inflate_too_far_or_not_at_all(
+    notify_target: Target,
+) -> None:
+    """Notify: a gzip Event Grid delivery that inflates past 1 MiB is 413, and gzip or
+    deflate bytes that do not inflate are 400; nothing changes."""
+    await assert_compressed_bodies_refused(notify_target, "POST", "/acs/events")
