@@ -124,7 +124,8 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
         event = SchedulingEvent.model_validate_json(body)
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in e["loc"][:2]) for e in exc.errors()})
-        return _problem(422, f"invalid scheduling event: {', '.join(fields[:5])}")
+        named = ", ".join(f for f in fields[:5] if f) or "not an event object"
+        return _problem(422, f"invalid scheduling event: {named}")
     if event.tenant != tenant:
         return _problem(422, "X-EHR-Tenant does not match the event's tenant")
     if event.fhir_base.rsplit("/", 1)[-1] != tenant:

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -569,6 +570,15 @@ def launch_sign_in(
             if isinstance(body, dict):
                 body["tenant"], body["fhir_base"] = TENANT_A, system.fhir_base
                 appointment = body.get("appointment")
+                if isinstance(appointment, dict) and not (
+                    isinstance(appointment.get("start"), str)
+                    and isinstance(appointment.get("end"), str)
+                ):
+                    # Generated times are kept when both are there; otherwise a real slot,
+                    # so the booking goes on to Graph and Postgres.
+                    soon = datetime.now(UTC) + timedelta(hours=1)
+                    appointment["start"] = soon.isoformat()
+                    appointment["end"] = (soon + timedelta(minutes=30)).isoformat()
                 if isinstance(appointment, dict):
                     video: dict[str, Any] = {"coding": [{"code": "VIDEO_VISIT"}]}
                     kinds = appointment.get("serviceType")
