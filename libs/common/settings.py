@@ -69,7 +69,8 @@ class ServiceSettings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
-    # uvloop (libuv) or the standard library's loop; docs/performance.md has the comparison.
+    # The standard library's loop or uvloop (libuv); asyncio had the better tail latency on
+    # the patient join and uvloop no better throughput (docs/performance.md).
     event_loop: Literal["uvloop", "asyncio"] = "asyncio"
 
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
