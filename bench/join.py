@@ -309,11 +309,11 @@ async def measure(scale: Scale) -> Measured:
                     return_exceptions=True,
                 )
                 others = [c for c in started[:-1] if isinstance(c, Child)]
+                launch = started[-1] if isinstance(started[-1], Child) else None
                 for outcome in started:
                     if isinstance(outcome, BaseException):
                         raise outcome
-                assert isinstance(started[-1], Child)
-                launch = started[-1]
+                assert launch is not None
                 tokens = await book_visits(system, launch.url, scale.patients)
                 await caught_up(system, 120)
                 await launch.stop()

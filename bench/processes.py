@@ -152,8 +152,17 @@ async def start_bare(loop: str, cpus: str | None) -> Child:
     port = free_port()
     args = ["-c", BARE_SERVER, str(port), loop]
     child = await spawn(f"bare-{loop}", args, dict(os.environ), port, cpus)
-    await child.wait_ready("/healthz", within_s=30)
+    await ready_or_stopped(child, "/healthz", within_s=30)
     return child
+
+
+async def ready_or_stopped(child: Child, path: str, within_s: float = 90) -> None:
+    """Waits until `child` answers; stops it when it does not (nothing is left running)."""
+    try:
+        await child.wait_ready(path, within_s)
+    except BaseException:
+        await child.stop()
+        raise
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,7 @@ class BenchSystem:
         port = free_port()
         env = self.env(service, port, extra or {})
         child = await spawn(service, ["-m", f"services.{service}"], env, port, cpus)
-        await child.wait_ready("/readyz")
+        await ready_or_stopped(child, "/readyz")
         return child
 
 
