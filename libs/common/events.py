@@ -15,13 +15,13 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
 )
 
 _ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
@@ -34,7 +34,18 @@ def _iso_only(value: object) -> object:
     return value
 
 
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
+def _in_utc(value: datetime) -> datetime:
+    # One canonical form on the wire: an event encodes to the same bytes however its times
+    # were zoned (a zone with a DST gap or fold would not even compare equal to itself).
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # "0001-01-01T00:00:00+01:00" is before year 1 in UTC; a ValueError makes it a
+        # validation problem instead of an exception no consumer expects.
+        raise ValueError("date-time is out of range in UTC") from None
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only), AfterValidator(_in_utc)]
 
 
 class Topic(StrEnum):
@@ -245,16 +256,6 @@ class Envelope(BaseModel, Generic[P]):
         description="the appointment key; the integration id on integration-config",
     )
     payload: P
-
-    @field_validator("occurred_at")
-    @classmethod
-    def _to_utc(cls, value: datetime) -> datetime:
-        try:
-            return value.astimezone(UTC)
-        except OverflowError:
-            # "0001-01-01T00:00:00+01:00" is before year 1 in UTC; a ValueError makes it a
-            # validation problem instead of an exception no consumer expects.
-            raise ValueError("date-time is out of range in UTC") from None
 
 
 class UndeliverableEvent(Exception):
