@@ -39,4 +39,4 @@ def test_secrets_are_masked_when_printed() -> None:
 def test_a_misspelt_keyword_is_refused() -> None:
     """A setting passed in code under a name that does not exist raises instead of vanishing."""
     with pytest.raises(TypeError, match="ca_bundle"):
-        LaunchSettings(ca_bundle="/tmp/ca.pem")
+        LaunchSettings(ca_bundle="ca.pem")
