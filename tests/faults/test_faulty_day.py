@@ -45,7 +45,9 @@ pytestmark = [
     pytest.mark.timeout(3600),
 ]
 T = TypeVar("T")
-PG = "postgresql://postgres@127.0.0.1:15432"
+# The server of PG_ADMIN_DSN (Makefile default), so the suite can run beside another cluster.
+PG_ADMIN_DSN = os.environ.get("PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:15432/postgres")
+PG = PG_ADMIN_DSN.rsplit("/", 1)[0]
 
 
 async def settle(what: str, probe: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> T:
