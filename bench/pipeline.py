@@ -85,6 +85,7 @@ async def kafka_round_trip(samples: int) -> list[float]:
         topic, bootstrap_servers=KAFKA, group_id=f"{topic}-group", auto_offset_reset="earliest"
     )
     await producer.start()
+    await producer.partitions_for(topic)  # the new topic is in the metadata before we join
     await consumer.start()
     timings = []
     try:
