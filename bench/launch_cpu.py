@@ -29,7 +29,8 @@ import aiohttp
 from yarl import URL
 
 from bench.harness import Benchmark, Result
-from bench.system import BenchSystem, bench_system, free_port, process_cpu_s
+from bench.processes import free_port, process_cpu_s
+from bench.system import BenchSystem, bench_system
 
 GOAL_MS = 5.0
 # Requests the launch process serves per launch: /launch/provider, /launch/callback, /visit,

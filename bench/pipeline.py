@@ -39,13 +39,13 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.harness import Benchmark, Result
+from bench.processes import process_cpu_s
 from bench.system import (
     APPOINTMENT_KEY_SECRET,
     KAFKA,
     BenchSystem,
     Tenant,
     bench_system,
-    process_cpu_s,
 )
 from libs.common.kafka import create_producer
 from libs.common.keys import appointment_key

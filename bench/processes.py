@@ -45,11 +45,49 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (/proc/<pid>/stat)."""
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of a process, all its live threads: nanoseconds on CPU from each thread's
+    /proc/<pid>/task/<tid>/schedstat, or utime + stime in clock ticks (10 ms) from
+    /proc/<pid>/stat where schedstat is missing."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        total = 0
+    if total:
+        return total / 1e9
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
+    # Fields after the command: state is index 0, so utime (14th field) is index 11.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def create_database(name: str) -> None:
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
+async def drop_run(prefix: str, database: str) -> None:
+    """Drops a run's database and deletes its topics; never raises (cleanup)."""
+    with contextlib.suppress(Exception):
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+    with contextlib.suppress(Exception):
+        kafka = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+        await kafka.start()
+        try:
+            mine = [t for t in await kafka.list_topics() if t.startswith(prefix)]
+            if mine:
+                await kafka.delete_topics(mine)
+        finally:
+            await kafka.close()
 
 
 @dataclass
@@ -70,7 +108,7 @@ class Child:
         return peak_rss_mb(self.pid)
 
     def cpu_s(self) -> float:
-        return cpu_s(self.pid)
+        return process_cpu_s(self.pid)
 
     async def wait_ready(self, path: str, within_s: float = 90) -> None:
         deadline = asyncio.get_running_loop().time() + within_s
@@ -203,25 +241,9 @@ class BenchSystem:
 async def bench_system() -> AsyncIterator[BenchSystem]:
     """A fresh database and topic prefix, dropped and deleted when the block ends."""
     name = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await create_database(name)
     prefix = f"bench{uuid.uuid4().hex[:6]}."
     try:
         yield BenchSystem(name, PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name, prefix)
     finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-        kafka = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-        await kafka.start()
-        try:
-            topics = [t for t in await kafka.list_topics() if t.startswith(prefix)]
-            if topics:
-                await kafka.delete_topics(topics)
-        finally:
-            await kafka.close()
+        await drop_run(prefix, name)

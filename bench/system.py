@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import ssl
 import sys
 import tempfile
@@ -27,8 +26,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient
 
+from bench.processes import create_database, drop_run, free_port
 from infra.run import ROOT, Process, wait_healthy
 from libs.common.crypto import DEV_KEYRING, FieldCipher
 from libs.common.events import IntegrationConfigV1, Topic, encode_event, make_event
@@ -46,12 +45,6 @@ ACS_WEBHOOK_SECRET = "bench-acs-webhook-secret"  # noqa: S105 - local stand-in o
 APPOINTMENT_KEY_SECRET = "bench-appointment-key-secret"  # noqa: S105 - local stand-in only
 ORGANIZER = "dr.lee@contosohealth.onmicrosoft.com"
 SERVICES = ("config", "launch", "notify", "analytics")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -93,50 +86,6 @@ class BenchSystem:
                 self.children[name].send_signal(signal.SIGUSR2)
             if chosen:
                 await asyncio.sleep(5)  # the process renders and saves the session
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds of a process, all its live threads: nanoseconds on CPU from each thread's
-    /proc/<pid>/task/<tid>/schedstat, or utime + stime in clock ticks (10 ms) from
-    /proc/<pid>/stat where schedstat is missing."""
-    total = 0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            total += int((task / "schedstat").read_text().split()[0])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        total = 0
-    if total:
-        return total / 1e9
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # Fields after the command: state is index 0, so utime (14th field) is index 11.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _create_database(name: str) -> None:
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-
-
-async def _drop(prefix: str, database: str) -> None:
-    with contextlib.suppress(Exception):
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            await admin.close()
-    with contextlib.suppress(Exception):
-        kafka = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-        await kafka.start()
-        try:
-            mine = [t for t in await kafka.list_topics() if t.startswith(prefix)]
-            if mine:
-                await kafka.delete_topics(mine)
-        finally:
-            await kafka.close()
 
 
 def _tenants(count: int, ehr_url: str, run_id: str) -> list[Tenant]:
@@ -368,7 +317,7 @@ async def bench_system(
             Process(service, f"services.{service}", ports[service], "/healthz", ()),
         )
     system = BenchSystem(run_id, prefix, dsn, tls, urls, ours)
-    await _create_database(database)
+    await create_database(database)
     try:
         for name, (module, env, _) in per_process.items():
             system.children[name] = await _start(name, module, base | env, log_dir)
@@ -406,4 +355,4 @@ async def bench_system(
             except TimeoutError:
                 child.kill()
                 await child.wait()
-        await _drop(prefix, database)
+        await drop_run(prefix, database)
