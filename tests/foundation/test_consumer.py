@@ -19,12 +19,10 @@ from tests.support.kafka_reader import read_all_records
 from tests.support.probe import (
     effects_count,
     patient_joined,
-    probe_pool,
+    probe_kit,
     probe_runner,
-    probe_topics,
     publish,
     publish_raw,
-    started_producer,
 )
 
 Outcome = tuple[str, str, bool]
@@ -57,12 +55,8 @@ class Outcomes:
 async def kit(
     database_url: str, topic_prefix: str
 ) -> AsyncIterator[tuple[asyncpg.Pool, AIOKafkaProducer]]:
-    await probe_topics(KAFKA, topic_prefix)
-    pool = await probe_pool(database_url)
-    producer = await started_producer(KAFKA)
-    yield pool, producer
-    await producer.stop()
-    await pool.close()
+    async with probe_kit(KAFKA, database_url, topic_prefix) as kit:
+        yield kit
 
 
 async def test_same_event_delivered_twice_is_applied_once(

@@ -43,11 +43,9 @@ from tests.support.kafka_reader import read_all_records
 from tests.support.probe import (
     effects_count,
     patient_joined,
-    probe_pool,
+    probe_kit,
     probe_runner,
-    probe_topics,
     publish,
-    started_producer,
 )
 
 FUZZ = settings(
@@ -376,12 +374,8 @@ def poison_messages(seed: int = 20260501, fuzzed: int = 25) -> list[bytes | None
 async def probe(
     database_url: str, topic_prefix: str
 ) -> AsyncIterator[tuple[asyncpg.Pool, AIOKafkaProducer]]:
-    await probe_topics(KAFKA, topic_prefix)
-    pool = await probe_pool(database_url)
-    producer = await started_producer(KAFKA)
-    yield pool, producer
-    await producer.stop()
-    await pool.close()
+    async with probe_kit(KAFKA, database_url, topic_prefix) as kit:
+        yield kit
 
 
 async def test_runner_parks_fuzzed_poison_and_still_applies_the_next_event(

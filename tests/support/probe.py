@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,3 +87,18 @@ async def started_producer(bootstrap: str) -> AIOKafkaProducer:
 
 async def effects_count(pool: asyncpg.Pool) -> int:
     return int(await pool.fetchval("SELECT count(*) FROM effects"))
+
+
+@contextlib.asynccontextmanager
+async def probe_kit(
+    bootstrap: str, database_url: str, prefix: str
+) -> AsyncIterator[tuple[asyncpg.Pool, AIOKafkaProducer]]:
+    """The probe topics, a pool on the probe schema and a started producer, closed after."""
+    await probe_topics(bootstrap, prefix)
+    pool = await probe_pool(database_url)
+    producer = await started_producer(bootstrap)
+    try:
+        yield pool, producer
+    finally:
+        await producer.stop()
+        await pool.close()
