@@ -62,6 +62,8 @@ def service_environment() -> dict[str, str]:
     defaults = {
         "EHR_LOG_JSON": "true",
         "PYTHONUNBUFFERED": "1",
+        # The server ensure_database() created the database on, not the settings' default.
+        "EHR_DATABASE_URL": PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + DATABASE,
         "EHR_TLS_CA_BUNDLE": ca,
         "EHR_ALLOW_LOOPBACK_HTTP": "true",
         "EHR_ENTRA_AUTHORITY_HOST": "https://127.0.0.1:9443",
