@@ -195,14 +195,7 @@ async def test_failing_handler_retries_then_dead_letters_without_a_partial_effec
 
     event = patient_joined()
     await publish(producer, topic_prefix, event)
-    runner = ConsumerRunner(
-        name=topic_prefix + "broken",
-        handlers={"patient-joined": broken},
-        pool=pool,
-        producer=producer,
-        bootstrap_servers=KAFKA,
-        topic_prefix=topic_prefix,
-    )
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "broken", handler=broken)
     await runner.start()
     try:
         parked = await read_all_records(topic_prefix + "patient-joined.dlq", expect=1, within_s=30)
@@ -234,14 +227,7 @@ async def test_transient_failure_is_retried_until_it_succeeds(
 
     event = patient_joined()
     await publish(producer, topic_prefix, event)
-    runner = ConsumerRunner(
-        name=topic_prefix + "flaky",
-        handlers={"patient-joined": flaky},
-        pool=pool,
-        producer=producer,
-        bootstrap_servers=KAFKA,
-        topic_prefix=topic_prefix,
-    )
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "flaky", handler=flaky)
     outcomes = Outcomes(runner)
     await runner.start()
     try:
@@ -278,14 +264,7 @@ async def test_a_poll_is_applied_in_one_transaction_and_a_failure_falls_back_per
 
     for event in events:
         await publish(producer, topic_prefix, event)
-    runner = ConsumerRunner(
-        name=topic_prefix + "batched",
-        handlers={"patient-joined": handler},
-        pool=pool,
-        producer=producer,
-        bootstrap_servers=KAFKA,
-        topic_prefix=topic_prefix,
-    )
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "batched", handler=handler)
     outcomes = Outcomes(runner)
     await runner.start()
     try:
@@ -320,14 +299,7 @@ async def test_a_poll_without_failures_shares_one_transaction(
     for event in events:
         await publish(producer, topic_prefix, event)
     await publish(producer, topic_prefix, events[0])  # a duplicate inside the same poll
-    runner = ConsumerRunner(
-        name=topic_prefix + "one-transaction",
-        handlers={"patient-joined": handler},
-        pool=pool,
-        producer=producer,
-        bootstrap_servers=KAFKA,
-        topic_prefix=topic_prefix,
-    )
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "one-transaction", handler=handler)
     outcomes = Outcomes(runner)
     await runner.start()
     try:

@@ -16,6 +16,7 @@ from libs.common.db import create_pool, migrate
 from libs.common.events import Envelope, PatientJoinedV1, Topic, encode_event, make_event
 from libs.common.kafka import (
     ConsumerRunner,
+    EventHandler,
     create_producer,
     ensure_topics,
     topics_with_dead_letters,
@@ -66,10 +67,12 @@ def probe_runner(
     prefix: str,
     group: str,
     runner_class: type[ConsumerRunner] = ConsumerRunner,
+    handler: EventHandler = record_effect,
 ) -> ConsumerRunner:
+    """A runner of `handler` (by default: record the effect) on the probe's patient-joined."""
     return runner_class(
         name=prefix + group,
-        handlers={Topic.PATIENT_JOINED: record_effect},
+        handlers={Topic.PATIENT_JOINED: handler},
         pool=pool,
         producer=producer,
         bootstrap_servers=bootstrap,
