@@ -221,7 +221,8 @@ class TenantSettingsV1(Payload):
     """A tenant's settings that are not per integration, keyed by the Microsoft 365 tenant
     id on a compacted topic: the monthly allocation of completed appointments."""
 
-    monthly_allocation: int = Field(ge=0)
+    # Bounded by the consumers' int column: a larger value would fail every delivery.
+    monthly_allocation: int = Field(ge=0, le=2**31 - 1)
     config_version: int = Field(ge=1, description="consumers keep the highest version seen")
 
 
