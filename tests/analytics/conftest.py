@@ -16,8 +16,8 @@ from sandbox.microsoft.app import RunningSandbox
 from services.analytics.app import create_app
 from services.analytics.settings import AnalyticsSettings
 from tests.analytics.support import Facts
-from tests.conftest import free_port
 from tests.support.portal import PortalSession, allow_redirect_uri, portal_session
+from tests.support.service_settings import analytics_test_settings
 
 CONTOSO_ADMIN = "admin@contosohealth.onmicrosoft.com"
 CONTOSO_READER = "reader@contosohealth.onmicrosoft.com"
@@ -58,16 +58,7 @@ class Analytics:
 def analytics_settings(
     make_settings: Callable[..., Any], microsoft: RunningSandbox, ca_bundle: str
 ) -> AnalyticsSettings:
-    port = free_port()
-    settings: AnalyticsSettings = make_settings(
-        AnalyticsSettings,
-        http_port=port,
-        public_base_url=f"http://127.0.0.1:{port}",
-        entra_authority_host=microsoft.base_url,
-        tls_ca_bundle=ca_bundle,
-        meetings_page_size=50,
-    )
-    return settings
+    return analytics_test_settings(make_settings, microsoft, ca_bundle)
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from sandbox.ehr import TENANT_A, TENANT_B, RunningEhr
 from sandbox.microsoft.app import RunningSandbox
 from services.config.app import create_app
 from services.config.settings import ConfigSettings
-from tests.conftest import free_port
 from tests.support.portal import PortalSession, allow_redirect_uri, portal_session
+from tests.support.service_settings import config_test_settings
 
 CONTOSO_ADMIN = "admin@contosohealth.onmicrosoft.com"
 CONTOSO_READER = "reader@contosohealth.onmicrosoft.com"
@@ -90,20 +90,7 @@ def config_settings(
     microsoft: RunningSandbox,
     ca_bundle: str,
 ) -> ConfigSettings:
-    port = free_port()
-    settings: ConfigSettings = make_settings(
-        ConfigSettings,
-        http_port=port,
-        public_base_url=f"http://127.0.0.1:{port}",
-        entra_authority_host=microsoft.base_url,
-        acs_endpoint=microsoft.base_url,
-        tls_ca_bundle=ca_bundle,
-        allow_loopback_http=True,
-        smart_probe_timeout_s=2.0,
-        phone_job_poll_interval_s=0.05,
-        launch_public_base_url="https://launch.example.test",
-    )
-    return settings
+    return config_test_settings(make_settings, microsoft, ca_bundle)
 
 
 @asynccontextmanager

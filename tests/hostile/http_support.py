@@ -50,21 +50,19 @@ from sandbox.ehr import TENANT_A, RunningEhr
 from sandbox.microsoft.app import RunningSandbox
 from services.analytics import app as analytics_app
 from services.analytics import openapi as analytics_openapi
-from services.analytics.settings import AnalyticsSettings
 from services.config import app as config_app
 from services.config import openapi as config_openapi
-from services.config.settings import ConfigSettings
 from services.launch import openapi as launch_openapi
 from services.launch.sessions import PROVIDER_COOKIE
 from services.notify import app as notify_app
 from services.notify import openapi as notify_openapi
 from services.notify.settings import NotifySettings
 from services.notify.webhooks import DELIVERY_REPORT, RECEIVED, VALIDATION
-from tests.conftest import free_port
 from tests.launch.test_visit_end_to_end import book_video_visit, launch_from_ehr
 from tests.support.kafka_reader import read_all
 from tests.support.launch_harness import WEBHOOK_SECRET, LaunchSystem
 from tests.support.portal import PortalSession, allow_redirect_uri, portal_session
+from tests.support.service_settings import analytics_test_settings, config_test_settings
 
 CHECKS = [
     not_a_server_error,
@@ -390,19 +388,7 @@ async def config_target(
 ) -> AsyncIterator[Target]:
     """The config service signed in as Contoso's Global Administrator, with one real FHIR
     base URL and one phone number whose ids the fuzzer uses for half its cases."""
-    port = free_port()
-    settings: ConfigSettings = make_settings(
-        ConfigSettings,
-        http_port=port,
-        public_base_url=f"http://127.0.0.1:{port}",
-        entra_authority_host=microsoft.base_url,
-        acs_endpoint=microsoft.base_url,
-        tls_ca_bundle=ca_bundle,
-        allow_loopback_http=True,
-        smart_probe_timeout_s=2.0,
-        phone_job_poll_interval_s=0.05,
-        launch_public_base_url="https://launch.example.test",
-    )
+    settings = config_test_settings(make_settings, microsoft, ca_bundle)
     await allow_redirect_uri(microsoft_http, microsoft, settings.redirect_uri)
     app = config_app.create_app(settings)
     async with serve(app) as url:
@@ -458,15 +444,7 @@ async def analytics_target(
     ca_bundle: str,
 ) -> AsyncIterator[Target]:
     """The analytics service signed in as Contoso's Global Administrator."""
-    port = free_port()
-    settings: AnalyticsSettings = make_settings(
-        AnalyticsSettings,
-        http_port=port,
-        public_base_url=f"http://127.0.0.1:{port}",
-        entra_authority_host=microsoft.base_url,
-        tls_ca_bundle=ca_bundle,
-        meetings_page_size=50,
-    )
+    settings = analytics_test_settings(make_settings, microsoft, ca_bundle)
     await allow_redirect_uri(microsoft_http, microsoft, settings.redirect_uri)
     app = analytics_app.create_app(settings)
     async with serve(app) as url:
