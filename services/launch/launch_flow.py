@@ -20,6 +20,7 @@ from libs.common.web import DB_POOL
 from services.launch.fhir import Appointment
 from services.launch.graph import GraphError
 from services.launch.integrations import Integration
+from services.launch.meeting_preparation import prepare_meeting
 from services.launch.meetings import Visit, create_meeting, record_visit
 from services.launch.outbound import OutboundError
 from services.launch.pages import problem_page
@@ -194,14 +195,21 @@ async def open_visit(
     )
     pool = request.app[DB_POOL]
     if user is not None:
-        updated = await pool.execute(
+        has_meeting = await pool.fetchval(
             "UPDATE appointments SET ehr_user_id = $2, updated_at = now()"
-            " WHERE appointment_key = $1",
+            " WHERE appointment_key = $1 RETURNING meeting_id IS NOT NULL",
             key,
             user,
         )
-        known = updated == "UPDATE 1"
+        if has_meeting is False and await prepare_meeting(request.app, key) not in (
+            "ready",
+            "prepared",
+        ):
+            # Booked through the feed and not prepared yet: the clinician needs it now.
+            raise VisitUnavailable("Microsoft Teams could not prepare the meeting yet.")
+        known = has_meeting is not None
     else:
+        # A patient's launch goes on to the join page, whose Join prepares a missing meeting.
         known = await pool.fetchval("SELECT 1 FROM appointments WHERE appointment_key = $1", key)
     if known:
         return key
@@ -220,6 +228,5 @@ async def open_visit(
         meeting = await create_meeting(request.app[GRAPH], settings, visit)
     except GraphError as exc:
         raise VisitUnavailable(str(exc)) from None
-    async with pool.acquire() as conn, conn.transaction():
-        await record_visit(conn, settings, visit, meeting, ehr_user_id=user)
+    await record_visit(pool, settings, visit, meeting, ehr_user_id=user)
     return key

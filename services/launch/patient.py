@@ -18,6 +18,7 @@ from aiohttp import web
 from libs.common.events import PatientJoinedV1, Topic, encode_event, make_event
 from libs.common.web import DB_POOL
 from services.launch import join_tokens
+from services.launch.meeting_preparation import prepare_meeting
 from services.launch.pages import page, problem_page
 from services.launch.settings import LaunchSettings
 from services.launch.state import launch_settings
@@ -96,9 +97,7 @@ async def _record_arrival(conn: Connection, key: str, tenant_id: str, participan
     )
 
 
-async def _arrive(
-    request: web.Request, *, needs_meeting: bool
-) -> tuple[asyncpg.Record, str, bool] | web.Response:
+async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | web.Response:
     """Checks the link, finds the visit and records this device's arrival (first open only):
     the visit's row, the device and whether it is new. One pooled connection throughout."""
     key = _appointment(request)
@@ -110,11 +109,23 @@ async def _arrive(
         row = await _visit(conn, key, participant)
         if isinstance(row, web.Response):
             return row
-        if needs_meeting and not row["patient_join_url"]:
-            return problem_page(503, "The visit is not ready yet", "Try again in a minute.")
         if not row["arrived"]:
             await _record_arrival(conn, key, row["tenant_id"], participant)
     return row, device, fresh
+
+
+async def _prepared_meeting_url(request: web.Request) -> str | None:
+    """The patient pressed Join before the worker prepared the meeting: prepare it now."""
+    key = _appointment(request)
+    if isinstance(key, web.Response) or await prepare_meeting(request.app, key) not in (
+        "ready",
+        "prepared",
+    ):
+        return None
+    url = await request.app[DB_POOL].fetchval(
+        "SELECT patient_join_url FROM appointments WHERE appointment_key = $1", key
+    )
+    return None if url is None else str(url)
 
 
 def _device(request: web.Request) -> tuple[str, bool]:
@@ -138,7 +149,7 @@ def _remember(response: web.StreamResponse, device: str, fresh: bool) -> None:
 
 
 async def join_page(request: web.Request) -> web.StreamResponse:
-    arrived = await _arrive(request, needs_meeting=False)
+    arrived = await _arrive(request)
     if isinstance(arrived, web.Response):
         return arrived
     row, device, fresh = arrived
@@ -154,10 +165,15 @@ async def join_page(request: web.Request) -> web.StreamResponse:
 
 
 async def join_enter(request: web.Request) -> web.StreamResponse:
-    arrived = await _arrive(request, needs_meeting=True)
+    arrived = await _arrive(request)
     if isinstance(arrived, web.Response):
         return arrived
     row, device, fresh = arrived
-    response = web.HTTPSeeOther(row["patient_join_url"])
+    meeting_url = row["patient_join_url"] or await _prepared_meeting_url(request)
+    if meeting_url is None:
+        not_ready = problem_page(503, "The visit is not ready yet", "Try again in a minute.")
+        _remember(not_ready, device, fresh)
+        return not_ready
+    response = web.HTTPSeeOther(meeting_url)
     _remember(response, device, fresh)
     raise response

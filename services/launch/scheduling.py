@@ -9,7 +9,7 @@ import hmac
 import re
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeGuard
 
 import orjson
@@ -28,8 +28,9 @@ from libs.common.keys import appointment_key
 from libs.common.outbox import enqueue
 from libs.common.web import DB_POOL
 from services.launch.fhir import Appointment
-from services.launch.meetings import Visit, create_meeting, existing_meeting, record_visit
-from services.launch.state import GRAPH, INTEGRATIONS, launch_settings
+from services.launch.meeting_preparation import MEETING_WAKE
+from services.launch.meetings import Visit, known_appointment, record_visit
+from services.launch.state import INTEGRATIONS, launch_settings
 
 log = structlog.get_logger(__name__)
 
@@ -172,7 +173,7 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
         )
         if event.event == "cancelled" or appointment.status == "cancelled":
             outcome = await _cancel(request, event, visit)
-        elif event.event == "rescheduled" and await existing_meeting(pool, key):
+        elif event.event == "rescheduled" and await known_appointment(pool, key):
             outcome = await _reschedule(request, event, visit)
         else:
             outcome = await _book(request, event, visit)
@@ -183,27 +184,28 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
 async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
     settings = launch_settings(request)
     pool = request.app[DB_POOL]
-    if await existing_meeting(pool, visit.appointment_key):
+    if await known_appointment(pool, visit.appointment_key):
         # Known already (a provider launched it first, or the EHR re-sent the booking):
-        # no second subscription, no second appointment-created.
+        # no second appointment-created.
         async with pool.acquire() as conn, conn.transaction():
             await _first_delivery(conn, event.event_id)
         return "already known"
-    # The meeting exists before we promise the patient a link; Graph calls are idempotent,
-    # so a retry after a failure below creates nothing twice.
-    meeting = await create_meeting(request.app[GRAPH], settings, visit)
     phone = normalised_phone(event.patient_contact.phone if event.patient_contact else None)
     encrypted = (
         settings.field_cipher().encrypt(phone, f"patient-phone:{visit.appointment_key}")
         if phone
         else None
     )
+    # No Graph call here: the confirmation carries our own join link, and the meeting is
+    # prepared afterwards (meeting_preparation.py), so the EHR's feed never waits on Graph.
     async with pool.acquire() as conn, conn.transaction():
         if not await _first_delivery(conn, event.event_id):
             return "duplicate"
-        created = await record_visit(
-            conn, settings, visit, meeting, patient_phone_encrypted=encrypted
-        )
+        created = await record_visit(conn, settings, visit, None, patient_phone_encrypted=encrypted)
+    if created and visit.starts_at < datetime.now(UTC) + timedelta(
+        minutes=settings.meeting_lead_minutes
+    ):
+        request.app[MEETING_WAKE].set()
     return "booked" if created else "already known"
 
 

@@ -39,6 +39,15 @@ class LaunchSettings(ServiceSettings):
     graph_base_url: str = "https://graph.microsoft.com"
     subscription_lifetime_minutes: int = Field(default=4230, ge=45, le=4230)
     subscription_renew_before_minutes: int = Field(default=720, ge=10)
+    # Meetings are prepared this long before a visit starts, not while the EHR's booking
+    # webhook waits (a provider launch or the patient's Join prepares one at once when
+    # needed). Inside a subscription's three days, so a prepared meeting's call-event
+    # subscription rarely needs renewing.
+    meeting_lead_minutes: int = Field(default=24 * 60, ge=0, le=4230)
+    # How often the meeting worker looks for visits due a meeting (a booking wakes it too).
+    meeting_preparation_interval_s: float = Field(default=5.0, gt=0, le=300)
+    # Meetings the worker prepares at once (each holds a database connection meanwhile).
+    meeting_preparation_concurrency: int = Field(default=4, ge=1, le=32)
 
     # Patient join links
     join_token_secret: SecretStr = SecretStr("dev-only-join-token-secret-change-me")

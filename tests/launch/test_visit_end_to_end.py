@@ -161,6 +161,8 @@ STORED_COLUMNS = {
         "client_state_hash": "hash of a random secret",
         "meeting_ended_at": "bookkeeping",
         "updated_at": "bookkeeping",
+        "meeting_attempts": "bookkeeping: failed meeting preparations",
+        "meeting_retry_at": "bookkeeping",
     },
     "integrations": None,  # organisation configuration, projected from integration-config
     "launch_states": {

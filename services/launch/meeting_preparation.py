@@ -1,0 +1,163 @@
+"""Teams meetings are prepared after booking, not while the EHR's scheduling webhook waits:
+the confirmation SMS carries our own join link, so neither the webhook nor the SMS needs
+Graph, and a Graph outage delays meetings, not bookings. A worker prepares each booked
+visit's meeting `meeting_lead_minutes` before it starts (a subscription made weeks ahead
+would need renewing every three days); a provider launch or the patient's Join prepares it at
+once when the worker has not yet. The visit's row is locked while its meeting is made, so
+the worker, launches and Joins never make two."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import structlog
+from aiohttp import web
+from prometheus_client import Counter
+
+from libs.common.web import DB_POOL, SETTINGS
+from services.launch.graph import GraphError
+from services.launch.meetings import Visit, create_meeting
+from services.launch.settings import LaunchSettings
+from services.launch.state import GRAPH, INTEGRATIONS
+
+log = structlog.get_logger(__name__)
+
+Outcome = Literal["ready", "prepared", "failed", "busy", "not bookable"]
+MEETINGS_PREPARED = Counter(
+    "launch_meetings_prepared_total",
+    "Teams meeting preparations by outcome (prepared, failed)",
+    ["outcome"],
+)
+# Set when a visit is booked, so the worker prepares a meeting due soon without waiting a round.
+MEETING_WAKE = web.AppKey("meeting_wake", asyncio.Event)
+RETRY_DELAYS_S = (10, 30, 60, 300, 900)
+
+_LOCK_VISIT = (
+    "SELECT integration_id, department, starts_at, ends_at, time_zone, schedule_version,"
+    " status, meeting_id, meeting_attempts FROM appointments WHERE appointment_key = $1"
+    " FOR UPDATE"
+)
+_SET_MEETING = (
+    "UPDATE appointments SET organizer_id = $2, meeting_id = $3, join_web_url = $4,"
+    " patient_join_url = $5, subscription_id = $6, subscription_expires_at = $7,"
+    " client_state_hash = $8, meeting_retry_at = NULL, updated_at = now()"
+    " WHERE appointment_key = $1"
+)
+_RETRY_LATER = (
+    "UPDATE appointments SET meeting_attempts = meeting_attempts + 1,"
+    " meeting_retry_at = now() + make_interval(secs => $2) WHERE appointment_key = $1"
+)
+_DUE = (
+    "SELECT appointment_key FROM appointments"
+    " WHERE meeting_id IS NULL AND status = 'booked'"
+    "  AND starts_at < now() + make_interval(mins => $1) AND ends_at > now()"
+    "  AND (meeting_retry_at IS NULL OR meeting_retry_at <= now())"
+    " ORDER BY starts_at LIMIT $2"
+)
+
+
+async def prepare_meeting(app: web.Application, key: str, *, skip_locked: bool = False) -> Outcome:
+    """Makes the visit's meeting unless it has one. `skip_locked` (the worker) passes over a
+    visit that a launch or Join is preparing; without it the caller waits for that one."""
+    settings = app[SETTINGS]
+    assert isinstance(settings, LaunchSettings)
+    async with app[DB_POOL].acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_LOCK_VISIT + (" SKIP LOCKED" if skip_locked else ""), key)
+        if row is None:
+            return "busy" if skip_locked else "not bookable"
+        if row["meeting_id"] is not None:
+            return "ready"
+        if row["status"] != "booked":
+            return "not bookable"
+        integration = await app[INTEGRATIONS].by_id(row["integration_id"])
+        visit = None
+        if integration is not None:
+            visit = Visit(
+                appointment_key=key,
+                integration=integration,
+                department=row["department"],
+                starts_at=row["starts_at"],
+                ends_at=row["ends_at"],
+                time_zone=row["time_zone"],
+                schedule_version=row["schedule_version"],
+            )
+        try:
+            if visit is None:
+                raise GraphError("the visit's integration is no longer configured")
+            meeting = await create_meeting(app[GRAPH], settings, visit)
+        except GraphError as exc:
+            attempts = row["meeting_attempts"]
+            delay = RETRY_DELAYS_S[min(attempts, len(RETRY_DELAYS_S) - 1)]
+            await conn.execute(_RETRY_LATER, key, delay)
+            MEETINGS_PREPARED.labels("failed").inc()
+            log.warning(
+                "meeting preparation failed, will retry",
+                appointment_key=key,
+                attempt=attempts + 1,
+                retry_in_s=delay,
+                error=str(exc),
+            )
+            return "failed"
+        await conn.execute(
+            _SET_MEETING,
+            key,
+            meeting.organizer_id,
+            meeting.meeting_id,
+            meeting.join_web_url,
+            meeting.patient_join_url,
+            meeting.subscription_id,
+            meeting.subscription_expires_at,
+            meeting.client_state_hash,
+        )
+    MEETINGS_PREPARED.labels("prepared").inc()
+    log.info("meeting prepared", appointment_key=key)
+    return "prepared"
+
+
+async def prepare_due(app: web.Application) -> int:
+    """One worker round: prepares the meetings of visits starting within the lead time, a
+    few at once; returns how many visits it looked at."""
+    settings = app[SETTINGS]
+    assert isinstance(settings, LaunchSettings)
+    batch = settings.meeting_preparation_concurrency * 8
+    keys = [
+        row["appointment_key"]
+        for row in await app[DB_POOL].fetch(_DUE, settings.meeting_lead_minutes, batch)
+    ]
+    gate = asyncio.Semaphore(settings.meeting_preparation_concurrency)
+
+    async def one(key: str) -> None:
+        async with gate:
+            await prepare_meeting(app, key, skip_locked=True)
+
+    await asyncio.gather(*(one(key) for key in keys))
+    return len(keys)
+
+
+async def meeting_preparation_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    assert isinstance(settings, LaunchSettings)
+    wake = app[MEETING_WAKE] = asyncio.Event()
+
+    async def loop() -> None:
+        while True:
+            wake.clear()
+            looked_at = 0
+            try:
+                looked_at = await prepare_due(app)
+            except Exception:
+                # Postgres is away: try again next round, nothing is lost (the rows stay).
+                log.exception("meeting preparation round failed")
+            if looked_at < settings.meeting_preparation_concurrency * 8:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(settings.meeting_preparation_interval_s):
+                        await wake.wait()
+
+    task = asyncio.create_task(loop(), name="meeting-preparation")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
