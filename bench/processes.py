@@ -219,6 +219,8 @@ class BenchSystem:
             "EHR_KAFKA_BOOTSTRAP_SERVERS": KAFKA,
             "EHR_KAFKA_TOPIC_PREFIX": self.prefix,
             "EHR_HTTP_PORT": str(port),
+            # Free like the HTTP port: the default (HTTP port + 1000) may be taken.
+            "EHR_METRICS_PORT": str(free_port()),
             "EHR_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
             "EHR_LOG_LEVEL": "WARNING",
             "EHR_LOG_JSON": "true",

@@ -240,6 +240,7 @@ async def bench_system(
     dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
     tls = ensure_tls(ROOT / ".local" / "tls")
     ports = {name: free_port() for name in ("ehr", "microsoft", *SERVICES, "launch_tls")}
+    metrics_ports = {service: free_port() for service in SERVICES}
     urls = {
         "ehr": f"http://127.0.0.1:{ports['ehr']}",
         "microsoft": f"https://127.0.0.1:{ports['microsoft']}",
@@ -303,7 +304,12 @@ async def bench_system(
         ),
     }
     for service in services:
-        env = {"EHR_HTTP_PORT": str(ports[service]), "EHR_PUBLIC_BASE_URL": urls[service]}
+        env = {
+            "EHR_HTTP_PORT": str(ports[service]),
+            # Free like the HTTP port: the default (HTTP port + 1000) may be taken.
+            "EHR_METRICS_PORT": str(metrics_ports[service]),
+            "EHR_PUBLIC_BASE_URL": urls[service],
+        }
         if service == "launch":
             env |= {
                 "EHR_NOTIFICATION_PORT": str(ports["launch_tls"]),

@@ -23,6 +23,8 @@ from infra.sample_data import EHR, TENANT_A
 
 MICROSOFT = "https://127.0.0.1:9443"
 ANALYTICS = "http://127.0.0.1:8083"
+# Metrics have a listener of their own, never on the service's port (infra/run.py).
+ANALYTICS_METRICS = "http://127.0.0.1:9083/metrics"
 REPORTS_READER = "reports@contosohealth.onmicrosoft.com"
 T = TypeVar("T")
 
@@ -169,7 +171,7 @@ async def visit(http: aiohttp.ClientSession, system: RunningSystem) -> None:
     step(9, "/metrics shows the histograms")
 
     async def histograms() -> list[str] | None:
-        async with http.get(f"{ANALYTICS}/metrics") as r:
+        async with http.get(ANALYTICS_METRICS) as r:
             lines = (await r.text()).splitlines()
         counts = [
             line

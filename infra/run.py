@@ -37,19 +37,33 @@ class Process:
     health: str
     links: tuple[tuple[str, str], ...]
     tls: bool = False
+    # The services' second listener, serving only /metrics (the stand-ins have none).
+    metrics_port: int | None = None
 
     @property
     def base(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_url(self) -> str | None:
+        return (
+            None if self.metrics_port is None else f"http://127.0.0.1:{self.metrics_port}/metrics"
+        )
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port] + ([] if self.metrics_port is None else [self.metrics_port])
+
 
 PROCESSES = [
     Process("ehr sandbox", "sandbox.ehr", 9100, "/_sandbox/tenants", ()),
     Process("microsoft sandbox", "sandbox.microsoft", 9443, "/_sandbox/health", (), tls=True),
-    Process("config", "services.config", 8081, "/healthz", (("admin portal", "/"),)),
-    Process("launch", "services.launch", 8080, "/healthz", ()),
-    Process("notify", "services.notify", 8082, "/healthz", ()),
-    Process("analytics", "services.analytics", 8083, "/healthz", ()),
+    Process(
+        "config", "services.config", 8081, "/healthz", (("admin portal", "/"),), metrics_port=9081
+    ),
+    Process("launch", "services.launch", 8080, "/healthz", (), metrics_port=9080),
+    Process("notify", "services.notify", 8082, "/healthz", (), metrics_port=9082),
+    Process("analytics", "services.analytics", 8083, "/healthz", (), metrics_port=9083),
 ]
 TLS = ROOT / ".local" / "tls"
 
@@ -112,6 +126,8 @@ def port_taken(port: int) -> bool:
 async def start(process: Process, env: dict[str, str]) -> asyncio.subprocess.Process:
     LOGS.mkdir(parents=True, exist_ok=True)
     log_file = (LOGS / f"{process.module}.log").open("ab")
+    if process.metrics_port is not None:
+        env = env | {"EHR_METRICS_PORT": str(process.metrics_port)}
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -178,11 +194,12 @@ async def running_system() -> AsyncIterator[RunningSystem]:
     env = service_environment()
     wanted = [p for p in PROCESSES if available(p)]
     for process in wanted:
-        if port_taken(process.port):
-            raise StartFailed(
-                f"port {process.port} ({process.name}) is taken. Stop what uses it"
-                f" (ss -ltnp 'sport = :{process.port}') or an earlier `make run`."
-            )
+        for port in process.ports:
+            if port_taken(port):
+                raise StartFailed(
+                    f"port {port} ({process.name}) is taken. Stop what uses it"
+                    f" (ss -ltnp 'sport = :{port}') or an earlier `make run`."
+                )
     children: list[tuple[Process, asyncio.subprocess.Process]] = []
     try:
         for process in wanted:
@@ -221,8 +238,8 @@ def print_urls(system: RunningSystem) -> None:
     for process in system.processes:
         for label, path in process.links or (("health", process.health),):
             print(f"  {process.name:<18} {label:<14} {process.base}{path}")
-        if process.health == "/healthz":
-            print(f"  {'':<18} {'metrics':<14} {process.base}/metrics")
+        if process.metrics_url is not None:
+            print(f"  {'':<18} {'metrics':<14} {process.metrics_url}")
     seeded = system.seeded
     print(
         f"\n  PowerChart (EHR)   http://127.0.0.1:9100/powerchart/{TENANT_A}"

@@ -20,9 +20,13 @@ from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.common.settings import ServiceSettings
-from libs.common.web import SETTINGS
+from libs.common.web import METRICS_PORT, SETTINGS
 
-pytest_plugins = ["tests.support.standins", "tests.support.launch_system"]
+pytest_plugins = [
+    "tests.support.standins",
+    "tests.support.launch_system",
+    "tests.support.other_services",
+]
 
 KAFKA = os.environ.get("EHR_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
 PG_ADMIN_DSN = os.environ.get("PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:15432/postgres")
@@ -90,6 +94,8 @@ def make_settings(database_url: str, topic_prefix: str) -> Callable[..., Any]:
             "kafka_bootstrap_servers": KAFKA,
             "kafka_topic_prefix": topic_prefix,
             "http_port": 0,
+            # Tests pick free HTTP ports; the default (HTTP port + 1000) could be taken.
+            "metrics_port": 0,
             "outbox_poll_interval_s": 0.2,
             "log_json": True,
         }
@@ -126,6 +132,11 @@ async def running_app(app: web.Application) -> AsyncIterator[str]:
 @pytest.fixture
 def serve() -> Callable[[web.Application], AbstractAsyncContextManager[str]]:
     return running_app
+
+
+def metrics_url(app: web.Application) -> str:
+    """The /metrics URL of a started service app: its metrics listener, not its own port."""
+    return f"http://127.0.0.1:{app[METRICS_PORT]}/metrics"
 
 
 async def wait_for(event: asyncio.Event, what: str, within_s: float = 20.0) -> None:

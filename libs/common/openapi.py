@@ -1,6 +1,7 @@
 """Shared pieces of the services' OpenAPI 3.1 documents: schema helpers, the operations
-routes every service has (/healthz, /readyz, /metrics), the portal sign-in routes of the
-portals, and the list of routes an app serves, so a test can hold a document to its router."""
+routes every service has (/healthz, /readyz; /metrics has a port of its own), the portal
+sign-in routes of the portals, and the list of routes an app serves, so a test can hold a
+document to its router."""
 
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ TOO_LARGE = response("The body is larger than the service accepts; nothing was r
 
 
 def ops_paths() -> dict[str, Any]:
-    """/healthz, /readyz and /metrics, which every service serves without sign-in."""
+    """/healthz and /readyz, which every service serves without sign-in. /metrics is not
+    here: it is served only on the metrics port (libs/common/web.py:metrics_app)."""
     no_auth: list[dict[str, list[str]]] = []
     return {
         "/healthz": {
@@ -120,13 +122,6 @@ def ops_paths() -> dict[str, Any]:
                     "200": response("Ready", "application/json", ref("Readiness")),
                     "503": response("Not ready", "application/json", ref("Readiness")),
                 },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics (route templates only, no ids or tokens)",
-                "security": no_auth,
-                "responses": {"200": response("Metrics", TEXT)},
             }
         },
     }

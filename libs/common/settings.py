@@ -11,12 +11,15 @@ import ssl
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from libs.common.crypto import DEV_KEYRING, FieldCipher
 
 DEFAULT_SECRETS_DIR = "/run/secrets/ehr-connector"
+# Default metrics port = HTTP port + this: 8080-8083 become 9080-9083, clear of the stand-ins'
+# 9100 and 9443, so the services can run side by side without setting it.
+METRICS_PORT_OFFSET = 1000
 
 
 def _secrets_dir() -> str | None:
@@ -38,6 +41,10 @@ class ServiceSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # Port of a second listener that serves only /metrics, so the public port (which an
+    # Ingress routes to) never exposes them; only Prometheus may reach it. Unset = the HTTP
+    # port + 1000 (with an HTTP port of 0, any free port); 0 = any free port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     public_base_url: str = ""
 
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:15432/ehr_connector")
@@ -80,6 +87,17 @@ class ServiceSettings(BaseSettings):
     external_call_timeout_s: float = Field(default=10.0, gt=0)
     shutdown_drain_timeout_s: float = Field(default=20.0, gt=0)
 
+    @model_validator(mode="after")
+    def _metrics_port_of_its_own(self) -> ServiceSettings:
+        port = self.metrics_listen_port
+        if port > 65535:
+            raise ValueError(
+                f"EHR_HTTP_PORT + {METRICS_PORT_OFFSET} is no port: set EHR_METRICS_PORT"
+            )
+        if port != 0 and port == self.http_port:
+            raise ValueError("EHR_METRICS_PORT must differ from EHR_HTTP_PORT")
+        return self
+
     def __init__(self, **values: Any) -> None:
         # Unknown EHR_* variables are ignored (a deployment may set variables for another
         # version), but a misspelt keyword in code is a bug and must not pass silently.
@@ -87,6 +105,13 @@ class ServiceSettings(BaseSettings):
         if unknown:
             raise TypeError(f"{type(self).__name__} has no setting {', '.join(unknown)}")
         super().__init__(_secrets_dir=_secrets_dir(), **values)
+
+    @property
+    def metrics_listen_port(self) -> int:
+        """The metrics listener's port as configured, or the HTTP port's fixed offset."""
+        if self.metrics_port is not None:
+            return self.metrics_port
+        return self.http_port + METRICS_PORT_OFFSET if self.http_port else 0
 
     @property
     def database_schema(self) -> str:

@@ -1,5 +1,6 @@
 """aiohttp building blocks every service uses: typed app state, one cleanup_ctx per
-resource, request-scoped log context, health, readiness and metrics."""
+resource, request-scoped log context, health, readiness, and metrics on a listener of their
+own."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ KAFKA_PRODUCER = web.AppKey("kafka_producer", AIOKafkaProducer)
 OUTBOX_RELAY = web.AppKey("outbox_relay", OutboxRelay)
 CONSUMERS = web.AppKey("consumers", list[ConsumerRunner])
 MAX_BODY = web.AppKey("max_body_bytes", int)
+# Where the metrics listener is bound once the app started (the real port when configured as 0).
+METRICS_PORT = web.AppKey("metrics_port", int)
 
 MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -178,6 +181,33 @@ async def metrics(_request: web.Request) -> web.Response:
     return response
 
 
+def metrics_app() -> web.Application:
+    """/metrics and nothing else. Its series count every tenant's traffic (routes, consumers,
+    analytics' departments) without sign-in, so they are for the cluster's Prometheus only,
+    never for whoever reaches the service's public port."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def metrics_listener_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serves metrics_app on settings.metrics_port, beside the service's own port. First in
+    cleanup_ctx, so it answers while migrations run and while the service drains."""
+    settings = app[SETTINGS]
+    runner = web.AppRunner(metrics_app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.http_host, settings.metrics_listen_port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = int(runner.addresses[0][1])
+    app[METRICS_PORT] = port
+    log.info("metrics listener started", host=settings.http_host, port=port)
+    yield
+    await runner.cleanup()
+
+
 def database_ctx(
     migrations_dir: Path, shared_migrations: Sequence[tuple[str, Path]] = ()
 ) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -264,16 +294,17 @@ def create_service_app(
     shared_migrations: Sequence[tuple[str, Path]] = (),
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> web.Application:
-    """The base every service builds on: state, pool, producer, relay and the ops routes.
-    Request bodies over `max_body_bytes` are refused with 413 (see body_limit)."""
+    """The base every service builds on: state, the metrics listener, pool, producer, relay
+    and the health routes. Request bodies over `max_body_bytes` are refused with 413 (see
+    body_limit)."""
     app = web.Application(middlewares=[request_context, body_limit], client_max_size=max_body_bytes)
     app[SETTINGS] = settings
     app[CONSUMERS] = []
     app[MAX_BODY] = max_body_bytes
+    app.cleanup_ctx.append(metrics_listener_ctx)
     app.cleanup_ctx.append(database_ctx(migrations_dir, shared_migrations))
     app.cleanup_ctx.append(kafka_producer_ctx)
     app.cleanup_ctx.append(outbox_relay_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     return app

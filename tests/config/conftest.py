@@ -36,6 +36,7 @@ class ConfigPortal:
     http: aiohttp.ClientSession
     ehr: RunningEhr
     microsoft: RunningSandbox
+    app: web.Application
     sessions: dict[str, PortalSession] = field(default_factory=dict)
 
     async def session(self, upn: str) -> PortalSession:
@@ -101,8 +102,9 @@ async def running_portal(
     ehr: RunningEhr,
     microsoft: RunningSandbox,
 ) -> AsyncIterator[ConfigPortal]:
-    async with serve(create_app(settings)) as url:
-        yield ConfigPortal(url, settings, http, ehr, microsoft)
+    app = create_app(settings)
+    async with serve(app) as url:
+        yield ConfigPortal(url, settings, http, ehr, microsoft, app)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from infra.run import PROCESSES
 from libs.common.events import Topic, decode_event
 from sandbox.ehr import TENANT_A, TENANT_B, EhrSettings, start_ehr
 from tests.faults.day import Day, Visit
@@ -20,6 +21,7 @@ from tests.faults.faults import CONSUMERS, SERVICES, FaultLog, read_topic, valid
 from tests.support.privacy import find_markers, patient_markers, scan_schema
 
 PORTS = {"launch": 8080, "config": 8081, "notify": 8082, "analytics": 8083}
+METRICS = {p.name: url for p in PROCESSES if (url := p.metrics_url) is not None}
 # Moments the outside world and the gateway stamped; rounding and notification transport.
 TOLERANCE = timedelta(milliseconds=250)
 
@@ -188,8 +190,8 @@ _DUPLICATE = re.compile(r'^events_consumed_total\{[^}]*outcome="duplicate"[^}]*\
 async def duplicates_absorbed(http: aiohttp.ClientSession) -> int:
     """Deliveries the inboxes recognised as repeats, per /metrics (since each process started)."""
     total = 0.0
-    for port in PORTS.values():
-        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+    for url in METRICS.values():
+        async with http.get(url) as r:
             for line in (await r.text()).splitlines():
                 if found := _DUPLICATE.match(line):
                     total += float(found.group(1))
@@ -237,7 +239,7 @@ async def privacy_hits(
     for name, text in await asyncio.to_thread(read_logs, logs):
         for number, line in enumerate(text.splitlines(), 1):
             hits["logs"] += [f"{name}:{number}: {m}" for m in find_markers(line, found)]
-    for name, port in PORTS.items():
-        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+    for name, url in METRICS.items():
+        async with http.get(url) as r:
             hits["metrics"] += [f"{name}: {m}" for m in find_markers(await r.text(), found)]
     return hits

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from services.launch.settings import LaunchSettings
 
@@ -40,3 +41,22 @@ def test_a_misspelt_keyword_is_refused() -> None:
     """A setting passed in code under a name that does not exist raises instead of vanishing."""
     with pytest.raises(TypeError, match="ca_bundle"):
         LaunchSettings(ca_bundle="ca.pem")
+
+
+def test_metrics_port_defaults_beside_the_http_port_and_never_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unset, the metrics port is the HTTP port + 1000 (any free port when the HTTP port is
+    0); set, it is used as given, and one equal to the HTTP port is refused."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("EHR_HTTP_PORT", "EHR_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert LaunchSettings().metrics_listen_port == 9080
+    assert LaunchSettings(http_port=0).metrics_listen_port == 0
+    assert LaunchSettings(metrics_port=0).metrics_listen_port == 0
+    monkeypatch.setenv("EHR_METRICS_PORT", "9090")
+    assert LaunchSettings().metrics_listen_port == 9090
+    with pytest.raises(ValidationError, match="must differ"):
+        LaunchSettings(http_port=9090)
+    with pytest.raises(ValidationError, match="set EHR_METRICS_PORT"):
+        LaunchSettings(http_port=65000, metrics_port=None)

@@ -1,69 +1,14 @@
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import dataclass
-from typing import Any
-
 import aiohttp
 import asyncpg
-import pytest
-from aiohttp import web
 
 from libs.common.events import AppointmentCreatedV1, decode_event
-from libs.common.web import CONSUMERS
-from services.analytics.app import create_app as analytics_app
-from services.analytics.settings import AnalyticsSettings
-from services.config.app import create_app as config_app
-from services.config.settings import ConfigSettings
-from services.notify.app import create_app as notify_app
-from services.notify.settings import NotifySettings
-from tests.conftest import wait_for
+from tests.conftest import metrics_url, wait_for
 from tests.launch.test_visit_end_to_end import book_video_visit
 from tests.support.kafka_reader import read_all
 from tests.support.launch_harness import LaunchSystem
-
-Serve = Callable[[web.Application], AbstractAsyncContextManager[str]]
-
-
-class Applied:
-    """Set once a service's consumers applied an appointment-created event."""
-
-    def __init__(self, apps: dict[str, web.Application]) -> None:
-        self.events: dict[str, asyncio.Event] = {}
-        for name, app in apps.items():
-            event = self.events[name] = asyncio.Event()
-            for runner in app[CONSUMERS]:
-                runner.observe(self._observer(event))
-
-    @staticmethod
-    def _observer(event: asyncio.Event) -> Callable[[list[tuple[str, str, bool]]], None]:
-        def seen(outcomes: list[tuple[str, str, bool]]) -> None:
-            if any(topic == "appointment-created" and applied for topic, _, applied in outcomes):
-                event.set()
-
-        return seen
-
-
-@dataclass
-class Others:
-    urls: dict[str, str]
-    applied: Applied
-
-
-@pytest.fixture
-async def others(
-    make_settings: Callable[..., Any], serve: Serve, ca_bundle: str
-) -> AsyncIterator[Others]:
-    apps = {
-        "config": config_app(make_settings(ConfigSettings)),
-        "notify": notify_app(make_settings(NotifySettings, tls_ca_bundle=ca_bundle)),
-        "analytics": analytics_app(make_settings(AnalyticsSettings)),
-    }
-    async with AsyncExitStack() as stack:
-        urls = {name: await stack.enter_async_context(serve(app)) for name, app in apps.items()}
-        yield Others(urls, Applied({k: apps[k] for k in ("notify", "analytics")}))
+from tests.support.other_services import Others
 
 
 async def test_booking_flows_from_launch_to_notify_and_analytics_exactly_once(
@@ -103,8 +48,10 @@ async def test_booking_flows_from_launch_to_notify_and_analytics_exactly_once(
 async def test_every_service_reports_health_readiness_and_metrics(
     launch_system: LaunchSystem, others: Others
 ) -> None:
-    """Each service answers /healthz, /readyz (Postgres and Kafka checked) and /metrics."""
+    """Each service answers /healthz and /readyz (Postgres and Kafka checked) on its port, and
+    /metrics on its metrics port."""
     urls = {"launch": launch_system.url, **others.urls}
+    apps = {"launch": launch_system.app, **others.apps}
     async with aiohttp.ClientSession() as http:
         for name, url in urls.items():
             async with http.get(f"{url}/healthz") as r:
@@ -114,6 +61,6 @@ async def test_every_service_reports_health_readiness_and_metrics(
                 assert r.status == 200, (name, body)
                 assert body["checks"]["postgres"] == "ok"
                 assert body["checks"]["kafka"] == "ok"
-            async with http.get(f"{url}/metrics") as r:
-                assert r.status == 200
+            async with http.get(metrics_url(apps[name])) as r:
+                assert r.status == 200, name
                 assert "http_requests_total" in await r.text()

@@ -194,6 +194,7 @@ async def gateway(module_infra: tuple[str, str], standin_tls: TlsFiles) -> Async
             kafka_bootstrap_servers=KAFKA,
             kafka_topic_prefix=topic_prefix,
             http_port=port,
+            metrics_port=0,
             outbox_poll_interval_s=0.2,
             log_json=True,
             public_base_url=f"http://127.0.0.1:{port}",

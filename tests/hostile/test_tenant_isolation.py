@@ -4,7 +4,8 @@ route of the config service (the JSON API and the portal pages) with the other t
 and every analytics report with B's ids, cursors and tenant id in the query. Every attempt
 gets 403 or 404 (or, for A's own lists and reports, none of B's data), and B's data is
 unchanged afterwards. The routes are read from the apps' routers, so a new route that is not
-swept here fails the sweep instead of going untested.
+swept here fails the sweep instead of going untested. /metrics, on each service's metrics
+port, is read too: nobody signs in there, so it must carry none of B's data.
 
 The gateway's side: two tenants may configure the same FHIR base (config keys integrations
 by tenant and URL), so a base shared by two tenants must never be resolved to one of them.
@@ -38,6 +39,7 @@ from tests.config.conftest import (
     config_settings,
 )
 from tests.config.test_numbers_api import wait_for_number
+from tests.conftest import metrics_url
 from tests.hostile.attack_support import SECRET_A, Gateway, gateway, module_infra
 from tests.support.launch_harness import integration_config
 
@@ -198,8 +200,9 @@ async def test_config_admin_cannot_reach_another_tenants_data_on_any_route(
 ) -> None:
     """Contoso's Global Administrator calls every config route (API and pages) with each of
     Fabrikam's integration and phone-number ids in five UUID spellings: always 403 or 404.
-    Every other route, called with a valid body, shows or changes only Contoso's data. Every
-    route with an id is swept, and Fabrikam's rows are the same afterwards."""
+    Every other route, called with a valid body, shows or changes only Contoso's data, and the
+    metrics port shows none of Fabrikam's. Every route with an id is swept, and Fabrikam's
+    rows are the same afterwards."""
     portal = config_portal
     ids_b = await seed_tenant(portal, B, TENANT_B)
     ids_a = await seed_tenant(portal, A, TENANT_A)
@@ -236,6 +239,10 @@ async def test_config_admin_cannot_reach_another_tenants_data_on_any_route(
             failures.append((method, template, status, body[:200]))
         own_outcomes[(method, template)] = status
         exercised.add((method, template))
+    async with portal.http.get(metrics_url(portal.app)) as r:
+        text = await r.text()
+    if r.status != 200 or any(m in text for m in markers):
+        failures.append(("GET", "metrics port /metrics", r.status, text[:200]))
     assert failures == []
     assert set(routes) - exercised == set(NOT_CALLED)
     # The control: A's own changes through the same requests go through.
@@ -291,8 +298,9 @@ def cursor(at: str, meeting_id: str) -> str:
 async def test_reports_never_show_another_tenants_visits(analytics: Analytics) -> None:
     """Contoso's admin reads every analytics route, with Fabrikam's tenant id, integration,
     meeting cursor and every grouping and format in the query: only Contoso's figures come
-    back (or a 400), never a Fabrikam department, meeting or count; Fabrikam's own reports are
-    unchanged. The analytics routes take no ids in their paths (a new one fails here)."""
+    back (or a 400), never a Fabrikam department, meeting or count, nor on the metrics port;
+    Fabrikam's own reports are unchanged. The analytics routes take no ids in their paths (a
+    new one fails here)."""
     for v in (
         visit_of(CONTOSO_TENANT, "Contoso Cardiology"),
         visit_of(FABRIKAM_TENANT, B_DEPARTMENT),
@@ -348,6 +356,11 @@ async def test_reports_never_show_another_tenants_visits(analytics: Analytics) -
             if status not in (200, 302, 400) or any(m in text for m in markers):
                 failures.append((template, query, status, text[:200]))
             seen_own = seen_own or "Contoso Cardiology" in text
+    for query in queries:
+        async with analytics.http.get(f"{metrics_url(analytics.app)}?{query}") as r:
+            text = await r.text()
+        if r.status != 200 or any(m in text for m in markers):
+            failures.append(("metrics port /metrics", query, r.status, text[:200]))
     assert failures == []
     assert seen_own, "the control: Contoso's own visit shows in its reports"
     assert [
