@@ -29,7 +29,12 @@ from services.launch.launch_flow import (
 from services.launch.outbound import HTTP
 from services.launch.pages import page, problem_page
 from services.launch.patient_launch import finish_patient_launch
-from services.launch.sessions import current_session, set_session_cookie, start_session
+from services.launch.sessions import (
+    current_session,
+    session_token_hash,
+    set_session_cookie,
+    start_session,
+)
 from services.launch.smart import SmartError, ehr_user_id
 from services.launch.state import INTEGRATIONS, launch_settings
 
@@ -188,17 +193,23 @@ async def _session_tokens(
     return tokens
 
 
+# The session and its visit in one read: the page is opened once per launch, right after it.
+_PROVIDER_PAGE = (
+    "SELECT s.csrf_token, a.appointment_key, a.department, a.starts_at, a.ends_at,"
+    " a.time_zone, a.status, a.join_web_url FROM provider_sessions s"
+    " LEFT JOIN appointments a USING (appointment_key)"
+    " WHERE s.token_hash = $1 AND s.expires_at > now() AND s.appointment_key IS NOT NULL"
+)
+
+
 async def provider_page(request: web.Request) -> web.StreamResponse:
-    settings = launch_settings(request)
-    session = await current_session(request, request.app[DB_POOL], settings.field_cipher())
-    if session is None or session.appointment_key is None:
-        return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
-    row = await request.app[DB_POOL].fetchrow(
-        "SELECT department, starts_at, ends_at, time_zone, status, join_web_url"
-        " FROM appointments WHERE appointment_key = $1",
-        session.appointment_key,
-    )
+    token_hash = session_token_hash(request)
+    row = None
+    if token_hash is not None:
+        row = await request.app[DB_POOL].fetchrow(_PROVIDER_PAGE, token_hash)
     if row is None:
+        return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
+    if row["appointment_key"] is None:
         return problem_page(404, "The visit is gone", "Launch the visit again from the EHR.")
     zone = ZoneInfo(row["time_zone"])
     when = (
@@ -212,7 +223,7 @@ async def provider_page(request: web.Request) -> web.StreamResponse:
         department=row["department"],
         visit_status=row["status"],
         join_url=row["join_web_url"],
-        csrf_token=session.csrf_token,
+        csrf_token=row["csrf_token"],
         notice=notice,
     )
 

@@ -59,17 +59,25 @@ async def start_session(
     return token
 
 
-async def current_session(
-    request: web.Request, pool: asyncpg.Pool, cipher: FieldCipher
-) -> ProviderSession | None:
+def session_token_hash(request: web.Request) -> bytes | None:
+    """The hash of the presented session cookie, as stored; None when there is none."""
     token = request.cookies.get(PROVIDER_COOKIE, "")
     # Our tokens are URL-safe ASCII; a cookie that is not UTF-8 arrives with surrogates.
     if not token or len(token) > 128 or not token.isascii():
         return None
+    return _digest(token)
+
+
+async def current_session(
+    request: web.Request, pool: asyncpg.Pool, cipher: FieldCipher
+) -> ProviderSession | None:
+    token_hash = session_token_hash(request)
+    if token_hash is None:
+        return None
     row = await pool.fetchrow(
         "SELECT token_hash, integration_id, ehr_user_id, appointment_key, candidates, csrf_token"
         " FROM provider_sessions WHERE token_hash = $1 AND expires_at > now()",
-        _digest(token),
+        token_hash,
     )
     if row is None:
         return None
