@@ -143,8 +143,15 @@ class ConsumerRunner:
         max_poll_interval_ms: int = 300_000,
         handler_timeout_s: float = 30.0,
         security: Mapping[str, Any] | None = None,
+        parallel_partitions: int = 1,
     ) -> None:
         self.name = name
+        # >1: the partitions of a poll are applied in that many concurrent transactions, for
+        # handlers whose rows belong to one key (then two partitions never touch one row).
+        # Handlers that fold many keys into shared rows (analytics' aggregates) stay at 1:
+        # concurrent transactions would queue on those rows' locks, or deadlock.
+        self._partition_slots = asyncio.Semaphore(max(1, parallel_partitions))
+        self._parallel = parallel_partitions > 1
         self._handlers = {topic_prefix + topic: handler for topic, handler in handlers.items()}
         self._prefix = topic_prefix
         self._pool = pool
@@ -247,10 +254,19 @@ class ConsumerRunner:
 
     async def _process_batch(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> bool:
         """Apply a batch; True when some partition must retry from a record later."""
-        if await self._apply_together(batch):
-            return False
+        if self._parallel and len(batch) > 1:
+            # Each partition's records stay in order inside its own transaction.
+            parts = list(batch.items())
+            together = await asyncio.gather(
+                *(self._apply_partition(tp, records) for tp, records in parts)
+            )
+            rest = {
+                tp: records for (tp, records), done in zip(parts, together, strict=True) if not done
+            }
+        else:
+            rest = {} if await self._apply_together(batch) else dict(batch)
         must_retry = False
-        for tp, records in batch.items():
+        for tp, records in rest.items():
             for record in records:
                 if not await self._process(tp, record):
                     # Leave the rest of this partition for later, in order.
@@ -259,6 +275,10 @@ class ConsumerRunner:
                     break
                 self._pending[tp] = record.offset + 1
         return must_retry
+
+    async def _apply_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> bool:
+        async with self._partition_slots:
+            return await self._apply_together({tp: records})
 
     async def _apply_together(self, batch: Mapping[TopicPartition, list[ConsumerRecord]]) -> bool:
         """Applies a whole poll in one transaction (each event still through its inbox row) and

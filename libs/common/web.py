@@ -263,7 +263,7 @@ async def outbox_relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def consumer_ctx(
-    group: str, handlers: dict[str, EventHandler]
+    group: str, handlers: dict[str, EventHandler], *, parallel_partitions: int = 1
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -278,6 +278,7 @@ def consumer_ctx(
             max_poll_interval_ms=settings.consumer_max_poll_interval_ms,
             handler_timeout_s=settings.external_call_timeout_s * 3,
             security=settings.kafka_security(),
+            parallel_partitions=parallel_partitions,
         )
         await runner.start()
         app.setdefault(CONSUMERS, []).append(runner)

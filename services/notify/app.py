@@ -21,6 +21,7 @@ from services.notify.webhooks import AcsEventsWebhook
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONSUMER_GROUP = "notify"
+PARALLEL_PARTITIONS = 4
 
 DISPATCHER = web.AppKey("notify_dispatcher", Dispatcher)
 PURGER = web.AppKey("notify_purger", Purger)
@@ -77,7 +78,11 @@ def create_app(settings: ServiceSettings, clock: Clock | None = None) -> web.App
     assert isinstance(settings, NotifySettings)
     clock = clock or SystemClock()
     app = create_service_app(settings, migrations_dir=MIGRATIONS)
-    app.cleanup_ctx.append(consumer_ctx(CONSUMER_GROUP, handlers(clock)))
+    # Every notify handler writes only its own appointment's rows (and integration-config
+    # only its integration's), so partitions can be applied side by side.
+    app.cleanup_ctx.append(
+        consumer_ctx(CONSUMER_GROUP, handlers(clock), parallel_partitions=PARALLEL_PARTITIONS)
+    )
     app.cleanup_ctx.append(sms_ctx(clock))
     app.router.add_post("/acs/events", acs_events)
     app.router.add_get("/openapi.json", openapi_json)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -310,3 +311,65 @@ async def test_a_poll_without_failures_shares_one_transaction(
     assert await effects_count(pool) == len(events)
     # All were published before the runner started, so the first poll holds most of them.
     assert len(set(transactions)) < len(transactions)
+
+
+class ParallelRunner(ConsumerRunner):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs, parallel_partitions=3)
+
+
+async def test_parallel_partitions_apply_side_by_side_in_order_and_once(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """With parallel partitions, a poll's partitions commit in concurrent transactions; each
+    key's events still apply in order, a failure falls back per event, every effect once."""
+    pool, producer = kit
+    keys = [f"apt_parallel_{i}" for i in range(12)]
+    events = [patient_joined(key) for _ in range(3) for key in keys]
+    failing = events[-1].event_id
+    failed_once = False
+    open_transactions: set[int] = set()
+    two_open = asyncio.Event()
+    overlapped = False
+
+    async def handler(conn: Any, event: Any) -> None:
+        nonlocal failed_once, overlapped
+        # clock_timestamp(), not now(): the committed rows then tell the order of application.
+        await conn.execute(
+            "INSERT INTO effects (event_id, appointment_key, applied_at)"
+            " VALUES ($1, $2, clock_timestamp())",
+            event.event_id,
+            event.key,
+        )
+        if event.event_id == failing and not failed_once:
+            failed_once = True
+            raise ValueError("fails once")
+        open_transactions.add(await conn.fetchval("SELECT txid_current()"))
+        if len(open_transactions) >= 2:
+            two_open.set()
+        if not two_open.is_set():
+            # Sequential partitions would wait here in vain, then carry on.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await two_open.wait()
+                    overlapped = True
+
+    for event in events:
+        await publish(producer, topic_prefix, event)
+    runner = probe_runner(
+        pool, producer, KAFKA, topic_prefix, "parallel", ParallelRunner, handler=handler
+    )
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(len(events))
+    finally:
+        await runner.stop()
+    assert failed_once
+    assert overlapped
+    assert all(ok for _, _, ok in seen)
+    assert await effects_count(pool) == len(events)
+    rows = await pool.fetch("SELECT appointment_key, event_id FROM effects ORDER BY applied_at")
+    for key in keys:
+        published = [e.event_id for e in events if e.key == key]
+        assert [r["event_id"] for r in rows if r["appointment_key"] == key] == published, key
