@@ -4,16 +4,23 @@ The EHR stand-in, the Microsoft stand-in and the launch service each run as a pr
 (`bench.system`). Each launch is what PowerChart and the clinician's browser do: the EHR
 mints a launch, the browser opens `/launch/provider?iss=&launch=`, goes to the EHR's
 authorize (auto-approved) and back to `/launch/callback`, where the gateway exchanges the
-code, validates the id_token, reads the Encounter and Appointment, creates the meeting
-through Graph (createOrGet, the patient's join URL, a call-event subscription whose
-validation request comes back to the gateway), records it and opens the provider page.
-Appointments are booked without a scheduling webhook, so every launch creates its meeting.
+code, validates the id_token, reads the Encounter and Appointment, finds the visit's
+meeting, records the clinician and opens the provider page.
+
+Two systems, each measured the same way:
+- meeting prepared: the visits are booked through the scheduling feed, so the meeting
+  worker prepares every meeting (Graph createOrGet, the patient's join URL, a call-event
+  subscription whose validation request comes back to the gateway) before the launches,
+  as it does a day ahead in production. The CPU of the bookings and their preparation is
+  reported per visit too.
+- meeting made in the launch: visits booked without the feed, so each launch makes its
+  meeting and records the appointment with appointment-created.
 
 Figure: (utime + stime of the launch process over N launches) / N, from /proc, after a
 warm-up (discovery, JWKS, the app token and TLS sessions are cached by then), minus the
-process's idle CPU over the same wall time (consumer and relay polling). Baseline, same run:
-CPU per request of a bare aiohttp handler returning a constant, in its own process, driven
-with as many requests as the launch process served during the measured launches.
+process's idle CPU over the same wall time (consumer, relay and worker polling). Baseline,
+same run: CPU per request of a bare aiohttp handler returning a constant, in its own
+process, driven with as many requests as the launch process served during the launches.
 """
 
 from __future__ import annotations
