@@ -106,6 +106,12 @@ class Dispatcher:
         while not self._stopping.is_set():
             self._wake.clear()
             free = capacity - len(self._in_flight)
+            if free <= 0:
+                # Woken (a poll, a new message's NOTIFY) with every slot busy: the next send
+                # to finish wakes the loop. Claiming now would take a whole batch past the
+                # capacity, leases ticking, and the round after would fail on a negative LIMIT.
+                await self._sleep(self._settings.scheduler_poll_interval_s)
+                continue
             try:
                 await self._ensure_listener()
                 rows = await self.claim_due(min(free, self._settings.scheduler_batch_size))
