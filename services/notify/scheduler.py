@@ -22,8 +22,7 @@ import orjson
 import structlog
 
 from libs.common.crypto import FieldCipher
-from libs.common.events import SmsKind, SmsOutcome, SmsSentV1, Topic, make_event
-from libs.common.outbox import enqueue
+from libs.common.events import SmsKind, SmsOutcome, SmsSentV1, Topic, encode_event, make_event
 from services.notify import metrics
 from services.notify.acs import AcsSmsClient, SendResult
 from services.notify.clock import Clock
@@ -56,6 +55,62 @@ FROM claimed c
 LEFT JOIN appointments a ON a.appointment_key = c.appointment_key
 LEFT JOIN integrations i ON i.integration_id = a.integration_id
 """
+
+# Serialises the window check per sending number across replicas; the key is the one earlier
+# versions lock, so old and new replicas still exclude each other during a rollout. The
+# opt-out is read in the same round trip.
+_LOCK_SENDER = (
+    "SELECT pg_advisory_xact_lock(hashtext('sms-rate:' || $1)),"
+    " (SELECT opted_out FROM opt_outs WHERE sender = $1 AND recipient_hash = $2)"
+)
+# The window as one row, the count and the oldest send (a busy number has up to `limit` sends
+# in it; fetching them all tripled this query's client CPU), and, only if a slot is free and
+# the claim still holds, the attempt and the send recorded: no row for `recorded` means the
+# number is full or the message was taken over.
+_RECORD_ATTEMPT = """
+WITH window_ AS (
+    SELECT count(*) AS sent, min(sent_at) AS oldest FROM (
+        SELECT sent_at FROM sender_sends WHERE sender = $1 AND sent_at > $2
+        ORDER BY sent_at LIMIT $3
+    ) w
+), recorded AS (
+    UPDATE sms_messages SET attempts = attempts + 1, sender = $1,
+        repeatability_first_sent = coalesce(repeatability_first_sent, $6)
+    WHERE id = $4 AND claims = $5 AND status = 'pending' AND (SELECT sent FROM window_) < $3
+    RETURNING repeatability_first_sent, attempts
+), counted AS (
+    INSERT INTO sender_sends (sender, sent_at) SELECT $1, $6 FROM recorded
+)
+SELECT window_.sent, window_.oldest, recorded.repeatability_first_sent, recorded.attempts
+FROM window_ LEFT JOIN recorded ON true
+"""
+
+# The outcome and what goes with it in one statement: one round trip, atomic without a
+# transaction of its own. Each part selects from `finished`, so a dispatcher whose claim was
+# taken over writes none of them, and the outbox row exists iff the outcome was recorded (what
+# `outbox.enqueue` guarantees inside a transaction). $9 is the confirmation state (NULL for
+# other kinds), $10 and $11 the dead letter's attempts and reason (NULL unless parked).
+# A send the provider accepted is recorded even if the message was cancelled or superseded
+# meanwhile: it did go out.
+_FINISH_PARTS = (
+    "WITH finished AS (UPDATE sms_messages SET status = $3, outcome = $4, reason = $5,"
+    " segments = $6, provider_message_id = coalesce($7, provider_message_id), finished_at = $8"
+    " WHERE id = $1 AND claims = $2 AND (status = 'pending' OR $3 = 'sent')"
+    " RETURNING id, appointment_key, kind),"
+    " confirmed AS (UPDATE appointments a SET confirmation = $9 FROM finished f"
+    " WHERE $9::text IS NOT NULL AND a.appointment_key = f.appointment_key),"
+    " parked AS (INSERT INTO dead_letters (sms_message_id, appointment_key, kind, attempts,"
+    " reason) SELECT id, appointment_key, kind, $10, $11 FROM finished"
+    " WHERE $10::integer IS NOT NULL)"
+)
+# Outcomes without an event (a cancelled message) leave the outbox out: its trigger fires per
+# statement, rows inserted or not, and would wake the relay for nothing.
+_FINISH = _FINISH_PARTS + " SELECT id FROM finished"  # noqa: S608 -- constants only
+_FINISH_ANNOUNCED = (
+    _FINISH_PARTS  # noqa: S608 -- constants only
+    + ", announced AS (INSERT INTO outbox (event_id, topic, key, payload)"
+    " SELECT $12, $13, $14, $15 FROM finished) SELECT id FROM finished"
+)
 
 
 @dataclass(frozen=True)
@@ -320,50 +375,26 @@ class Dispatcher:
         now = self._clock.now()
         limit = self._settings.sms_rate_per_minute
         async with self._pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval(
-                "SELECT opted_out FROM opt_outs WHERE sender = $1 AND recipient_hash = $2",
-                sender,
-                who,
-            ):
+            if await conn.fetchval(_LOCK_SENDER, sender, who, column=1):
                 return await self._finish(
                     row, Finish("refused", "opted_out", "recipient replied STOP"), conn
                 )
-            # Serialises the window check per sending number across replicas.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"sms-rate:{sender}")
             # A separate statement after the lock, so its snapshot sees the sends committed
-            # before the lock was granted. One row back: the count and the oldest send (a
-            # busy number has up to `limit` sends in the window; fetching them all tripled
-            # this query's client CPU).
+            # before the lock was granted (the lock's own statement took its snapshot before
+            # waiting for it).
             window = await conn.fetchrow(
-                "SELECT count(*) AS sent, min(sent_at) AS oldest FROM (SELECT sent_at"
-                " FROM sender_sends WHERE sender = $1 AND sent_at > $2"
-                " ORDER BY sent_at LIMIT $3) w",
-                sender,
-                now - RATE_WINDOW,
-                limit,
+                _RECORD_ATTEMPT, sender, now - RATE_WINDOW, limit, row["id"], row["claims"], now
             )
-            if window is not None and window["sent"] >= limit:
+            assert window is not None  # an aggregate's one row
+            if window["sent"] >= limit:
                 metrics.SMS_RETRIES.labels("rate_limit").inc()
                 return await self._retry(
                     row, window["oldest"] + RATE_WINDOW, "sending number at its rate limit",
                     conn,
                 )  # fmt: skip
-            recorded = await conn.fetchrow(
-                "UPDATE sms_messages SET attempts = attempts + 1, sender = $3,"
-                " repeatability_first_sent = coalesce(repeatability_first_sent, $4)"
-                " WHERE id = $1 AND claims = $2 AND status = 'pending'"
-                " RETURNING repeatability_first_sent, attempts",
-                row["id"],
-                row["claims"],
-                sender,
-                now,
-            )
-            if recorded is None:
+            if window["attempts"] is None:
                 return "lost"
-            await conn.execute(
-                "INSERT INTO sender_sends (sender, sent_at) VALUES ($1, $2)", sender, now
-            )
-            return recorded["repeatability_first_sent"], recorded["attempts"]
+            return window["repeatability_first_sent"], window["attempts"]
 
     async def _wait(self, row: asyncpg.Record, reason: str) -> str:
         attempts = row["attempts"] + 1
@@ -394,16 +425,19 @@ class Dispatcher:
         return "retry" if status == "UPDATE 1" else "lost"
 
     async def _finish(self, row: asyncpg.Record, finish: Finish, conn: Any = None) -> str:
-        if conn is None:
-            async with self._pool.acquire() as own, own.transaction():
-                return await self._finish(row, finish, own)
         now = self._clock.now()
-        # A send the provider accepted is recorded even if the message was cancelled or
-        # superseded meanwhile: it did go out.
-        updated = await conn.fetchval(
-            "UPDATE sms_messages SET status = $3, outcome = $4, reason = $5, segments = $6,"
-            " provider_message_id = coalesce($7, provider_message_id), finished_at = $8"
-            " WHERE id = $1 AND claims = $2 AND (status = 'pending' OR $3 = 'sent') RETURNING id",
+        kind: SmsKind = row["kind"]
+        announce = finish.outcome is not None and row["integration_id"] is not None
+        confirmation = None
+        if kind == "confirmation":
+            confirmation = {"sent": "sent", "cancelled": "skipped"}.get(
+                finish.status, "skipped" if finish.outcome == "no_consent" else "failed"
+            )
+        parked: tuple[int | None, str | None] = (None, None)
+        if finish.dead_letter:
+            attempts = finish.attempts if finish.attempts is not None else row["attempts"]
+            parked = (attempts, finish.reason or "unknown")
+        args: tuple[Any, ...] = (
             row["id"],
             row["claims"],
             finish.status,
@@ -412,31 +446,10 @@ class Dispatcher:
             finish.segments,
             finish.provider_message_id,
             now,
+            confirmation,
+            *parked,
         )
-        if updated is None:
-            return "lost"
-        kind: SmsKind = row["kind"]
-        if kind == "confirmation":
-            await conn.execute(
-                "UPDATE appointments SET confirmation = $2 WHERE appointment_key = $1",
-                row["appointment_key"],
-                {"sent": "sent", "cancelled": "skipped"}.get(
-                    finish.status, "skipped" if finish.outcome == "no_consent" else "failed"
-                ),
-            )
-        if finish.dead_letter:
-            await conn.execute(
-                "INSERT INTO dead_letters (sms_message_id, appointment_key, kind, attempts,"
-                " reason) VALUES ($1, $2, $3, $4, $5)",
-                row["id"],
-                row["appointment_key"],
-                kind,
-                finish.attempts if finish.attempts is not None else row["attempts"],
-                finish.reason or "unknown",
-            )
-            metrics.SMS_DEAD_LETTERED.labels(kind).inc()
-            log.error("sms dead-lettered", reason=finish.reason)
-        if finish.outcome is not None and row["integration_id"] is not None:
+        if announce:
             payload = SmsSentV1(
                 integration_id=row["integration_id"],
                 kind=kind,
@@ -444,9 +457,15 @@ class Dispatcher:
                 segments=finish.segments,
                 at=now,
             )
-            await enqueue(
-                conn, make_event(Topic.SMS_SENT, row["tenant_id"], row["appointment_key"], payload)
-            )
+            event = make_event(Topic.SMS_SENT, row["tenant_id"], row["appointment_key"], payload)
+            args += (event.event_id, event.type, event.key, encode_event(event))
+        statement = _FINISH_ANNOUNCED if announce else _FINISH
+        if await (conn or self._pool).fetchval(statement, *args) is None:
+            return "lost"
+        if finish.dead_letter:
+            metrics.SMS_DEAD_LETTERED.labels(kind).inc()
+            log.error("sms dead-lettered", reason=finish.reason)
+        if announce:
             metrics.SMS_OUTCOMES.labels(kind, finish.outcome).inc()
         if finish.outcome not in (None, "sent"):
             log.info("sms not sent", outcome=finish.outcome, reason=finish.reason)

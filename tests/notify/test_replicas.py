@@ -46,3 +46,40 @@ async def test_two_dispatcher_replicas_never_send_the_same_message(make_kit: Mak
     assert min(taken) > 0, "both replicas must have claimed work side by side"
     rows = await kit.query("SELECT status, attempts FROM sms_messages WHERE kind = 'confirmation'")
     assert {(r["status"], r["attempts"]) for r in rows} == {("sent", 1)}
+
+
+async def test_replicas_reserving_at_once_hold_the_numbers_rate_limit(make_kit: MakeKit) -> None:
+    """Two dispatchers reserving slots for one number at the same moment send no more than
+    its per-minute limit between them and defer the rest."""
+    kit = await make_kit(scheduler_enabled=False, sms_rate_per_minute=4, scheduler_batch_size=6)
+    await kit.configure()
+    for n in range(12):
+        await kit.book(f"apt_replica_rate_{n}")
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=kit.settings.ssl_context())
+    ) as session:
+        replicas = [
+            Dispatcher(
+                kit.pool,
+                AcsSmsClient(
+                    kit.settings.acs_endpoint, kit.settings.acs_access_key, session, kit.clock, 10
+                ),
+                kit.settings,
+                kit.clock,
+            )
+            for _ in range(2)
+        ]
+        assert await asyncio.gather(*(replica.dispatch_due() for replica in replicas)) == [6, 6]
+    assert len(kit.outbound()) == 4
+    rows = await kit.query(
+        "SELECT status, attempts, reason FROM sms_messages WHERE kind = 'confirmation'"
+    )
+    assert (
+        sorted((r["status"], r["attempts"]) for r in rows)
+        == [("pending", 0)] * 8 + [("sent", 1)] * 4
+    )
+    assert {r["reason"] for r in rows if r["status"] == "pending"} == {
+        "sending number at its rate limit"
+    }
+    [sends] = await kit.query("SELECT count(*) AS n FROM sender_sends")
+    assert sends["n"] == 4
