@@ -29,7 +29,7 @@ from libs.common.outbox import enqueue
 from libs.common.web import DB_POOL
 from services.launch.fhir import Appointment
 from services.launch.meeting_preparation import MEETING_WAKE
-from services.launch.meetings import Visit, known_appointment, record_visit
+from services.launch.meetings import Visit, known_appointment, record_booking
 from services.launch.state import INTEGRATIONS, launch_settings
 
 log = structlog.get_logger(__name__)
@@ -183,13 +183,6 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
 
 async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
     settings = launch_settings(request)
-    pool = request.app[DB_POOL]
-    if await known_appointment(pool, visit.appointment_key):
-        # Known already (a provider launched it first, or the EHR re-sent the booking):
-        # no second appointment-created.
-        async with pool.acquire() as conn, conn.transaction():
-            await _first_delivery(conn, event.event_id)
-        return "already known"
     phone = normalised_phone(event.patient_contact.phone if event.patient_contact else None)
     encrypted = (
         settings.field_cipher().encrypt(phone, f"patient-phone:{visit.appointment_key}")
@@ -198,15 +191,14 @@ async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> s
     )
     # No Graph call here: the confirmation carries our own join link, and the meeting is
     # prepared afterwards (meeting_preparation.py), so the EHR's feed never waits on Graph.
-    async with pool.acquire() as conn, conn.transaction():
-        if not await _first_delivery(conn, event.event_id):
-            return "duplicate"
-        created = await record_visit(conn, settings, visit, None, patient_phone_encrypted=encrypted)
-    if created and visit.starts_at < datetime.now(UTC) + timedelta(
+    # An appointment known already (a provider launched it first, or the EHR re-sent the
+    # booking) gets no second appointment-created.
+    outcome = await record_booking(request.app[DB_POOL], settings, visit, event.event_id, encrypted)
+    if outcome == "booked" and visit.starts_at < datetime.now(UTC) + timedelta(
         minutes=settings.meeting_lead_minutes
     ):
         request.app[MEETING_WAKE].set()
-    return "booked" if created else "already known"
+    return outcome
 
 
 async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:

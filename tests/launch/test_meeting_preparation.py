@@ -1,28 +1,39 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 from aiokafka import AIOKafkaProducer
 from yarl import URL
 
 from libs.common.events import AppointmentCreatedV1, Envelope, decode_event
 from libs.common.web import DB_POOL
-from sandbox.ehr import TENANT_A
+from sandbox.ehr import TENANT_A, sign_webhook
 from services.launch.meeting_preparation import prepare_due, prepare_meeting
 from services.launch.state import INTEGRATIONS
 from tests.conftest import wait_for
+from tests.hostile.test_webhook_forgery import scheduling_event
 from tests.launch.test_visit_end_to_end import launch_from_ehr
 from tests.support.kafka_reader import read_all
-from tests.support.launch_harness import LaunchSystem, integration_config, publish_integration
+from tests.support.launch_harness import (
+    WEBHOOK_SECRET,
+    LaunchSystem,
+    integration_config,
+    publish_integration,
+)
 
 UNKNOWN_ORGANIZER = "nobody@contosohealth.onmicrosoft.com"
 
 
-async def _book(http: aiohttp.ClientSession, system: LaunchSystem, starts_in: timedelta) -> str:
-    """Books a video visit in the EHR stand-in (which fires the scheduling webhook); its id."""
+async def _booking(
+    http: aiohttp.ClientSession, system: LaunchSystem, starts_in: timedelta
+) -> dict[str, Any]:
+    """Books a video visit in the EHR stand-in (which fires the scheduling webhook, when on);
+    the FHIR Appointment."""
     base = f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}"
     async with http.get(f"{base}/directory") as r:
         directory = await r.json()
@@ -36,7 +47,12 @@ async def _book(http: aiohttp.ClientSession, system: LaunchSystem, starts_in: ti
     }
     async with http.post(f"{base}/appointments", json=body) as r:
         assert r.status == 201, await r.text()
-        return str((await r.json())["id"])
+        appointment: dict[str, Any] = await r.json()
+    return appointment
+
+
+async def _book(http: aiohttp.ClientSession, system: LaunchSystem, starts_in: timedelta) -> str:
+    return str((await _booking(http, system, starts_in))["id"])
 
 
 async def _created(topic_prefix: str, expect: int) -> list[Envelope[AppointmentCreatedV1]]:
@@ -178,3 +194,42 @@ async def test_a_cancelled_visit_gets_no_meeting(
         await read_all(topic_prefix + "appointment-cancelled", expect=1)
     assert await prepare_meeting(system.app, created.key) == "not bookable"
     assert await _teams_meetings(system, microsoft_http) == []
+
+
+async def test_a_booking_delivered_twice_or_resent_is_recorded_once(
+    launch_system: LaunchSystem, database_url: str
+) -> None:
+    """The same signed delivery twice is a duplicate; the booking re-sent under a new event id
+    is already known; either way one appointment and one appointment-created."""
+    system = launch_system
+    base = f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}"
+    async with aiohttp.ClientSession() as http:
+        async with http.patch(base, json={"webhook_url": None}) as r:
+            assert r.status == 200, await r.text()
+        fhir_appointment = await _booking(http, system, timedelta(hours=3))
+
+        async def deliver(body: bytes) -> str:
+            headers = {
+                "Content-Type": "application/json",
+                "X-EHR-Tenant": TENANT_A,
+                "X-EHR-Signature": sign_webhook(WEBHOOK_SECRET, body, int(time.time())),
+            }
+            async with http.post(f"{system.url}/ehr/scheduling", data=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+                return str((await r.json())["status"])
+
+        booking = scheduling_event(fhir_appointment, "booked", TENANT_A, system.fhir_base, False)
+        resent = scheduling_event(fhir_appointment, "booked", TENANT_A, system.fhir_base, False)
+        assert [await deliver(booking), await deliver(booking), await deliver(resent)] == [
+            "booked",
+            "duplicate",
+            "already known",
+        ]
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM launch.appointments") == 1
+        assert await conn.fetchval("SELECT count(*) FROM launch.scheduling_deliveries") == 2
+        created = "SELECT count(*) FROM launch.outbox WHERE topic = 'appointment-created'"
+        assert await conn.fetchval(created) == 1
+    finally:
+        await conn.close()
