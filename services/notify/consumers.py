@@ -74,6 +74,15 @@ async def reminder_offsets(conn: Connection, integration_id: uuid.UUID) -> Itera
     return sorted(set(offsets)) if offsets else DEFAULT_REMINDER_OFFSETS
 
 
+_PLAN_MANY = (
+    "INSERT INTO sms_messages (appointment_key, kind, schedule_version, discriminator,"
+    " send_at, due_at, repeatability_request_id)"
+    " SELECT $1::text, $2::text, $3::int, d, t, t, r"
+    " FROM unnest($4::text[], $5::timestamptz[], $6::uuid[]) AS m(d, t, r)"
+    " ON CONFLICT (appointment_key, kind, schedule_version, discriminator) DO NOTHING"
+)
+
+
 async def plan_reminders(
     conn: Connection,
     appointment_key: str,
@@ -81,13 +90,32 @@ async def plan_reminders(
     starts_at: datetime,
     schedule_version: int,
     now: datetime,
+    offsets: Iterable[int] | None = None,
 ) -> None:
-    for offset in await reminder_offsets(conn, integration_id):
-        send_at = starts_at - timedelta(minutes=offset)
-        # A reminder whose moment has passed would arrive late and out of place; the
-        # confirmation or reschedule notice already carries the time.
-        if send_at > now:
-            await plan(conn, appointment_key, "reminder", schedule_version, send_at, str(offset))
+    """Plans the integration's reminders (one statement for all of them); `offsets` when the
+    caller has read them already."""
+    chosen = await reminder_offsets(conn, integration_id) if offsets is None else offsets
+    # A reminder whose moment has passed would arrive late and out of place; the
+    # confirmation or reschedule notice already carries the time.
+    due = [
+        (str(offset), starts_at - timedelta(minutes=offset))
+        for offset in chosen
+        if starts_at - timedelta(minutes=offset) > now
+    ]
+    if not due:
+        return
+    await conn.execute(
+        _PLAN_MANY,
+        appointment_key,
+        "reminder",
+        schedule_version,
+        [d for d, _ in due],
+        [t for _, t in due],
+        [
+            repeatability_request_id(appointment_key, "reminder", schedule_version, d)
+            for d, _ in due
+        ],
+    )
 
 
 async def drop_pending(
@@ -108,12 +136,64 @@ async def _locked(conn: Connection, key: str) -> asyncpg.Record | None:
     )
 
 
+# The usual booking: the appointment is new. Its row, its confirmation and the integration's
+# reminder offsets in one statement (a concurrent or earlier row makes the INSERT do nothing,
+# and the caller takes the general path under the row's lock); the reminders in a second.
+_FIRST_BOOKING = (
+    "WITH booked AS (INSERT INTO appointments (appointment_key, tenant_id, integration_id,"
+    " starts_at, ends_at, time_zone, sms_enabled, schedule_version, confirmation, join_url,"
+    " phone_encrypted) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,"
+    " CASE WHEN $7 THEN 'pending' ELSE 'skipped' END, $9, $10)"
+    " ON CONFLICT (appointment_key) DO NOTHING RETURNING appointment_key),"
+    " confirmation AS (INSERT INTO sms_messages (appointment_key, kind, schedule_version,"
+    " discriminator, send_at, due_at, repeatability_request_id)"
+    " SELECT appointment_key, 'confirmation', $8, '', $11::timestamptz, $11::timestamptz,"
+    " $12::uuid FROM booked WHERE $7"
+    " ON CONFLICT (appointment_key, kind, schedule_version, discriminator) DO NOTHING)"
+    " SELECT EXISTS (SELECT 1 FROM booked) AS booked,"
+    " (SELECT reminder_offsets_minutes FROM integrations WHERE integration_id = $3) AS offsets"
+)
+
+
+async def _first_booking(
+    conn: Connection, event: Envelope[Any], phone: str | None, now: datetime
+) -> bool:
+    """True when this booking created the appointment (and planned its messages)."""
+    p = event.payload
+    assert isinstance(p, AppointmentCreatedV1)
+    row = await conn.fetchrow(
+        _FIRST_BOOKING,
+        event.key,
+        event.tenant_id,
+        p.integration_id,
+        p.starts_at,
+        p.ends_at,
+        p.time_zone,
+        p.sms_enabled,
+        p.schedule_version,
+        p.join_url,
+        phone,
+        now,
+        repeatability_request_id(event.key, "confirmation", p.schedule_version, ""),
+    )
+    if row is None or not row["booked"]:
+        return False
+    if p.sms_enabled:
+        offsets = sorted(set(row["offsets"])) if row["offsets"] else DEFAULT_REMINDER_OFFSETS
+        await plan_reminders(
+            conn, event.key, p.integration_id, p.starts_at, p.schedule_version, now, offsets
+        )
+    return True
+
+
 def handlers(clock: Clock) -> dict[str, EventHandler]:
     async def appointment_created(conn: Connection, event: Envelope[Any]) -> None:
         p = event.payload
         assert isinstance(p, AppointmentCreatedV1)
         # The number is worth keeping only if SMS may go to it.
         phone = p.patient_phone_encrypted if p.sms_enabled else None
+        if await _first_booking(conn, event, phone, clock.now()):
+            return
         row = await _locked(conn, event.key)
         if row is not None and row["booked"]:
             return  # the same booking published again under a new event id
