@@ -73,17 +73,7 @@ async def prepare_meeting(app: web.Application, key: str, *, skip_locked: bool =
         if row["status"] != "booked":
             return "not bookable"
         integration = await app[INTEGRATIONS].by_id(row["integration_id"])
-        visit = None
-        if integration is not None:
-            visit = Visit(
-                appointment_key=key,
-                integration=integration,
-                department=row["department"],
-                starts_at=row["starts_at"],
-                ends_at=row["ends_at"],
-                time_zone=row["time_zone"],
-                schedule_version=row["schedule_version"],
-            )
+        visit = None if integration is None else Visit.of_row(key, integration, row)
         try:
             if visit is None:
                 raise GraphError("the visit's integration is no longer configured")

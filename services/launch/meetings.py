@@ -35,6 +35,19 @@ class Visit:
     time_zone: str
     schedule_version: int = 1
 
+    @classmethod
+    def of_row(cls, key: str, integration: Integration, row: asyncpg.Record) -> Visit:
+        """The visit as stored in `appointments` (department, times, zone and version)."""
+        return cls(
+            appointment_key=key,
+            integration=integration,
+            department=row["department"],
+            starts_at=row["starts_at"],
+            ends_at=row["ends_at"],
+            time_zone=row["time_zone"],
+            schedule_version=row["schedule_version"],
+        )
+
 
 @dataclass(frozen=True)
 class Meeting:

@@ -96,14 +96,6 @@ async def finish_patient_launch(
     )
     if row is None or row["status"] == "cancelled":
         return problem_page(410, "This visit was cancelled", "Contact your clinic to book again.")
-    visit = Visit(
-        appointment_key=key,
-        integration=integration,
-        department=row["department"],
-        starts_at=row["starts_at"],
-        ends_at=row["ends_at"],
-        time_zone=row["time_zone"],
-        schedule_version=row["schedule_version"],
-    )
+    visit = Visit.of_row(key, integration, row)
     log.info("patient launch to join page", appointment_key=key)
     raise web.HTTPSeeOther(join_link(settings, visit))

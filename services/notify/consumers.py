@@ -195,49 +195,32 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         if await _first_booking(conn, event, phone, clock.now()):
             return
         row = await _locked(conn, event.key)
-        if row is not None and row["booked"]:
+        # None only if the row went between the two statements: nothing to complete then.
+        if row is None or row["booked"]:
             return  # the same booking published again under a new event id
-        if row is None:
-            await conn.execute(
-                "INSERT INTO appointments (appointment_key, tenant_id, integration_id, starts_at,"
-                " ends_at, time_zone, sms_enabled, schedule_version, confirmation, join_url,"
-                " phone_encrypted) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,"
-                " CASE WHEN $7 THEN 'pending' ELSE 'skipped' END, $9, $10)",
-                event.key,
-                event.tenant_id,
-                p.integration_id,
-                p.starts_at,
-                p.ends_at,
-                p.time_zone,
-                p.sms_enabled,
-                p.schedule_version,
-                p.join_url,
-                phone,
-            )
-            starts_at, version, cancelled = p.starts_at, p.schedule_version, False
-        else:
-            newer = p.schedule_version > row["schedule_version"]
-            starts_at = p.starts_at if newer else row["starts_at"]
-            version = max(p.schedule_version, row["schedule_version"])
-            cancelled = row["cancelled"]
-            await conn.execute(
-                "UPDATE appointments SET booked = true, sms_enabled = $2, join_url = $3,"
-                " phone_encrypted = CASE WHEN cancelled THEN NULL ELSE $4 END,"
-                " confirmation = CASE WHEN $2 AND NOT cancelled THEN 'pending' ELSE 'skipped' END,"
-                " starts_at = CASE WHEN $5 THEN $6 ELSE starts_at END,"
-                " ends_at = CASE WHEN $5 THEN $7 ELSE ends_at END,"
-                " time_zone = CASE WHEN $5 THEN $8 ELSE time_zone END,"
-                " schedule_version = $9 WHERE appointment_key = $1",
-                event.key,
-                p.sms_enabled,
-                p.join_url,
-                phone,
-                newer,
-                p.starts_at,
-                p.ends_at,
-                p.time_zone,
-                version,
-            )
+        # An unbooked row: a reschedule or cancel arrived before the booking.
+        newer = p.schedule_version > row["schedule_version"]
+        starts_at = p.starts_at if newer else row["starts_at"]
+        version = max(p.schedule_version, row["schedule_version"])
+        cancelled = row["cancelled"]
+        await conn.execute(
+            "UPDATE appointments SET booked = true, sms_enabled = $2, join_url = $3,"
+            " phone_encrypted = CASE WHEN cancelled THEN NULL ELSE $4 END,"
+            " confirmation = CASE WHEN $2 AND NOT cancelled THEN 'pending' ELSE 'skipped' END,"
+            " starts_at = CASE WHEN $5 THEN $6 ELSE starts_at END,"
+            " ends_at = CASE WHEN $5 THEN $7 ELSE ends_at END,"
+            " time_zone = CASE WHEN $5 THEN $8 ELSE time_zone END,"
+            " schedule_version = $9 WHERE appointment_key = $1",
+            event.key,
+            p.sms_enabled,
+            p.join_url,
+            phone,
+            newer,
+            p.starts_at,
+            p.ends_at,
+            p.time_zone,
+            version,
+        )
         if not p.sms_enabled or cancelled:
             return
         now = clock.now()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -17,7 +17,7 @@ from services.launch.meeting_preparation import prepare_due, prepare_meeting
 from services.launch.state import INTEGRATIONS
 from tests.conftest import wait_for
 from tests.hostile.test_webhook_forgery import scheduling_event
-from tests.launch.test_visit_end_to_end import launch_from_ehr
+from tests.launch.test_visit_end_to_end import book_video_visit, launch_from_ehr
 from tests.support.kafka_reader import read_all
 from tests.support.launch_harness import (
     WEBHOOK_SECRET,
@@ -29,30 +29,8 @@ from tests.support.launch_harness import (
 UNKNOWN_ORGANIZER = "nobody@contosohealth.onmicrosoft.com"
 
 
-async def _booking(
-    http: aiohttp.ClientSession, system: LaunchSystem, starts_in: timedelta
-) -> dict[str, Any]:
-    """Books a video visit in the EHR stand-in (which fires the scheduling webhook, when on);
-    the FHIR Appointment."""
-    base = f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}"
-    async with http.get(f"{base}/directory") as r:
-        directory = await r.json()
-    body = {
-        "patient": directory["patients"][0]["id"],
-        "practitioner": directory["practitioners"][0]["id"],
-        "location": directory["locations"][0]["id"],
-        "start": (datetime.now(UTC) + starts_in).isoformat(),
-        "minutes": 30,
-        "video": True,
-    }
-    async with http.post(f"{base}/appointments", json=body) as r:
-        assert r.status == 201, await r.text()
-        appointment: dict[str, Any] = await r.json()
-    return appointment
-
-
 async def _book(http: aiohttp.ClientSession, system: LaunchSystem, starts_in: timedelta) -> str:
-    return str((await _booking(http, system, starts_in))["id"])
+    return str((await book_video_visit(http, system, starts_in))["id"])
 
 
 async def _created(topic_prefix: str, expect: int) -> list[Envelope[AppointmentCreatedV1]]:
@@ -206,7 +184,7 @@ async def test_a_booking_delivered_twice_or_resent_is_recorded_once(
     async with aiohttp.ClientSession() as http:
         async with http.patch(base, json={"webhook_url": None}) as r:
             assert r.status == 200, await r.text()
-        fhir_appointment = await _booking(http, system, timedelta(hours=3))
+        fhir_appointment = await book_video_visit(http, system, timedelta(hours=3))
 
         async def deliver(body: bytes) -> str:
             headers = {

@@ -18,8 +18,11 @@ from tests.support.launch_harness import LaunchSystem, follow
 from tests.support.privacy import find_markers, patient_markers, scan_schema
 
 
-async def book_video_visit(http: aiohttp.ClientSession, system: LaunchSystem) -> dict[str, Any]:
-    """Books a video visit in the EHR stand-in, which fires the signed scheduling webhook."""
+async def book_video_visit(
+    http: aiohttp.ClientSession, system: LaunchSystem, starts_in: timedelta = timedelta(minutes=10)
+) -> dict[str, Any]:
+    """Books a video visit in the EHR stand-in, which fires the signed scheduling webhook
+    (when the tenant's feed is on); the FHIR Appointment."""
     base = f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}"
     async with http.get(f"{base}/directory") as r:
         directory = await r.json()
@@ -27,7 +30,7 @@ async def book_video_visit(http: aiohttp.ClientSession, system: LaunchSystem) ->
         "patient": directory["patients"][0]["id"],
         "practitioner": directory["practitioners"][0]["id"],
         "location": directory["locations"][0]["id"],
-        "start": (datetime.now(UTC) + timedelta(minutes=10)).isoformat(),
+        "start": (datetime.now(UTC) + starts_in).isoformat(),
         "minutes": 30,
         "video": True,
     }
