@@ -251,10 +251,16 @@ async def stages(
     return steps
 
 
+def service_env() -> dict[str, str]:
+    """BENCH_SERVICE_ENV='{"EHR_DATABASE_POOL_MAX": "20"}' tries a setting on every service."""
+    chosen = orjson.loads(os.environ.get("BENCH_SERVICE_ENV", "{}"))
+    return {str(k): str(v) for k, v in chosen.items()}
+
+
 async def pipeline(rate: float, seconds: float, tenants: int, settle_s: float) -> dict[str, Any]:
     count = max(1, round(rate * seconds))
     async with (
-        bench_system(tenants=tenants) as system,
+        bench_system(tenants=tenants, extra_env=service_env()) as system,
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=system.client_ssl(), limit=0),
             cookie_jar=aiohttp.DummyCookieJar(),
