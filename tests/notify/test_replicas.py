@@ -6,9 +6,24 @@ import aiohttp
 
 from services.notify.acs import AcsSmsClient
 from services.notify.scheduler import Dispatcher
-from tests.notify.conftest import MakeKit
+from tests.notify.conftest import Kit, MakeKit
 
 APPOINTMENTS = 20
+
+
+def two_dispatchers(kit: Kit, session: aiohttp.ClientSession) -> list[Dispatcher]:
+    """Two replicas' dispatchers on one database, each with its own ACS client."""
+    return [
+        Dispatcher(
+            kit.pool,
+            AcsSmsClient(
+                kit.settings.acs_endpoint, kit.settings.acs_access_key, session, kit.clock, 10
+            ),
+            kit.settings,
+            kit.clock,
+        )
+        for _ in range(2)
+    ]
 
 
 async def test_two_dispatcher_replicas_never_send_the_same_message(make_kit: MakeKit) -> None:
@@ -22,17 +37,7 @@ async def test_two_dispatcher_replicas_never_send_the_same_message(make_kit: Mak
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=kit.settings.ssl_context())
     ) as session:
-        replicas = [
-            Dispatcher(
-                kit.pool,
-                AcsSmsClient(
-                    kit.settings.acs_endpoint, kit.settings.acs_access_key, session, kit.clock, 10
-                ),
-                kit.settings,
-                kit.clock,
-            )
-            for _ in range(2)
-        ]
+        replicas = two_dispatchers(kit, session)
         taken = [0, 0]
         while True:
             rounds = await asyncio.gather(*(replica.dispatch_due() for replica in replicas))
@@ -58,17 +63,7 @@ async def test_replicas_reserving_at_once_hold_the_numbers_rate_limit(make_kit: 
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=kit.settings.ssl_context())
     ) as session:
-        replicas = [
-            Dispatcher(
-                kit.pool,
-                AcsSmsClient(
-                    kit.settings.acs_endpoint, kit.settings.acs_access_key, session, kit.clock, 10
-                ),
-                kit.settings,
-                kit.clock,
-            )
-            for _ in range(2)
-        ]
+        replicas = two_dispatchers(kit, session)
         assert await asyncio.gather(*(replica.dispatch_due() for replica in replicas)) == [6, 6]
     assert len(kit.outbound()) == 4
     rows = await kit.query(
