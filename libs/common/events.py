@@ -45,7 +45,11 @@ def _in_utc(value: datetime) -> datetime:
         raise ValueError("date-time is out of range in UTC") from None
 
 
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_iso_only), AfterValidator(_in_utc)]
+# Any aware date-time from outside (Graph, Event Grid), normalised to UTC and refused with a
+# validation error when UTC cannot hold it.
+UtcDateTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+# On the wire, ISO 8601 only.
+Timestamp = Annotated[UtcDateTime, BeforeValidator(_iso_only)]
 
 
 class Topic(StrEnum):

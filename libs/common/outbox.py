@@ -90,9 +90,7 @@ class OutboxRelay:
             # Marked in the same statement that locks them (one round trip less than a
             # SELECT then an UPDATE); the mark commits only after every send is acknowledged,
             # and any failure rolls it back.
-            rows = sorted(
-                await conn.fetch(_CLAIM, self._batch_size), key=lambda row: int(row["id"])
-            )
+            rows = sorted(await conn.fetch(_CLAIM, self._batch_size), key=lambda row: row["id"])
             if not rows:
                 return 0
             deliveries = [

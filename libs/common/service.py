@@ -17,7 +17,6 @@ from aiohttp import web
 
 from libs.common.logging import configure_logging
 from libs.common.settings import ServiceSettings
-from libs.common.web import METRICS_PORT
 
 log = structlog.get_logger(__name__)
 
@@ -45,9 +44,8 @@ async def serve(
         sites.append(web.TCPSite(runner, settings.http_host, tls.port, ssl_context=context))
     for site in sites:
         await site.start()
-    log.info(
-        "service started", urls=[site.name for site in sites], metrics_port=app.get(METRICS_PORT)
-    )
+    # The metrics listener logs its own port when it starts.
+    log.info("service started", urls=[site.name for site in sites])
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

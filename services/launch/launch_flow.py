@@ -20,7 +20,7 @@ from libs.common.web import DB_POOL
 from services.launch.fhir import Appointment
 from services.launch.graph import GraphError
 from services.launch.integrations import Integration
-from services.launch.meeting_preparation import prepare_meeting
+from services.launch.meeting_preparation import meeting_ready
 from services.launch.meetings import Visit, create_meeting, record_visit
 from services.launch.outbound import OutboundError
 from services.launch.pages import problem_page
@@ -201,10 +201,7 @@ async def open_visit(
             key,
             user,
         )
-        if has_meeting is False and await prepare_meeting(request.app, key) not in (
-            "ready",
-            "prepared",
-        ):
+        if has_meeting is False and not await meeting_ready(request.app, key):
             # Booked through the feed and not prepared yet: the clinician needs it now.
             raise VisitUnavailable("Microsoft Teams could not prepare the meeting yet.")
         known = has_meeting is not None

@@ -107,15 +107,24 @@ async def prepare_meeting(app: web.Application, key: str, *, skip_locked: bool =
     return "prepared"
 
 
+async def meeting_ready(app: web.Application, key: str) -> bool:
+    """The visit has its meeting, prepared now if it had none (waiting for a worker that is
+    preparing it); False when it could not be."""
+    return await prepare_meeting(app, key) in ("ready", "prepared")
+
+
+def _batch(settings: LaunchSettings) -> int:
+    return settings.meeting_preparation_concurrency * 8
+
+
 async def prepare_due(app: web.Application) -> int:
     """One worker round: prepares the meetings of visits starting within the lead time, a
     few at once; returns how many visits it looked at."""
     settings = app[SETTINGS]
     assert isinstance(settings, LaunchSettings)
-    batch = settings.meeting_preparation_concurrency * 8
     keys = [
         row["appointment_key"]
-        for row in await app[DB_POOL].fetch(_DUE, settings.meeting_lead_minutes, batch)
+        for row in await app[DB_POOL].fetch(_DUE, settings.meeting_lead_minutes, _batch(settings))
     ]
     gate = asyncio.Semaphore(settings.meeting_preparation_concurrency)
 
@@ -141,7 +150,7 @@ async def meeting_preparation_ctx(app: web.Application) -> AsyncIterator[None]:
             except Exception:
                 # Postgres is away: try again next round, nothing is lost (the rows stay).
                 log.exception("meeting preparation round failed")
-            if looked_at < settings.meeting_preparation_concurrency * 8:
+            if looked_at < _batch(settings):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(settings.meeting_preparation_interval_s):
                         await wake.wait()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -14,12 +14,10 @@ import structlog
 from aiohttp import web
 from pydantic import (
     AliasChoices,
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
 )
 
 from libs.common.events import (
@@ -30,6 +28,7 @@ from libs.common.events import (
     ParticipantLeftV1,
     PatientJoinedV1,
     Topic,
+    UtcDateTime,
     make_event,
 )
 from libs.common.outbox import enqueue
@@ -69,7 +68,7 @@ class RosterEntry(BaseModel):
 class CallEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
     eventType: str = Field(max_length=128)  # noqa: N815 - Graph's names
-    eventDateTime: AwareDatetime  # noqa: N815
+    eventDateTime: UtcDateTime  # noqa: N815
     joined: list[RosterEntry] = Field(
         default_factory=list,
         max_length=500,
@@ -80,15 +79,6 @@ class CallEvent(BaseModel):
         max_length=500,
         validation_alias=AliasChoices("activeParticipants@exited"),
     )
-
-    @field_validator("eventDateTime")
-    @classmethod
-    def _storable(cls, value: datetime) -> datetime:
-        # 0001-01-01T00:00+01:00 is year 0 in UTC, which neither Python nor Postgres holds.
-        try:
-            return value.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("eventDateTime is out of range") from None
 
 
 class ChangeNotification(BaseModel):

@@ -18,7 +18,7 @@ from aiohttp import web
 from libs.common.events import PatientJoinedV1, Topic, encode_event, make_event
 from libs.common.web import DB_POOL
 from services.launch import join_tokens
-from services.launch.meeting_preparation import prepare_meeting
+from services.launch.meeting_preparation import meeting_ready
 from services.launch.pages import page, problem_page
 from services.launch.settings import LaunchSettings
 from services.launch.state import launch_settings
@@ -43,7 +43,7 @@ def patient_pseudonym(settings: LaunchSettings, appointment_key: str, device: st
 # Patients open the link several times (the SMS, then Join, then again after a reload); only
 # the first open from a device writes, so the repeats need no transaction.
 _VISIT = (
-    "SELECT a.tenant_id, a.status, a.starts_at, a.time_zone, a.patient_join_url,"
+    "SELECT a.appointment_key, a.tenant_id, a.status, a.starts_at, a.time_zone, a.patient_join_url,"
     " i.organisation_name, EXISTS (SELECT 1 FROM lobby_arrivals l"
     "  WHERE l.appointment_key = a.appointment_key AND l.participant = $2) AS arrived"
     " FROM appointments a LEFT JOIN integrations i USING (integration_id)"
@@ -114,13 +114,9 @@ async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | we
     return row, device, fresh
 
 
-async def _prepared_meeting_url(request: web.Request) -> str | None:
+async def _prepared_meeting_url(request: web.Request, key: str) -> str | None:
     """The patient pressed Join before the worker prepared the meeting: prepare it now."""
-    key = _appointment(request)
-    if isinstance(key, web.Response) or await prepare_meeting(request.app, key) not in (
-        "ready",
-        "prepared",
-    ):
+    if not await meeting_ready(request.app, key):
         return None
     url = await request.app[DB_POOL].fetchval(
         "SELECT patient_join_url FROM appointments WHERE appointment_key = $1", key
@@ -169,7 +165,9 @@ async def join_enter(request: web.Request) -> web.StreamResponse:
     if isinstance(arrived, web.Response):
         return arrived
     row, device, fresh = arrived
-    meeting_url = row["patient_join_url"] or await _prepared_meeting_url(request)
+    meeting_url = row["patient_join_url"] or await _prepared_meeting_url(
+        request, row["appointment_key"]
+    )
     if meeting_url is None:
         not_ready = problem_page(503, "The visit is not ready yet", "Try again in a minute.")
         _remember(not_ready, device, fresh)

@@ -82,7 +82,7 @@ def _unverified_header(token: str) -> dict[str, Any]:
         if not dot or len(head) > 2048:
             raise ValueError(head)
         header = orjson.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, orjson.JSONDecodeError):
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
         raise SmartError("The EHR's identity token is malformed.") from None
     if not isinstance(header, dict):
         raise SmartError("The EHR's identity token is malformed.")

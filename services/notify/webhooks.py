@@ -9,7 +9,6 @@ names the fields, never their values (they hold phone numbers).
 from __future__ import annotations
 
 import hmac
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -17,7 +16,6 @@ import orjson
 import structlog
 from aiohttp import web
 from pydantic import (
-    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -27,6 +25,7 @@ from pydantic import (
     ValidationError,
 )
 
+from libs.common.events import UtcDateTime
 from libs.common.logging import redact_text
 from services.notify import metrics, optout
 from services.notify.phones import Refusal, normalise
@@ -44,17 +43,6 @@ Phone = Annotated[str, StringConstraints(pattern=r"^\+?[1-9]\d{6,14}$")]
 # Stored values: Postgres text holds no NUL.
 NO_NUL = r"^[^\x00]*$"
 Text = Annotated[str, StringConstraints(max_length=200, pattern=NO_NUL)]
-
-
-def _in_utc(value: datetime) -> datetime:
-    # 0001-01-01T00:00+01:00 is year 0 in UTC, which neither Python nor Postgres holds.
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("the time is out of range") from None
-
-
-UtcTimestamp = Annotated[AwareDatetime, AfterValidator(_in_utc)]
 
 
 class _Strict(BaseModel):
@@ -79,11 +67,11 @@ class SmsReceivedData(_Strict):
     From: Phone
     To: Phone
     Message: str = Field(max_length=2048)
-    ReceivedTimestamp: UtcTimestamp
+    ReceivedTimestamp: UtcDateTime
 
 
 class DeliveryAttempt(_Strict):
-    Timestamp: UtcTimestamp
+    Timestamp: UtcDateTime
     SegmentsSucceeded: int = Field(ge=0, le=100)
     SegmentsFailed: int = Field(ge=0, le=100)
 
@@ -95,7 +83,7 @@ class DeliveryReportData(_Strict):
     DeliveryStatus: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z]+$")
     DeliveryStatusDetails: Text
     DeliveryAttempts: list[DeliveryAttempt] = Field(default_factory=list, max_length=50)
-    ReceivedTimestamp: UtcTimestamp
+    ReceivedTimestamp: UtcDateTime
     Tag: str | None = Field(default=None, max_length=200)
 
 
