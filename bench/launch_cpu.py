@@ -167,8 +167,8 @@ def _client(system: BenchSystem) -> aiohttp.ClientSession:
 
 async def launch_cpu(
     count: int, warmup: int, extra_env: dict[str, str] | None = None
-) -> tuple[float, float, int]:
-    """Every launch makes its meeting: (CPU s per launch, idle CPU s per s, launches)"""
+) -> tuple[float, float]:
+    """Every launch makes its meeting: (CPU s per launch, idle CPU s per s)"""
     async with (
         bench_system(
             tenants=1, services=("launch",), webhooks=False, extra_env=extra_env
@@ -179,7 +179,7 @@ async def launch_cpu(
         for appointment in appointments[:warmup]:
             await launch(http, system, appointment)
         idle_rate = await _idle_rate(system.pid("launch"))
-        return await _launches_cpu(http, system, appointments[warmup:], idle_rate), idle_rate, count
+        return await _launches_cpu(http, system, appointments[warmup:], idle_rate), idle_rate
 
 
 async def prepared_launch_cpu(
@@ -241,16 +241,16 @@ async def measured(smoke: bool) -> LaunchCpu:
     async with _lock:
         if smoke not in _measured:
             count, warmup = (5, 2) if smoke else (int(os.environ.get("BENCH_LAUNCHES", "300")), 5)
-            creating, idle_rate, launches = await launch_cpu(count, warmup)
+            creating, idle_rate = await launch_cpu(count, warmup)
             prepared, preparation = await prepared_launch_cpu(count, warmup)
             print(
-                f"  launch process, {launches} launches each: {creating * 1000:.2f} ms CPU per"
+                f"  launch process, {count} launches each: {creating * 1000:.2f} ms CPU per"
                 f" launch making its meeting, {prepared * 1000:.2f} ms with the meeting prepared"
                 f" ({preparation * 1000:.2f} ms per visit for the booking and its preparation);"
                 f" idle {idle_rate * 1000:.1f} ms CPU/s subtracted",
                 flush=True,
             )
-            _measured[smoke] = LaunchCpu(creating, prepared, preparation, launches)
+            _measured[smoke] = LaunchCpu(creating, prepared, preparation, count)
         return _measured[smoke]
 
 

@@ -24,6 +24,7 @@ from tests.support.probe import (
     probe_runner,
     publish,
     publish_raw,
+    record_effect,
 )
 
 Outcome = tuple[str, str, bool]
@@ -220,11 +221,7 @@ async def test_transient_failure_is_retried_until_it_succeeds(
         if failures:
             failures -= 1
             raise ConnectionResetError("database went away")
-        await conn.execute(
-            "INSERT INTO effects (event_id, appointment_key) VALUES ($1, $2)",
-            event.event_id,
-            event.key,
-        )
+        await record_effect(conn, event)
 
     event = patient_joined()
     await publish(producer, topic_prefix, event)
@@ -253,11 +250,7 @@ async def test_a_poll_is_applied_in_one_transaction_and_a_failure_falls_back_per
 
     async def handler(conn: Any, event: Any) -> None:
         nonlocal failed_once
-        await conn.execute(
-            "INSERT INTO effects (event_id, appointment_key) VALUES ($1, $2)",
-            event.event_id,
-            event.key,
-        )
+        await record_effect(conn, event)
         if event.event_id == failing and not failed_once:
             failed_once = True
             raise ValueError("fails once")
@@ -290,11 +283,7 @@ async def test_a_poll_without_failures_shares_one_transaction(
     transactions: list[int] = []
 
     async def handler(conn: Any, event: Any) -> None:
-        await conn.execute(
-            "INSERT INTO effects (event_id, appointment_key) VALUES ($1, $2)",
-            event.event_id,
-            event.key,
-        )
+        await record_effect(conn, event)
         transactions.append(await conn.fetchval("SELECT txid_current()"))
 
     for event in events:

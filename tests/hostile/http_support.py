@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import hmac
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +58,7 @@ from services.notify.settings import NotifySettings
 from services.notify.webhooks import DELIVERY_REPORT, RECEIVED, VALIDATION
 from tests.launch.test_visit_end_to_end import book_video_visit, launch_from_ehr
 from tests.support.kafka_reader import read_all
-from tests.support.launch_harness import WEBHOOK_SECRET, LaunchSystem
+from tests.support.launch_harness import LaunchSystem, scheduling_headers
 from tests.support.portal import PortalSession, allow_redirect_uri, portal_session
 from tests.support.service_settings import analytics_test_settings, config_test_settings
 
@@ -510,13 +508,6 @@ async def notify_target(
             sign_in=notify_sign_in,
             known={"code": ACS_WEBHOOK_SECRET},
         )
-
-
-def scheduling_headers(raw: bytes) -> dict[str, str]:
-    """The EHR's signature and tenant headers for a scheduling feed body."""
-    t = int(time.time())
-    mac = hmac.new(WEBHOOK_SECRET.encode(), f"{t}.".encode() + raw, hashlib.sha256)
-    return {"X-EHR-Signature": f"t={t},v1={mac.hexdigest()}", "X-EHR-Tenant": TENANT_A}
 
 
 class _SignScheduling(requests.auth.AuthBase):

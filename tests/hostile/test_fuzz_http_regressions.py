@@ -24,9 +24,9 @@ from tests.hostile.http_support import (
     config_target,
     launch_target,
     notify_target,
-    scheduling_headers,
     watching_logs,
 )
+from tests.support.launch_harness import scheduling_headers
 
 __all__ = ["analytics_target", "config_target", "launch_target", "notify_target"]
 

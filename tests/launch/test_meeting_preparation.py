@@ -1,18 +1,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import timedelta
 from typing import Any
 
 import aiohttp
-import asyncpg
 from aiokafka import AIOKafkaProducer
 from yarl import URL
 
 from libs.common.events import AppointmentCreatedV1, Envelope, decode_event
 from libs.common.web import DB_POOL
-from sandbox.ehr import TENANT_A, sign_webhook
+from sandbox.ehr import TENANT_A
 from services.launch.meeting_preparation import prepare_due, prepare_meeting
 from services.launch.state import INTEGRATIONS
 from tests.conftest import wait_for
@@ -20,10 +18,10 @@ from tests.hostile.test_webhook_forgery import scheduling_event
 from tests.launch.test_visit_end_to_end import book_video_visit, launch_from_ehr
 from tests.support.kafka_reader import read_all
 from tests.support.launch_harness import (
-    WEBHOOK_SECRET,
     LaunchSystem,
     integration_config,
     publish_integration,
+    scheduling_headers,
 )
 
 UNKNOWN_ORGANIZER = "nobody@contosohealth.onmicrosoft.com"
@@ -175,7 +173,7 @@ async def test_a_cancelled_visit_gets_no_meeting(
 
 
 async def test_a_booking_delivered_twice_or_resent_is_recorded_once(
-    launch_system: LaunchSystem, database_url: str
+    launch_system: LaunchSystem,
 ) -> None:
     """The same signed delivery twice is a duplicate; the booking re-sent under a new event id
     is already known; either way one appointment and one appointment-created."""
@@ -187,11 +185,7 @@ async def test_a_booking_delivered_twice_or_resent_is_recorded_once(
         fhir_appointment = await book_video_visit(http, system, timedelta(hours=3))
 
         async def deliver(body: bytes) -> str:
-            headers = {
-                "Content-Type": "application/json",
-                "X-EHR-Tenant": TENANT_A,
-                "X-EHR-Signature": sign_webhook(WEBHOOK_SECRET, body, int(time.time())),
-            }
+            headers = {"Content-Type": "application/json", **scheduling_headers(body)}
             async with http.post(f"{system.url}/ehr/scheduling", data=body, headers=headers) as r:
                 assert r.status == 200, await r.text()
                 return str((await r.json())["status"])
@@ -203,11 +197,8 @@ async def test_a_booking_delivered_twice_or_resent_is_recorded_once(
             "duplicate",
             "already known",
         ]
-    conn = await asyncpg.connect(database_url)
-    try:
-        assert await conn.fetchval("SELECT count(*) FROM launch.appointments") == 1
-        assert await conn.fetchval("SELECT count(*) FROM launch.scheduling_deliveries") == 2
-        created = "SELECT count(*) FROM launch.outbox WHERE topic = 'appointment-created'"
-        assert await conn.fetchval(created) == 1
-    finally:
-        await conn.close()
+    pool = system.app[DB_POOL]
+    assert await pool.fetchval("SELECT count(*) FROM appointments") == 1
+    assert await pool.fetchval("SELECT count(*) FROM scheduling_deliveries") == 2
+    created = "SELECT count(*) FROM outbox WHERE topic = 'appointment-created'"
+    assert await pool.fetchval(created) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from yarl import URL
 from libs.common.events import IntegrationConfigV1, Topic, encode_event, make_event
 from libs.common.kafka import ConsumerRunner
 from libs.common.web import CONSUMERS
-from sandbox.ehr import TENANT_A, RunningEhr
+from sandbox.ehr import TENANT_A, RunningEhr, sign_webhook
 from sandbox.microsoft.app import RunningSandbox
 from sandbox.microsoft.directory import CONTOSO_TENANT
 from sandbox.tls import TlsFiles
@@ -122,6 +123,14 @@ async def register_in_ehr(http: aiohttp.ClientSession, system: LaunchSystem) -> 
     }
     async with http.patch(f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}", json=patch) as r:
         assert r.status == 200, await r.text()
+
+
+def scheduling_headers(raw: bytes) -> dict[str, str]:
+    """The EHR's signature and tenant headers for a scheduling feed body, signed now."""
+    return {
+        "X-EHR-Signature": sign_webhook(WEBHOOK_SECRET, raw, int(time.time())),
+        "X-EHR-Tenant": TENANT_A,
+    }
 
 
 def webhook_secrets() -> str:
