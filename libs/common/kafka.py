@@ -297,7 +297,7 @@ class ConsumerRunner:
                 decoded.append((tp, record, base_topic, decode_event(record.value, base_topic)))
             except UndeliverableEvent:
                 return False
-        outcomes: list[tuple[str, str, bool]] = []
+        outcomes: list[bool] = []
         try:
             async with (
                 asyncio.timeout(self._handler_timeout_s),
@@ -311,7 +311,7 @@ class ConsumerRunner:
                         applied = await self._apply_on(
                             conn, event, base_topic, self._handlers[record.topic]
                         )
-                    outcomes.append((base_topic, str(event.event_id), applied))
+                    outcomes.append(applied)
         except Exception as exc:
             log.info(
                 "batch applied one event at a time instead",
@@ -320,12 +320,23 @@ class ConsumerRunner:
                 error=type(exc).__name__,
             )
             return False
-        for (tp, record, base_topic, event), outcome in zip(decoded, outcomes, strict=True):
+        for (tp, record, base_topic, event), applied in zip(decoded, outcomes, strict=True):
             self._pending[tp] = record.offset + 1
-            self._attempts.pop((tp, record.offset), None)
-            self._count(base_topic, event, applied=outcome[2])
-            self._outcomes.append(outcome)
+            self._done(tp, record, base_topic, event, applied)
         return True
+
+    def _done(
+        self,
+        tp: TopicPartition,
+        record: ConsumerRecord,
+        base_topic: str,
+        event: Envelope[Any],
+        applied: bool,
+    ) -> None:
+        """The bookkeeping of a record whose transaction committed, whichever path took it."""
+        self._attempts.pop((tp, record.offset), None)
+        self._count(base_topic, event, applied)
+        self._outcomes.append((base_topic, str(event.event_id), applied))
 
     def _count(self, base_topic: str, event: Envelope[Any], applied: bool) -> None:
         EVENTS_CONSUMED.labels(self.name, base_topic, "applied" if applied else "duplicate").inc()
@@ -369,9 +380,7 @@ class ConsumerRunner:
                     record, f"handler failed {attempts} times: {type(exc).__name__}"
                 )
                 return True
-            self._attempts.pop(attempt_key, None)
-            self._count(base_topic, event, applied)
-            self._outcomes.append((base_topic, str(event.event_id), applied))
+            self._done(tp, record, base_topic, event, applied)
             return True
 
     async def _apply(self, event: Envelope[Any], topic: str, handler: EventHandler) -> bool:
