@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import ssl
 import tempfile
@@ -22,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
 from bench.harness import Benchmark, Result, print_table, rate
-from bench.processes import process_cpu_s
+from bench.processes import backend_cpu_s
 from libs.common.db import create_pool, migrate
 from libs.common.events import (
     AppointmentCreatedV1,
@@ -53,26 +52,6 @@ async def _database() -> tuple[str, str]:
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     return name, PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-
-
-async def _cpu_s(dsn: str) -> dict[int, float]:
-    """CPU seconds so far of this process and of each Postgres backend of the run's database."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        pids = [
-            r["pid"]
-            for r in await conn.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid()"
-            )
-        ]
-    finally:
-        await conn.close()
-    found = {}
-    for pid in [os.getpid(), *pids]:
-        with contextlib.suppress(OSError):
-            found[pid] = process_cpu_s(pid)
-    return found
 
 
 async def _drop(name: str) -> None:
@@ -269,7 +248,7 @@ async def dispatch_throughput(smoke: bool) -> Result:
                 sms_enabled=True,
             )  # fmt: skip
             events.append(make_event(Topic.APPOINTMENT_CREATED, "tenant-bench", key, booking))
-        cpu = await _cpu_s(dsn)
+        cpu = await backend_cpu_s(dsn, also=(os.getpid(),))
         started = time.perf_counter()
         for event in events:
             await producer.send(prefix + event.type, encode_event(event), key=event.key.encode())
@@ -278,7 +257,8 @@ async def dispatch_throughput(smoke: bool) -> Result:
             await all_sent.wait()
         pipeline_s = time.perf_counter() - started
         # On a shared machine the rate moves with the neighbours' load; CPU per SMS much less.
-        used = {pid: spent - cpu.get(pid, 0.0) for pid, spent in (await _cpu_s(dsn)).items()}
+        after = await backend_cpu_s(dsn, also=(os.getpid(),))
+        used = {pid: spent - cpu.get(pid, 0.0) for pid, spent in after.items()}
         own = used.pop(os.getpid())
         print(
             f"notify dispatch: CPU per SMS {own / count * 1000:.2f} ms in this process (notify,"

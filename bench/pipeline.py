@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.harness import Benchmark, Result
-from bench.processes import process_cpu_s
+from bench.processes import backend_cpu_s, process_cpu_s
 from bench.system import (
     APPOINTMENT_KEY_SECRET,
     KAFKA,
@@ -180,25 +180,6 @@ async def _sent(dsn: str, wanted: int, within_s: float) -> None:
         await conn.close()
 
 
-async def _postgres_cpu(dsn: str) -> dict[int, float]:
-    """CPU seconds so far of each Postgres backend connected to this run's database."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        pids = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid()"
-        )
-    finally:
-        await conn.close()
-    found = {}
-    for row in pids:
-        try:
-            found[row["pid"]] = process_cpu_s(row["pid"])
-        except OSError:
-            continue
-    return found
-
-
 async def _messages(http: aiohttp.ClientSession, system: BenchSystem) -> list[dict[str, Any]]:
     async with http.get(f"{system.urls['microsoft']}/_sandbox/sms/messages") as r:
         body = await r.json()
@@ -270,7 +251,7 @@ async def pipeline(rate: float, seconds: float, tenants: int, settle_s: float) -
         rtt = await kafka_round_trip(30 if count < 100 else 200)
         bookings = await _bookings(http, system, count)
         cpu = {name: process_cpu_s(system.pid(name)) for name in system.children}
-        postgres = await _postgres_cpu(system.dsn)
+        postgres = await backend_cpu_s(system.dsn)
         async with system.profiling("launch", "notify"):
             began = time.perf_counter()
             tasks = []
@@ -289,7 +270,7 @@ async def pipeline(rate: float, seconds: float, tenants: int, settle_s: float) -
             cpu = {name: process_cpu_s(system.pid(name)) - cpu[name] for name in cpu}
             cpu["postgres"] = sum(
                 used - postgres.get(pid, 0.0)
-                for pid, used in (await _postgres_cpu(system.dsn)).items()
+                for pid, used in (await backend_cpu_s(system.dsn)).items()
             )
             steps = await stages(system, bookings, accepted)
     latencies = [accepted[b.key] - b.sent_at for b in bookings if b.key and b.key in accepted]

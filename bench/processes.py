@@ -63,6 +63,24 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def backend_cpu_s(dsn: str, also: tuple[int, ...] = ()) -> dict[int, float]:
+    """CPU seconds so far of each Postgres backend connected to `dsn`'s database (the run's
+    own), and of the processes in `also`; processes gone meanwhile are left out."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    found = {}
+    for pid in [*also, *(row["pid"] for row in rows)]:
+        with contextlib.suppress(OSError):
+            found[pid] = process_cpu_s(pid)
+    return found
+
+
 async def create_database(name: str) -> None:
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
