@@ -126,6 +126,14 @@ async def body_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         return response
 
 
+def whole_number(text: str, max_digits: int) -> int | None:
+    """A whole number typed by someone: ASCII digits only ("²".isdigit() is true too, and
+    int() refuses it), at most `max_digits` of them; None otherwise."""
+    if text.isascii() and text.isdigit() and len(text) <= max_digits:
+        return int(text)
+    return None
+
+
 async def read_form(
     request: web.Request,
 ) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from libs.common.portal_auth import require_principal
-from libs.common.web import DB_POOL, SETTINGS
+from libs.common.web import DB_POOL, SETTINGS, whole_number
 from services.analytics import reports
 from services.analytics.histogram import RELATIVE_ERROR
 from services.analytics.settings import AnalyticsSettings
@@ -59,13 +59,8 @@ def _parse_day(request: web.Request, name: str) -> date | None:
     return day
 
 
-def small_number(text: str) -> int | None:
-    """A count typed in a query: ASCII digits ("²".isdigit() is true too), at most six."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else None
-
-
 def days_of(request: web.Request) -> int:
-    days = small_number(request.query.get("days", "30"))
+    days = whole_number(request.query.get("days", "30"), 6)
     if days not in RANGES_DAYS:
         raise bad_request("days must be 7, 30 or 90")
     return days
@@ -226,7 +221,7 @@ async def meetings_report(request: web.Request) -> web.Response:
                 break
             after = reports.decode_cursor(cursor)
         return csv_response(csv_text(MEETINGS_CSV_HEADER, rows), f"meetings-{start}-{end}.csv")
-    limit = small_number(request.query.get("limit", str(settings.meetings_page_size)))
+    limit = whole_number(request.query.get("limit", str(settings.meetings_page_size)), 6)
     if limit is None or not 1 <= limit <= settings.meetings_page_size:
         raise bad_request(f"limit must be between 1 and {settings.meetings_page_size}")
     cursor_text = request.query.get("cursor")

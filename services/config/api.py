@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from libs.common.portal_auth import Principal, require_principal, verify_csrf
+from libs.common.web import whole_number
 from services.config import allocation, audit, integrations, numbers, sms_consent
 from services.config.context import CONTEXT, ConfigContext, Refused
 
@@ -181,10 +182,10 @@ def _int_query(
     raw = request.query.get(name)
     if raw is None:
         return default
-    # ASCII digits only: "²".isdigit() is true too, and int() refuses it.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not low <= int(raw) <= high:
+    value = whole_number(raw, 19)
+    if value is None or not low <= value <= high:
         raise Refused(400, f"{name} must be a whole number from {low} to {high}.", name)
-    return int(raw)
+    return value
 
 
 async def get_audit(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ from multidict import MultiDictProxy
 from pydantic import ValidationError
 
 from libs.common.portal_auth import Principal, current_principal, require_principal, verify_csrf
-from libs.common.web import read_form
+from libs.common.web import read_form, whole_number
 from services.config import allocation, audit, integrations, numbers, sms_consent
 from services.config.api import validation_refusal
 from services.config.context import CONTEXT, ConfigContext, Refused
@@ -265,10 +265,10 @@ async def save_allocation(request: web.Request) -> web.Response:
     principal, form = await _form(request)
     raw = _text(form, "monthly_allocation").strip()
     try:
-        # ASCII digits only: "²".isdigit() is true too, and int() refuses it.
-        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        count = whole_number(raw, 9)
+        if count is None:
             raise Refused(422, "Enter a whole number of appointments (0 or more).")
-        data = allocation.AllocationInput(monthly_allocation=int(raw))
+        data = allocation.AllocationInput(monthly_allocation=count)
     except (Refused, ValidationError) as exc:
         refused = exc if isinstance(exc, Refused) else validation_refusal(exc)
         found = await allocation.get(_ctx(request), principal.tenant_id)
@@ -283,7 +283,7 @@ async def save_allocation(request: web.Request) -> web.Response:
 async def audit_page(request: web.Request) -> web.Response:
     principal = await _viewer(request)
     raw = request.query.get("before", "")
-    before = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+    before = whole_number(raw, 18)
     async with _ctx(request).pool.acquire() as conn:
         entries = await audit.entries(conn, principal.tenant_id, limit=50, before_id=before)
     next_before = entries[-1]["id"] if len(entries) == 50 else None

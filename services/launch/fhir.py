@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from libs.common.web import whole_number
 from services.launch.outbound import OutboundError, read_json
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
@@ -64,11 +65,9 @@ class Appointment(BaseModel):
 
     @property
     def schedule_version(self) -> int:
-        version = self.meta.versionId or "1"
-        # ASCII digits only ("²".isdigit() is true too) and within Postgres' integer.
-        if version.isascii() and version.isdigit() and int(version) < 2**31:
-            return int(version)
-        return 1
+        version = whole_number(self.meta.versionId or "1", 10)
+        # Within Postgres' integer.
+        return version if version is not None and version < 2**31 else 1
 
     def department(self, fallback: str) -> str:
         for participant in self.participant:
