@@ -27,7 +27,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,7 +35,6 @@ import aiohttp
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.harness import Benchmark, Result
 from bench.processes import backend_cpu_s, process_cpu_s
@@ -47,7 +45,7 @@ from bench.system import (
     Tenant,
     bench_system,
 )
-from libs.common.kafka import create_producer
+from libs.common.kafka import create_producer, ensure_topics
 from libs.common.keys import appointment_key
 
 GOAL_MS = 500.0
@@ -71,15 +69,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def kafka_round_trip(samples: int) -> list[float]:
-    """Seconds from send to receipt, one record at a time, on a fresh topic."""
-    topic = f"bench-rtt-{uuid.uuid4().hex[:10]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+async def kafka_round_trip(prefix: str, samples: int) -> list[float]:
+    """Seconds from send to receipt, one record at a time, on a fresh topic of the run (its
+    `drop_run` deletes it)."""
+    topic = f"{prefix}rtt"
+    await ensure_topics(KAFKA, [topic], 1)
     producer = create_producer(KAFKA)
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=KAFKA, group_id=f"{topic}-group", auto_offset_reset="earliest"
@@ -100,12 +94,6 @@ async def kafka_round_trip(samples: int) -> list[float]:
     finally:
         await consumer.stop()
         await producer.stop()
-        admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
-        await admin.start()
-        try:
-            await admin.delete_topics([topic])
-        finally:
-            await admin.close()
     return timings
 
 
@@ -248,7 +236,7 @@ async def pipeline(rate: float, seconds: float, tenants: int, settle_s: float) -
             timeout=aiohttp.ClientTimeout(total=60),
         ) as http,
     ):
-        rtt = await kafka_round_trip(30 if count < 100 else 200)
+        rtt = await kafka_round_trip(system.prefix, 30 if count < 100 else 200)
         bookings = await _bookings(http, system, count)
         cpu = {name: process_cpu_s(system.pid(name)) for name in system.children}
         postgres = await backend_cpu_s(system.dsn)
