@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,3 +26,23 @@ async def first_delivery(conn: Connection, consumer: str, event_id: uuid.UUID, t
         topic,
     )
     return bool(status == "INSERT 0 1")
+
+
+async def first_deliveries(
+    conn: Connection, consumer: str, events: Sequence[tuple[uuid.UUID, str]]
+) -> set[uuid.UUID]:
+    """Record a poll's events for this consumer in one statement; the ids not applied before.
+
+    The same id twice in `events` is recorded once. Same transaction rule as `first_delivery`.
+    """
+    if not conn.is_in_transaction():
+        raise RuntimeError("inbox.first_deliveries must run inside the effects' transaction")
+    rows = await conn.fetch(
+        "INSERT INTO inbox (consumer, event_id, topic)"
+        " SELECT $1, e, t FROM unnest($2::uuid[], $3::text[]) AS u(e, t)"
+        " ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id",
+        consumer,
+        [event_id for event_id, _ in events],
+        [topic for _, topic in events],
+    )
+    return {row["event_id"] for row in rows}

@@ -21,7 +21,7 @@ from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsErr
 from aiokafka.structs import OffsetAndMetadata
 
 from libs.common.events import Envelope, UndeliverableEvent, dead_letter_topic, decode_event
-from libs.common.inbox import first_delivery
+from libs.common.inbox import first_deliveries, first_delivery
 from libs.common.metrics import (
     CONSUMER_LAG,
     DEAD_LETTERED,
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 EventHandler = Callable[["Connection", Envelope[Any]], Awaitable[None]]
+# Applies a poll's first deliveries, in poll order, in one transaction: set-based handlers do a
+# few statements per poll where an EventHandler does a few per event.
+BatchHandler = Callable[["Connection", list[Envelope[Any]]], Awaitable[None]]
 # Told after each committed batch: (topic, event_id, applied) per record. Tests wait on it.
 BatchObserver = Callable[[list[tuple[str, str, bool]]], None]
 
@@ -144,8 +147,12 @@ class ConsumerRunner:
         handler_timeout_s: float = 30.0,
         security: Mapping[str, Any] | None = None,
         parallel_partitions: int = 1,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         self.name = name
+        # With a batch handler a whole poll goes through it; `handlers` remain the per-event
+        # path a failed poll falls back to, and must have the same effect.
+        self._batch_handler = batch_handler
         # >1: the partitions of a poll are applied in that many concurrent transactions, for
         # handlers whose rows belong to one key (then two partitions never touch one row).
         # Handlers that fold many keys into shared rows (analytics' aggregates) stay at 1:
@@ -304,14 +311,19 @@ class ConsumerRunner:
                 self._pool.acquire() as conn,
                 conn.transaction(),
             ):
-                for _tp, record, base_topic, event in decoded:
-                    with structlog.contextvars.bound_contextvars(
-                        event_id=str(event.event_id), topic=base_topic, appointment_key=event.key
-                    ):
-                        applied = await self._apply_on(
-                            conn, event, base_topic, self._handlers[record.topic]
-                        )
-                    outcomes.append(applied)
+                if self._batch_handler is not None:
+                    outcomes = await self._apply_batch_on(conn, decoded, self._batch_handler)
+                else:
+                    for _tp, record, base_topic, event in decoded:
+                        with structlog.contextvars.bound_contextvars(
+                            event_id=str(event.event_id),
+                            topic=base_topic,
+                            appointment_key=event.key,
+                        ):
+                            applied = await self._apply_on(
+                                conn, event, base_topic, self._handlers[record.topic]
+                            )
+                        outcomes.append(applied)
         except Exception as exc:
             log.info(
                 "batch applied one event at a time instead",
@@ -324,6 +336,27 @@ class ConsumerRunner:
             self._pending[tp] = record.offset + 1
             self._done(tp, record, base_topic, event, applied)
         return True
+
+    async def _apply_batch_on(
+        self,
+        conn: Connection,
+        decoded: list[tuple[TopicPartition, ConsumerRecord, str, Envelope[Any]]],
+        handler: BatchHandler,
+    ) -> list[bool]:
+        """The poll's inbox rows in one statement, then its first deliveries in one call."""
+        fresh = await first_deliveries(
+            conn, self.name, [(event.event_id, topic) for _, _, topic, event in decoded]
+        )
+        outcomes: list[bool] = []
+        for _, _, _, event in decoded:
+            outcomes.append(event.event_id in fresh)
+            # A record delivered twice in one poll is applied at its first place only.
+            fresh.discard(event.event_id)
+        events = [d[3] for d, applied in zip(decoded, outcomes, strict=True) if applied]
+        if events:
+            with structlog.contextvars.bound_contextvars(events=len(events)):
+                await handler(conn, events)
+        return outcomes
 
     def _done(
         self,

@@ -362,3 +362,60 @@ async def test_parallel_partitions_apply_side_by_side_in_order_and_once(
     for key in keys:
         published = [e.event_id for e in events if e.key == key]
         assert [r["event_id"] for r in rows if r["appointment_key"] == key] == published, key
+
+
+async def test_a_batch_handler_gets_each_first_delivery_once_and_falls_back_per_event(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """A batch handler receives a poll's first deliveries in one call (a duplicate in the poll
+    left out); when it fails, the poll is applied one event at a time: every effect once."""
+    pool, producer = kit
+    events = [patient_joined(f"apt_batch_{i}") for i in range(8)]
+    calls: list[list[uuid.UUID]] = []
+
+    async def batch_handler(conn: Any, batch: list[Any]) -> None:
+        calls.append([e.event_id for e in batch])
+        await conn.execute(
+            "INSERT INTO effects (event_id, appointment_key) SELECT * FROM unnest($1::uuid[],"
+            " $2::text[])",
+            [e.event_id for e in batch],
+            [e.key for e in batch],
+        )
+        if len(calls) == 1:
+            raise ValueError("the first poll fails once")
+
+    for event in events:
+        await publish(producer, topic_prefix, event)
+    await publish(producer, topic_prefix, events[0])  # a duplicate inside the same poll
+    runner = probe_runner(
+        pool, producer, KAFKA, topic_prefix, "batch-handler", batch_handler=batch_handler
+    )
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(len(events) + 1)
+    finally:
+        await runner.stop()
+    # Redeliveries and new events, waiting together for the restarted consumer's first poll.
+    more = [patient_joined(f"apt_batch_more_{i}") for i in range(4)]
+    for event in [*events[:3], *more]:
+        await publish(producer, topic_prefix, event)
+    runner = probe_runner(
+        pool, producer, KAFKA, topic_prefix, "batch-handler", batch_handler=batch_handler
+    )
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen += await outcomes.reach(7)
+    finally:
+        await runner.stop()
+    assert len(calls[0]) > 1
+    assert len(calls[0]) == len(set(calls[0]))
+    assert [applied for _, _, applied in seen].count(True) == len(events) + len(more)
+    assert await effects_count(pool) == len(events) + len(more)
+    assert await pool.fetchval("SELECT count(*) FROM inbox") == len(events) + len(more)
+    # After the first poll's fallback, later polls went through the batch handler again,
+    # with the redelivered events left out.
+    later = [i for call in calls[1:] for i in call]
+    assert set(later) <= {e.event_id for e in more}
+    assert later

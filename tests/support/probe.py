@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from libs.common.db import create_pool, migrate
 from libs.common.events import Envelope, PatientJoinedV1, Topic, encode_event, make_event
 from libs.common.kafka import (
+    BatchHandler,
     ConsumerRunner,
     EventHandler,
     create_producer,
@@ -68,6 +69,7 @@ def probe_runner(
     group: str,
     runner_class: type[ConsumerRunner] = ConsumerRunner,
     handler: EventHandler = record_effect,
+    batch_handler: BatchHandler | None = None,
 ) -> ConsumerRunner:
     """A runner of `handler` (by default: record the effect) on the probe's patient-joined."""
     return runner_class(
@@ -79,6 +81,7 @@ def probe_runner(
         topic_prefix=prefix,
         batch_size=50,
         max_poll_interval_ms=30_000,
+        batch_handler=batch_handler,
     )
 
 
