@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from libs.common.db import create_pool, migrate
 from libs.common.events import COMPACTED_TOPICS, Topic
 from libs.common.kafka import (
+    BatchHandler,
     ConsumerRunner,
     EventHandler,
     create_producer,
@@ -271,7 +272,11 @@ async def outbox_relay_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def consumer_ctx(
-    group: str, handlers: dict[str, EventHandler], *, parallel_partitions: int = 1
+    group: str,
+    handlers: dict[str, EventHandler],
+    *,
+    parallel_partitions: int = 1,
+    batch_handler: BatchHandler | None = None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -287,6 +292,7 @@ def consumer_ctx(
             handler_timeout_s=settings.external_call_timeout_s * 3,
             security=settings.kafka_security(),
             parallel_partitions=parallel_partitions,
+            batch_handler=batch_handler,
         )
         await runner.start()
         app.setdefault(CONSUMERS, []).append(runner)
