@@ -66,12 +66,30 @@ async def plan(
     )
 
 
+def chosen_offsets(stored: Iterable[int] | None) -> Iterable[int]:
+    """An integration's reminder offsets as stored (None: no such integration) to plan by."""
+    return sorted(set(stored)) if stored else DEFAULT_REMINDER_OFFSETS
+
+
 async def reminder_offsets(conn: Connection, integration_id: uuid.UUID) -> Iterable[int]:
     offsets = await conn.fetchval(
         "SELECT reminder_offsets_minutes FROM integrations WHERE integration_id = $1",
         integration_id,
     )
-    return sorted(set(offsets)) if offsets else DEFAULT_REMINDER_OFFSETS
+    return chosen_offsets(offsets)
+
+
+def due_reminders(
+    starts_at: datetime, offsets: Iterable[int], now: datetime
+) -> list[tuple[str, datetime]]:
+    """(discriminator, send_at) of the reminders still ahead. A reminder whose moment has
+    passed would arrive late and out of place; the confirmation or reschedule notice already
+    carries the time."""
+    return [
+        (str(offset), starts_at - timedelta(minutes=offset))
+        for offset in offsets
+        if starts_at - timedelta(minutes=offset) > now
+    ]
 
 
 _PLAN_MANY = (
@@ -95,13 +113,7 @@ async def plan_reminders(
     """Plans the integration's reminders (one statement for all of them); `offsets` when the
     caller has read them already."""
     chosen = await reminder_offsets(conn, integration_id) if offsets is None else offsets
-    # A reminder whose moment has passed would arrive late and out of place; the
-    # confirmation or reschedule notice already carries the time.
-    due = [
-        (str(offset), starts_at - timedelta(minutes=offset))
-        for offset in chosen
-        if starts_at - timedelta(minutes=offset) > now
-    ]
+    due = due_reminders(starts_at, chosen, now)
     if not due:
         return
     await conn.execute(
@@ -179,9 +191,14 @@ async def _first_booking(
     if row is None or not row["booked"]:
         return False
     if p.sms_enabled:
-        offsets = sorted(set(row["offsets"])) if row["offsets"] else DEFAULT_REMINDER_OFFSETS
         await plan_reminders(
-            conn, event.key, p.integration_id, p.starts_at, p.schedule_version, now, offsets
+            conn,
+            event.key,
+            p.integration_id,
+            p.starts_at,
+            p.schedule_version,
+            now,
+            chosen_offsets(row["offsets"]),
         )
     return True
 
