@@ -8,9 +8,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from libs.common.kafka import ConsumerRunner
 from libs.common.settings import ServiceSettings
-from libs.common.web import CONSUMERS, DB_POOL, KAFKA_PRODUCER, SETTINGS, create_service_app
+from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
 from services.notify.acs import AcsSmsClient
 from services.notify.bookings import batch_handler
 from services.notify.clock import Clock, SystemClock
@@ -28,38 +27,6 @@ PARALLEL_PARTITIONS = 4
 DISPATCHER = web.AppKey("notify_dispatcher", Dispatcher)
 PURGER = web.AppKey("notify_purger", Purger)
 WEBHOOK = web.AppKey("notify_acs_webhook", AcsEventsWebhook)
-
-
-def notify_consumer_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
-    """libs.common.web.consumer_ctx, with the batch handler (which that one cannot pass yet).
-
-    Every notify handler writes only its own appointment's rows (and integration-config only
-    its integration's), so partitions can be applied side by side.
-    """
-    per_event = handlers(clock)
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        settings = app[SETTINGS]
-        runner = ConsumerRunner(
-            name=settings.kafka_topic_prefix + CONSUMER_GROUP,
-            handlers=per_event,
-            pool=app[DB_POOL],
-            producer=app[KAFKA_PRODUCER],
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            topic_prefix=settings.kafka_topic_prefix,
-            batch_size=settings.consumer_batch_size,
-            max_poll_interval_ms=settings.consumer_max_poll_interval_ms,
-            handler_timeout_s=settings.external_call_timeout_s * 3,
-            security=settings.kafka_security(),
-            parallel_partitions=PARALLEL_PARTITIONS,
-            batch_handler=batch_handler(clock, per_event),
-        )
-        await runner.start()
-        app.setdefault(CONSUMERS, []).append(runner)
-        yield
-        await asyncio.wait_for(runner.stop(), timeout=settings.shutdown_drain_timeout_s)
-
-    return ctx
 
 
 def sms_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -112,7 +79,18 @@ def create_app(settings: ServiceSettings, clock: Clock | None = None) -> web.App
     assert isinstance(settings, NotifySettings)
     clock = clock or SystemClock()
     app = create_service_app(settings, migrations_dir=MIGRATIONS)
-    app.cleanup_ctx.append(notify_consumer_ctx(clock))
+    # Every notify handler writes only its own appointment's rows (and integration-config
+    # only its integration's), so partitions can be applied side by side. A poll goes through
+    # the batch handler (new bookings set-based), the per-event handlers being its fallback.
+    per_event = handlers(clock)
+    app.cleanup_ctx.append(
+        consumer_ctx(
+            CONSUMER_GROUP,
+            per_event,
+            parallel_partitions=PARALLEL_PARTITIONS,
+            batch_handler=batch_handler(clock, per_event),
+        )
+    )
     app.cleanup_ctx.append(sms_ctx(clock))
     app.router.add_post("/acs/events", acs_events)
     app.router.add_get("/openapi.json", openapi_json)
