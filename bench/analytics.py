@@ -41,6 +41,7 @@ from services.analytics import reports, rollup
 from services.analytics.app import MIGRATIONS
 from services.analytics.facts import FactsProjector
 from services.analytics.metrics import MetricsRecorder
+from services.analytics.settings import AnalyticsSettings
 
 PG_ADMIN_DSN = os.environ.get("PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:15432/postgres")
 KAFKA = os.environ.get("EHR_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
@@ -48,6 +49,13 @@ SCHEMA = "analytics"
 TENANT = "tenant-bench"
 DEPARTMENTS = [f"Department {i:02d}" for i in range(12)]
 INTEGRATIONS = [uuid.UUID(int=i + 1) for i in range(4)]
+# The service's defaults; BENCH_INGEST_BATCH_HANDLER=0 measures the per-event path.
+BATCH_SIZE = int(
+    os.environ.get(
+        "BENCH_INGEST_BATCH_SIZE", AnalyticsSettings.model_fields["consumer_batch_size"].default
+    )
+)
+BATCH_HANDLER = os.environ.get("BENCH_INGEST_BATCH_HANDLER", "1") == "1"
 
 
 async def _database() -> tuple[str, asyncpg.Pool]:
@@ -145,8 +153,8 @@ async def _consume(pool: asyncpg.Pool, prefix: str, total: int) -> tuple[int, fl
         producer=producer,
         bootstrap_servers=KAFKA,
         topic_prefix=prefix,
-        # Small batches give the throughput several marks to be measured between.
-        batch_size=100,
+        batch_size=BATCH_SIZE,
+        batch_handler=projector.apply if BATCH_HANDLER else None,
     )
     done = asyncio.Event()
     marks: list[tuple[float, int]] = []

@@ -56,7 +56,9 @@ def create_app(settings: ServiceSettings) -> web.Application:
     app.middlewares.append(security_headers)
     projector = FactsProjector(MetricsRecorder(settings.metrics_department_limit))
     app[PROJECTOR] = projector
-    app.cleanup_ctx.append(consumer_ctx(CONSUMER_GROUP, projector.handlers()))
+    app.cleanup_ctx.append(
+        consumer_ctx(CONSUMER_GROUP, projector.handlers(), batch_handler=projector.apply)
+    )
     app.cleanup_ctx.append(metrics_observer_ctx)
     add_portal_auth(app)
     add_api_routes(app)

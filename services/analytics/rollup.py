@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
@@ -69,22 +70,30 @@ def _usage_row(c: Contribution, sign: int) -> list[int]:
     ]
 
 
-async def apply(conn: Connection, old: Contribution | None, new: Contribution | None) -> None:
-    if old == new:
-        return
+Move = tuple[Contribution | None, Contribution | None]
+
+
+async def apply(conn: Connection, moves: Iterable[Move]) -> None:
+    """Moves each visit's contribution from its old place (None: it did not count) to its new
+    one; the moves of a whole poll add up to one statement per table."""
     usage: dict[RollupKey, list[int]] = {}
     buckets: dict[tuple[RollupKey, str, int], int] = defaultdict(int)
-    for c, sign in ((old, -1), (new, 1)):
-        if c is None:
+    for old, new in moves:
+        if old == new:
             continue
-        row = _usage_row(c, sign)
-        current = usage.get(c.key)
-        if current is not None:
-            row = [a + b for a, b in zip(current, row, strict=True)]
-        usage[c.key] = row
-        for figure, value in (("lobby_wait", c.lobby_wait_ms), ("duration", c.duration_ms)):
-            if value is not None:
-                buckets[(c.key, figure, bucket_of(value))] += sign
+        for c, sign in ((old, -1), (new, 1)):
+            if c is None:
+                continue
+            row = _usage_row(c, sign)
+            current = usage.get(c.key)
+            if current is not None:
+                row = [a + b for a, b in zip(current, row, strict=True)]
+            usage[c.key] = row
+            for figure, value in (("lobby_wait", c.lobby_wait_ms), ("duration", c.duration_ms)):
+                if value is not None:
+                    buckets[(c.key, figure, bucket_of(value))] += sign
+    if not usage:
+        return
     # Sorted keys keep the lock order the same in every transaction.
     keys = sorted(usage)
     columns = list(zip(*(usage[k] for k in keys), strict=True))

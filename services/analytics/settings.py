@@ -17,5 +17,8 @@ class AnalyticsSettings(PortalSettings):
     report_max_days: int = Field(default=366, ge=1, le=3660)
     # Rows per page of the per-meeting report, unless the request asks for fewer.
     meetings_page_size: int = Field(default=50, ge=1, le=1000)
+    # Events per poll: the projector applies a poll in a fixed number of statements, so a
+    # larger poll is cheaper per event (see docs/performance.md); a quiet stream polls less.
+    consumer_batch_size: int = Field(default=500, ge=1, le=5000)
     # Distinct department label values per process before the rest share "other".
     metrics_department_limit: int = Field(default=100, ge=1, le=1000)

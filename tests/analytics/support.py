@@ -9,7 +9,7 @@ import asyncpg
 
 from libs.common.db import create_pool, migrate
 from libs.common.events import Envelope
-from libs.common.inbox import first_delivery
+from libs.common.inbox import first_deliveries, first_delivery
 from libs.common.portal_auth import PORTAL_MIGRATIONS
 from services.analytics.app import CONSUMER_GROUP, MIGRATIONS
 from services.analytics.facts import FactsProjector
@@ -34,6 +34,21 @@ class Facts:
                 return False
             await self._handlers[event.type](conn, event)
             return True
+
+    async def apply_poll(self, events: list[Envelope[Any]]) -> None:
+        """A poll as the runner applies it with the batch handler: one inbox statement, then
+        the first deliveries in one call, in one transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await first_deliveries(
+                conn, CONSUMER_GROUP, [(e.event_id, e.type) for e in events]
+            )
+            first = []
+            for event in events:
+                if event.event_id in fresh:
+                    fresh.discard(event.event_id)
+                    first.append(event)
+            if first:
+                await self.projector.apply(conn, first)
 
     async def fact(self, key: str) -> asyncpg.Record:
         row = await self.pool.fetchrow(

@@ -4,6 +4,7 @@ reference, each edge case of the brief, and the rollup check."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -38,6 +39,10 @@ def delivered(draw: st.DrawFn) -> tuple[Visit, list[Envelope[Any]]]:
 async def _check_visit(facts: Facts, visit: Visit, stream: list[Envelope[Any]]) -> None:
     for event in stream:
         await facts.apply(event)
+    await _assert_reference(facts, visit, stream)
+
+
+async def _assert_reference(facts: Facts, visit: Visit, stream: list[Envelope[Any]]) -> None:
     want = expected(visit)
     got = await facts.fact(visit.key)
     assert (got["status"], got["started_at"], got["duration_ms"]) == (
@@ -75,6 +80,41 @@ def test_random_deliveries_give_the_reference_figures(database_url: str) -> None
     @given(delivered())
     def run(case: tuple[Visit, list[Envelope[Any]]]) -> None:
         loop.run_until_complete(_check_visit(facts, *case))
+
+    try:
+        run()
+    finally:
+        loop.run_until_complete(facts.close())
+        loop.close()
+
+
+@st.composite
+def polls(draw: st.DrawFn) -> tuple[list[tuple[Visit, list[Envelope[Any]]]], list[list[Any]]]:
+    """Several visits' deliveries interleaved in one stream, cut into polls of any size."""
+    cases = draw(st.lists(delivered(), min_size=1, max_size=4))
+    stream = draw(st.permutations([e for _, events in cases for e in events]))
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=6)))
+    bounds = [0, *cuts, len(stream)]
+    return cases, [stream[a:b] for a, b in itertools.pairwise(bounds) if a < b]
+
+
+def test_polls_of_any_size_give_the_reference_figures(database_url: str) -> None:
+    """Visits delivered together in polls of any size (repeats and any order included), each
+    poll applied in one call as the consumer's batch handler does, end with the reference
+    figures in the facts and the rollup, the same as one event at a time."""
+    loop = asyncio.new_event_loop()
+    facts = loop.run_until_complete(Facts.open(database_url))
+
+    async def check(cases: list[tuple[Visit, list[Envelope[Any]]]], cut: list[list[Any]]) -> None:
+        for poll in cut:
+            await facts.apply_poll(poll)
+        for visit, stream in cases:
+            await _assert_reference(facts, visit, stream)
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(polls())
+    def run(case: tuple[list[tuple[Visit, list[Envelope[Any]]]], list[list[Any]]]) -> None:
+        loop.run_until_complete(check(*case))
 
     try:
         run()

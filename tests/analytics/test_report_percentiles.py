@@ -73,7 +73,9 @@ async def _check(
                 INTEGRATIONS[integration],
             )
             async with conn.transaction():
-                await rollup.apply(conn, None, rollup.Contribution(key, True, 1, wait, duration))
+                await rollup.apply(
+                    conn, [(None, rollup.Contribution(key, True, 1, wait, duration))]
+                )
             if not start <= day <= end:
                 continue
             for group_by in GROUPINGS:
