@@ -19,6 +19,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import OffsetAndMetadata
+from prometheus_client import Counter, Histogram
 
 from libs.common.events import Envelope, UndeliverableEvent, dead_letter_topic, decode_event
 from libs.common.inbox import first_deliveries, first_delivery
@@ -182,6 +183,8 @@ class ConsumerRunner:
         self._attempts: dict[tuple[TopicPartition, int], int] = {}
         self._observers: list[BatchObserver] = []
         self._outcomes: list[tuple[str, str, bool]] = []
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._lags: dict[str, Histogram] = {}
 
     def observe(self, observer: BatchObserver) -> None:
         self._observers.append(observer)
@@ -372,11 +375,18 @@ class ConsumerRunner:
         self._outcomes.append((base_topic, str(event.event_id), applied))
 
     def _count(self, base_topic: str, event: Envelope[Any], applied: bool) -> None:
-        EVENTS_CONSUMED.labels(self.name, base_topic, "applied" if applied else "duplicate").inc()
+        outcome = "applied" if applied else "duplicate"
+        counter = self._counters.get((base_topic, outcome))
+        if counter is None:
+            # Looking a labelled child up costs more than counting; once per topic and outcome.
+            counter = EVENTS_CONSUMED.labels(self.name, base_topic, outcome)
+            self._counters[(base_topic, outcome)] = counter
+        counter.inc()
         if applied:
-            EVENT_HANDLING_LAG.labels(self.name, base_topic).observe(
-                max(0.0, time.time() - event.occurred_at.timestamp())
-            )
+            lag = self._lags.get(base_topic)
+            if lag is None:
+                lag = self._lags[base_topic] = EVENT_HANDLING_LAG.labels(self.name, base_topic)
+            lag.observe(max(0.0, time.time() - event.occurred_at.timestamp()))
 
     async def _process(self, tp: TopicPartition, record: ConsumerRecord) -> bool:
         """Returns False when the record must be retried later."""
