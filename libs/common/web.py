@@ -45,9 +45,10 @@ METRICS_PORT = web.AppKey("metrics_port", int)
 
 MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-TooLargeRenderer = Callable[[web.Request, int], web.StreamResponse]
-# A service may render the 413 for its audience (JSON for an API, a page for a browser).
-BODY_TOO_LARGE: web.AppKey[TooLargeRenderer] = web.AppKey("body_too_large")
+BodyRefusalRenderer = Callable[[web.Request, int, str], web.StreamResponse]
+# A service may render body_limit's refusals (413, 400) for its audience (JSON for an API, a
+# page with its security headers for a browser): body_limit runs outside its middlewares.
+BODY_REFUSAL: web.AppKey[BodyRefusalRenderer] = web.AppKey("body_refusal")
 
 
 @web.middleware
@@ -84,16 +85,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
 
 
-def _too_large(request: web.Request) -> web.StreamResponse:
-    limit = request.client_max_size
-    render = request.app.get(BODY_TOO_LARGE)
-    if render is not None:
-        response = render(request, limit)
-    else:
-        response = web.Response(
-            status=413, text=f"The request body is larger than {limit} bytes; nothing was read."
-        )
-    # The rest of the body is drained and dropped, and the connection is not reused.
+def _refused(request: web.Request, status: int, message: str) -> web.StreamResponse:
+    render = request.app.get(BODY_REFUSAL)
+    response = (
+        render(request, status, message) if render else web.Response(status=status, text=message)
+    )
+    # The rest of the body is drained and dropped (or cannot be read), and the connection is
+    # not reused.
     response.force_close()
     return response
 
@@ -115,16 +113,17 @@ async def body_limit(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         log.info("request body refused", method=request.method, content_length=length)
-        return _too_large(request)
+        limit = request.client_max_size
+        return _refused(
+            request, 413, f"The request body is larger than {limit} bytes; nothing was read."
+        )
     except web.RequestPayloadError:
         # A Content-Encoding (gzip, deflate) whose bytes do not decode.
         log.info("request body refused: undecodable", method=request.method)
         # Nothing more can be read from it: without this, aiohttp's lingering close would
         # read on after the answer and log the same error as an unhandled exception.
         request.content.feed_eof()
-        response = web.Response(status=400, text="The request body could not be decoded.")
-        response.force_close()
-        return response
+        return _refused(request, 400, "The request body could not be decoded.")
 
 
 def whole_number(text: str, max_digits: int) -> int | None:

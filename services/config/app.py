@@ -14,7 +14,7 @@ from aiohttp import web
 
 from libs.common.portal_auth import PORTAL_MIGRATIONS, add_portal_auth, error_page
 from libs.common.settings import ServiceSettings
-from libs.common.web import BODY_TOO_LARGE, DB_POOL, Handler, create_service_app
+from libs.common.web import BODY_REFUSAL, DB_POOL, Handler, create_service_app
 from services.config.acs_numbers import AcsPhoneNumbers
 from services.config.api import add_api_routes, refusal
 from services.config.context import CONTEXT, ConfigContext, Refused
@@ -40,10 +40,14 @@ def _is_api(request: web.Request) -> bool:
     return request.path.startswith("/api/")
 
 
-def too_large(request: web.Request, limit: int) -> web.StreamResponse:
-    """The 413 of libs/common/web.py:body_limit, rendered for its audience."""
-    message = f"The request is larger than {limit // 1024} KiB."
-    response = refusal(Refused(413, message)) if _is_api(request) else error_page(413, message)
+def body_refused(request: web.Request, status: int, message: str) -> web.StreamResponse:
+    """A refusal of libs/common/web.py:body_limit (413 too large, 400 undecodable), rendered
+    for its audience with the portal's security headers."""
+    if status == 413:
+        message = f"The request is larger than {request.client_max_size // 1024} KiB."
+    response = (
+        refusal(Refused(status, message)) if _is_api(request) else error_page(status, message)
+    )
     response.headers.update(SECURITY_HEADERS)
     return response
 
@@ -98,7 +102,7 @@ def create_app(settings: ServiceSettings) -> web.Application:
         shared_migrations=[PORTAL_MIGRATIONS],
         max_body_bytes=MAX_REQUEST_BYTES,
     )
-    app[BODY_TOO_LARGE] = too_large
+    app[BODY_REFUSAL] = body_refused
     app.middlewares.append(portal_guard)
     app[CONFIG_SETTINGS] = settings
     app.cleanup_ctx.append(portal_ctx)

@@ -150,6 +150,10 @@ async def assert_compressed_bodies_refused(target: Target, method: str, path: st
                 ) as r,
             ):
                 assert r.status == expected, (encoding, await r.text())
+                if target.name == "config":
+                    # Rendered by the portal for its API, hardening headers included.
+                    assert r.content_type == "application/json", (encoding, r.content_type)
+                    assert r.headers.get("X-Frame-Options") == "DENY", encoding
         assert not logs.errors(), logs.errors()
     assert await row_counts(target) == before
 
@@ -158,7 +162,8 @@ async def test_config_refuses_compressed_bodies_that_inflate_too_far_or_not_at_a
     config_target: Target,
 ) -> None:
     """Config: a gzip body of a few KiB that inflates past 64 KiB is 413, and gzip or
-    deflate bytes that do not inflate are 400; nothing changes."""
+    deflate bytes that do not inflate are 400, both as the API's JSON with the portal's
+    headers; nothing changes."""
     await assert_compressed_bodies_refused(config_target, "PUT", "/api/allocation")
 
 
