@@ -24,6 +24,7 @@ from services.launch.meeting_preparation import meeting_ready
 from services.launch.meetings import Visit, create_meeting, record_visit
 from services.launch.outbound import OutboundError
 from services.launch.pages import problem_page
+from services.launch.sessions import NewSession, record_clinician_starting_session, start_session
 from services.launch.smart import Persona, Pkce, SmartError, TokenResponse
 from services.launch.state import GRAPH, INTEGRATIONS, SMART, launch_settings
 
@@ -182,11 +183,18 @@ class VisitUnavailable(Exception):
 
 
 async def open_visit(
-    request: web.Request, integration: Integration, appointment: Appointment, user: str | None
+    request: web.Request,
+    integration: Integration,
+    appointment: Appointment,
+    user: str | None,
+    session: NewSession | None = None,
 ) -> str:
     """The appointment key of a known appointment, or of one whose meeting is created now and
     recorded with `appointment-created`. `user` is the clinician's EHR user id; a patient is
-    not an EHR user, so a patient launch passes None and nothing about them is stored."""
+    not an EHR user, so a patient launch passes None and nothing about them is stored.
+    `session`, the clinician's new session (for `user`), is started for this visit once the
+    visit has its meeting: in the statement that records the clinician when it already has
+    one."""
     settings = launch_settings(request)
     key = appointment_key(
         settings.appointment_key_secret.get_secret_value(),
@@ -194,36 +202,44 @@ async def open_visit(
         appointment.id,
     )
     pool = request.app[DB_POOL]
-    if user is not None:
-        has_meeting = await pool.fetchval(
-            "UPDATE appointments SET ehr_user_id = $2, updated_at = now()"
-            " WHERE appointment_key = $1 RETURNING meeting_id IS NOT NULL",
-            key,
-            user,
-        )
+    if session is not None and session.ehr_user_id != user:
+        raise ValueError("a session is for the clinician who launched")
+    if user is None:
+        # A patient's launch goes on to the join page, whose Join prepares a missing meeting.
+        known = await pool.fetchval("SELECT 1 FROM appointments WHERE appointment_key = $1", key)
+    else:
+        if session is None:
+            has_meeting = await pool.fetchval(
+                "UPDATE appointments SET ehr_user_id = $2, updated_at = now()"
+                " WHERE appointment_key = $1 RETURNING meeting_id IS NOT NULL",
+                key,
+                user,
+            )
+        else:
+            has_meeting = await record_clinician_starting_session(pool, key, session)
+            if has_meeting:
+                return key  # the session was started in the same statement
         if has_meeting is False and not await meeting_ready(request.app, key):
             # Booked through the feed and not prepared yet: the clinician needs it now.
             raise VisitUnavailable("Microsoft Teams could not prepare the meeting yet.")
         known = has_meeting is not None
-    else:
-        # A patient's launch goes on to the join page, whose Join prepares a missing meeting.
-        known = await pool.fetchval("SELECT 1 FROM appointments WHERE appointment_key = $1", key)
-    if known:
-        return key
-    if appointment.start is None or appointment.end is None:
-        raise VisitUnavailable("The appointment has no start or end time in the EHR.")
-    visit = Visit(
-        appointment_key=key,
-        integration=integration,
-        department=appointment.department(integration.department),
-        starts_at=appointment.start,
-        ends_at=appointment.end,
-        time_zone=settings.default_time_zone,
-        schedule_version=appointment.schedule_version,
-    )
-    try:
-        meeting = await create_meeting(request.app[GRAPH], settings, visit)
-    except GraphError as exc:
-        raise VisitUnavailable(str(exc)) from None
-    await record_visit(pool, settings, visit, meeting, ehr_user_id=user)
+    if not known:
+        if appointment.start is None or appointment.end is None:
+            raise VisitUnavailable("The appointment has no start or end time in the EHR.")
+        visit = Visit(
+            appointment_key=key,
+            integration=integration,
+            department=appointment.department(integration.department),
+            starts_at=appointment.start,
+            ends_at=appointment.end,
+            time_zone=settings.default_time_zone,
+            schedule_version=appointment.schedule_version,
+        )
+        try:
+            meeting = await create_meeting(request.app[GRAPH], settings, visit)
+        except GraphError as exc:
+            raise VisitUnavailable(str(exc)) from None
+        await record_visit(pool, settings, visit, meeting, ehr_user_id=user)
+    if session is not None:
+        await start_session(pool, session, key)
     return key

@@ -31,6 +31,7 @@ from services.launch.pages import page, problem_page
 from services.launch.patient_launch import finish_patient_launch
 from services.launch.sessions import (
     current_session,
+    new_session,
     session_token_hash,
     set_session_cookie,
     start_session,
@@ -74,24 +75,23 @@ async def launch_callback(request: web.Request) -> web.StreamResponse:
             " Book one in the EHR, then launch again.",
         )
     chosen = candidates[0] if len(candidates) == 1 else None
-    key = None
-    if chosen is not None:
-        try:
-            key = await open_visit(request, integration, chosen, user)
-        except VisitUnavailable as exc:
-            return problem_page(503, "The meeting could not be prepared", str(exc))
-    token = await start_session(
-        request.app[DB_POOL],
+    session = new_session(
         settings.field_cipher(),
         integration_id=integration.integration_id,
         ehr_user_id=user,
-        appointment_key=key,
         candidates=[] if chosen else [_option(a, integration) for a in candidates],
         smart_tokens=smart_tokens,
         ttl_s=settings.provider_session_ttl_s,
     )
+    if chosen is not None:
+        try:
+            await open_visit(request, integration, chosen, user, session)
+        except VisitUnavailable as exc:
+            return problem_page(503, "The meeting could not be prepared", str(exc))
+    else:
+        await start_session(request.app[DB_POOL], session, None)
     response = web.HTTPFound("/visit" if chosen else "/visit/choose")
-    set_session_cookie(response, token, settings.provider_session_ttl_s)
+    set_session_cookie(response, session.token, settings.provider_session_ttl_s)
     raise response
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -31,32 +31,97 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def start_session(
-    pool: asyncpg.Pool,
+_SESSION_COLUMNS = (
+    "token_hash, integration_id, ehr_user_id, appointment_key, candidates, smart_tokens,"
+    " csrf_token, expires_at"
+)
+# $1 the visit's appointment key (NULL while the clinician chooses among several visits),
+# $2.. NewSession.values().
+_SESSION_VALUES = (
+    "$2::bytea, $3::uuid, $4::text, $1::text, $5::text, $6::text, $7::text, $8::timestamptz"
+)
+_INSERT_SESSION = (
+    f"INSERT INTO provider_sessions ({_SESSION_COLUMNS})"  # noqa: S608
+    f" VALUES ({_SESSION_VALUES})"
+)
+# A clinician's launch of a visit that has its meeting (the usual case: prepared a day ahead)
+# records the clinician on the visit and starts their session in one statement, one round
+# trip where there were two. A visit that is unknown, or still without its meeting, gets no
+# session here: the launch makes or waits for the meeting and then starts it.
+_RECORD_CLINICIAN_STARTING_SESSION = (
+    "WITH visit AS (UPDATE appointments SET ehr_user_id = $4, updated_at = now()"  # noqa: S608
+    " WHERE appointment_key = $1 RETURNING meeting_id IS NOT NULL AS has_meeting),"
+    f" started AS (INSERT INTO provider_sessions ({_SESSION_COLUMNS})"
+    f" SELECT {_SESSION_VALUES} FROM visit WHERE has_meeting)"
+    " SELECT has_meeting FROM visit"
+)
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session sealed and ready to store. `token` goes in the cookie; only its hash is
+    stored. Built before its visit is known, so that the statement recording the clinician
+    on the visit can start it too."""
+
+    token: str = field(repr=False)
+    integration_id: uuid.UUID
+    ehr_user_id: str
+    candidates: str | None  # ciphertext
+    smart_tokens: str  # ciphertext
+    csrf_token: str = field(repr=False)
+    expires_at: datetime
+
+    def values(self) -> tuple[object, ...]:
+        return (
+            _digest(self.token),
+            self.integration_id,
+            self.ehr_user_id,
+            self.candidates,
+            self.smart_tokens,
+            self.csrf_token,
+            self.expires_at,
+        )
+
+
+def new_session(
     cipher: FieldCipher,
     *,
     integration_id: uuid.UUID,
     ehr_user_id: str,
-    appointment_key: str | None,
     candidates: list[dict[str, str]],
     smart_tokens: dict[str, str | None],
     ttl_s: int,
-) -> str:
-    token = secrets.token_urlsafe(32)
+) -> NewSession:
     purpose = f"provider-session:{integration_id}"
-    await pool.execute(
-        "INSERT INTO provider_sessions (token_hash, integration_id, ehr_user_id, appointment_key,"
-        " candidates, smart_tokens, csrf_token, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)",
-        _digest(token),
-        integration_id,
-        ehr_user_id,
-        appointment_key,
-        cipher.encrypt(orjson.dumps(candidates).decode(), purpose) if candidates else None,
-        cipher.encrypt(orjson.dumps(smart_tokens).decode(), purpose),
-        secrets.token_urlsafe(32),
-        datetime.now(UTC) + timedelta(seconds=ttl_s),
+    return NewSession(
+        token=secrets.token_urlsafe(32),
+        integration_id=integration_id,
+        ehr_user_id=ehr_user_id,
+        candidates=(
+            cipher.encrypt(orjson.dumps(candidates).decode(), purpose) if candidates else None
+        ),
+        smart_tokens=cipher.encrypt(orjson.dumps(smart_tokens).decode(), purpose),
+        csrf_token=secrets.token_urlsafe(32),
+        expires_at=datetime.now(UTC) + timedelta(seconds=ttl_s),
     )
-    return token
+
+
+async def start_session(
+    pool: asyncpg.Pool, session: NewSession, appointment_key: str | None
+) -> None:
+    await pool.execute(_INSERT_SESSION, appointment_key, *session.values())
+
+
+async def record_clinician_starting_session(
+    pool: asyncpg.Pool, appointment_key: str, session: NewSession
+) -> bool | None:
+    """Records the session's clinician (their EHR user id) on the visit, and starts the
+    session if the visit has its meeting. None when the visit is unknown, False when it has
+    no meeting yet: no session was started then."""
+    has_meeting: bool | None = await pool.fetchval(
+        _RECORD_CLINICIAN_STARTING_SESSION, appointment_key, *session.values()
+    )
+    return has_meeting
 
 
 def session_token_hash(request: web.Request) -> bytes | None:
