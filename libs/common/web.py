@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from multidict import MultiDictProxy
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from libs.common.db import create_pool, migrate
 from libs.common.events import COMPACTED_TOPICS, Topic
@@ -51,6 +51,24 @@ BodyRefusalRenderer = Callable[[web.Request, int, str], web.StreamResponse]
 BODY_REFUSAL: web.AppKey[BodyRefusalRenderer] = web.AppKey("body_refusal")
 
 
+# Labelled children by (route template, method, status): a label lookup costs more than the
+# count itself (15 of 21 us per request). Bounded by the routes, methods and statuses served.
+_REQUEST_METRICS: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _request_metrics(route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    # Any token is a method to HTTP: an invented one must not mint a label value.
+    key = (route, method if method in _METHODS else "other", status)
+    children = _REQUEST_METRICS.get(key)
+    if children is None:
+        children = (HTTP_REQUESTS.labels(route, key[1], str(status)), HTTP_LATENCY.labels(route))
+        _REQUEST_METRICS[key] = children
+    return children
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Binds a request id to every log line of the request and records its metrics."""
@@ -77,8 +95,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             ) from None
         finally:
             elapsed = time.perf_counter() - started
-            HTTP_REQUESTS.labels(route_name, request.method, str(status)).inc()
-            HTTP_LATENCY.labels(route_name).observe(elapsed)
+            counted, timed = _request_metrics(route_name, request.method, status)
+            counted.inc()
+            timed.observe(elapsed)
             if status >= 500:
                 log.error("request failed", method=request.method, status=status)
         response.headers["X-Request-Id"] = request_id

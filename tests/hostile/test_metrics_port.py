@@ -55,3 +55,17 @@ async def test_metrics_are_served_only_on_the_metrics_port(
                     if r.status != 404:
                         problems.append((name, "metrics port", method, path, r.status))
     assert problems == []
+
+
+async def test_an_unserved_http_method_mints_no_metric_label(others: Others) -> None:
+    """A request with a method no service serves (WebDAV's PROPFIND) is counted under
+    method="other": hostile input cannot grow the metrics' label values."""
+    name, app = next(iter(others.apps.items()))
+    invented = "PROPFIND"
+    async with aiohttp.ClientSession() as http:
+        async with http.request(invented, f"{others.urls[name]}/healthz") as r:
+            assert r.status in (404, 405), r.status
+        async with http.get(metrics_url(app)) as r:
+            text = await r.text()
+    assert invented not in text
+    assert 'method="other"' in text
