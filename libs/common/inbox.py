@@ -30,10 +30,11 @@ async def first_delivery(conn: Connection, consumer: str, event_id: uuid.UUID, t
 
 async def first_deliveries(
     conn: Connection, consumer: str, events: Sequence[tuple[uuid.UUID, str]]
-) -> set[uuid.UUID]:
-    """Record a poll's events for this consumer in one statement; the ids not applied before.
+) -> list[bool]:
+    """Record a poll's events for this consumer in one statement; for each, in order, whether
+    this is its first delivery (an id already applied, or met earlier in `events`, is not).
 
-    The same id twice in `events` is recorded once. Same transaction rule as `first_delivery`.
+    Same transaction rule as `first_delivery`.
     """
     if not conn.is_in_transaction():
         raise RuntimeError("inbox.first_deliveries must run inside the effects' transaction")
@@ -45,4 +46,9 @@ async def first_deliveries(
         [event_id for event_id, _ in events],
         [topic for _, topic in events],
     )
-    return {row["event_id"] for row in rows}
+    fresh = {row["event_id"] for row in rows}
+    first = []
+    for event_id, _ in events:
+        first.append(event_id in fresh)
+        fresh.discard(event_id)
+    return first

@@ -308,37 +308,46 @@ class ConsumerRunner:
             except UndeliverableEvent:
                 return False
         outcomes: list[bool] = []
+        committed = False
         try:
-            async with (
-                asyncio.timeout(self._handler_timeout_s),
-                self._pool.acquire() as conn,
-                conn.transaction(),
-            ):
-                if self._batch_handler is not None:
-                    outcomes = await self._apply_batch_on(conn, decoded, self._batch_handler)
-                else:
-                    for _tp, record, base_topic, event in decoded:
-                        with structlog.contextvars.bound_contextvars(
-                            event_id=str(event.event_id),
-                            topic=base_topic,
-                            appointment_key=event.key,
-                        ):
-                            applied = await self._apply_on(
-                                conn, event, base_topic, self._handlers[record.topic]
-                            )
-                        outcomes.append(applied)
+            async with asyncio.timeout(self._handler_timeout_s), self._pool.acquire() as conn:
+                async with conn.transaction():
+                    outcomes = await self._apply_all_on(conn, decoded)
+                # Past here the poll is applied: a timeout or error while the connection goes
+                # back to the pool must not send it down the per-event path, where every event
+                # would be a duplicate and its bookkeeping (metrics) lost.
+                committed = True
         except Exception as exc:
-            log.info(
-                "batch applied one event at a time instead",
-                consumer=self.name,
-                records=len(records),
-                error=type(exc).__name__,
-            )
-            return False
+            if not committed:
+                log.info(
+                    "batch applied one event at a time instead",
+                    consumer=self.name,
+                    records=len(records),
+                    error=type(exc).__name__,
+                )
+                return False
+            log.warning("connection release failed after a committed poll", consumer=self.name)
         for (tp, record, base_topic, event), applied in zip(decoded, outcomes, strict=True):
             self._pending[tp] = record.offset + 1
             self._done(tp, record, base_topic, event, applied)
         return True
+
+    async def _apply_all_on(
+        self,
+        conn: Connection,
+        decoded: list[tuple[TopicPartition, ConsumerRecord, str, Envelope[Any]]],
+    ) -> list[bool]:
+        if self._batch_handler is not None:
+            return await self._apply_batch_on(conn, decoded, self._batch_handler)
+        outcomes = []
+        for _tp, record, base_topic, event in decoded:
+            with structlog.contextvars.bound_contextvars(
+                event_id=str(event.event_id), topic=base_topic, appointment_key=event.key
+            ):
+                outcomes.append(
+                    await self._apply_on(conn, event, base_topic, self._handlers[record.topic])
+                )
+        return outcomes
 
     async def _apply_batch_on(
         self,
@@ -347,14 +356,9 @@ class ConsumerRunner:
         handler: BatchHandler,
     ) -> list[bool]:
         """The poll's inbox rows in one statement, then its first deliveries in one call."""
-        fresh = await first_deliveries(
+        outcomes = await first_deliveries(
             conn, self.name, [(event.event_id, topic) for _, _, topic, event in decoded]
         )
-        outcomes: list[bool] = []
-        for _, _, _, event in decoded:
-            outcomes.append(event.event_id in fresh)
-            # A record delivered twice in one poll is applied at its first place only.
-            fresh.discard(event.event_id)
         events = [d[3] for d, applied in zip(decoded, outcomes, strict=True) if applied]
         if events:
             with structlog.contextvars.bound_contextvars(events=len(events)):

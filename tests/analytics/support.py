@@ -39,14 +39,10 @@ class Facts:
         """A poll as the runner applies it with the batch handler: one inbox statement, then
         the first deliveries in one call, in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await first_deliveries(
+            applied = await first_deliveries(
                 conn, CONSUMER_GROUP, [(e.event_id, e.type) for e in events]
             )
-            first = []
-            for event in events:
-                if event.event_id in fresh:
-                    fresh.discard(event.event_id)
-                    first.append(event)
+            first = [e for e, ok in zip(events, applied, strict=True) if ok]
             if first:
                 await self.projector.apply(conn, first)
 

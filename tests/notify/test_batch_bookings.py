@@ -87,14 +87,10 @@ class Notify:
         """The events as one poll: one transaction, one inbox statement, one batch-handler
         call with the first deliveries in poll order; the batch handler's statements."""
         async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await first_deliveries(
+            applied = await first_deliveries(
                 conn, CONSUMER_GROUP, [(event.event_id, event.type) for event in events]
             )
-            first: list[Envelope[Any]] = []
-            for event in events:
-                if event.event_id in fresh:
-                    first.append(event)
-                    fresh.discard(event.event_id)
+            first = [event for event, ok in zip(events, applied, strict=True) if ok]
             counting = Counting(conn)
             await self.batch(cast("Connection", counting), first)
         return counting.statements
