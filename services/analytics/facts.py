@@ -104,6 +104,7 @@ _WRITE = (
     + ") WHERE f.appointment_key = v.appointment_key"
 )
 _FIGURES = ("status", "started_at", "duration_ms", "lobby_wait_ms", "attendees")
+_SCHEDULE_ONLY = frozenset({Topic.APPOINTMENT_RESCHEDULED, Topic.APPOINTMENT_CANCELLED})
 
 
 class FactsProjector:
@@ -233,12 +234,15 @@ class FactsProjector:
         event_id = str(appointment.events[-1].event_id)
         first = rollup.contribution(old) is None and rollup.contribution(new) is not None
         if first or any(old[c] != new[c] for c in _FIGURES):
-            # From the earliest event of the poll that this commit reflects.
-            occurred = min(e.occurred_at for e in appointment.events).timestamp()
+            # One observation per appointment and poll, from the earliest event of the poll
+            # that bears on the figures (a reschedule or cancellation does not).
+            bearing = [e for e in appointment.events if e.type not in _SCHEDULE_ONLY]
+            occurred = min(e.occurred_at for e in bearing or appointment.events).timestamp()
             self.metrics.fact_changed(event_id, new["environment"], occurred)
         if first:
             # Prometheus cannot take an observation back, so a visit is observed once, when
-            # it first counts; later corrections reach the report but not these histograms.
+            # it first counts (with its figures as the poll leaves them); later corrections
+            # reach the report but not these histograms.
             self.metrics.visit_counted(
                 event_id,
                 new["environment"],
@@ -247,16 +251,8 @@ class FactsProjector:
                 new["lobby_wait_ms"],
                 new["duration_ms"],
             )
-        sent = sum(1 for s in appointment.sms if s.outcome == "sent" and s.event_id in inserted_sms)
-        if old["department"] is not None:
-            if sent:
-                self.metrics.sms_sent(event_id, old["environment"], old["department"], sent)
-        elif new["department"] is not None and old["sms_sent"] + sent:
-            # Topics are consumed in no set order: a message seen before its booking is
-            # counted when the booking brings the department, so its label is never "unknown".
-            self.metrics.sms_sent(
-                event_id, new["environment"], new["department"], old["sms_sent"] + sent
-            )
+        for (environment, department), count in _sms_counts(appointment, inserted_sms).items():
+            self.metrics.sms_sent(event_id, environment, department, count)
 
     async def _tenant_settings(self, conn: Connection, event: Envelope[Any]) -> None:
         p = event.payload
@@ -277,3 +273,24 @@ class FactsProjector:
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as the column arrays unnest takes (empty arrays for no rows)."""
     return [[row[i] for row in rows] for i in range(width)]
+
+
+def _sms_counts(appointment: Appointment, inserted: set[Any]) -> dict[tuple[str, str], int]:
+    """Messages sent, by the labels they are counted under. Topics are consumed in no set
+    order: a message seen before its booking waits for the booking's department (so its label
+    is never "unknown"), and is counted when the booking arrives, as are those the appointment
+    held before the poll without a department."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    waiting = appointment.before["sms_sent"] if appointment.before["department"] is None else 0
+    labelled = appointment.labelled
+    for index, sms in enumerate([*appointment.sms, None]):
+        if labelled is not None and labelled[0] == index and waiting:
+            counts[(labelled[1], labelled[2])] += waiting
+            waiting = 0
+        if sms is None or sms.outcome != "sent" or sms.event_id not in inserted:
+            continue
+        if sms.department is None:
+            waiting += 1
+        else:
+            counts[(sms.environment or "unknown", sms.department)] += 1
+    return counts

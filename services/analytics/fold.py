@@ -34,6 +34,9 @@ class SmsRow:
     outcome: str
     segments: int
     at: datetime
+    # The appointment's labels when the message was folded: its metric is counted under them.
+    environment: str | None
+    department: str | None
 
 
 @dataclass
@@ -50,6 +53,10 @@ class Appointment:
     admitted: list[tuple[str, datetime]] = field(default_factory=list)
     presence: list[tuple[str, datetime, bool]] = field(default_factory=list)
     sms: list[SmsRow] = field(default_factory=list)
+    # The booking that first gave the appointment a department in this poll: (how many of the
+    # poll's messages came before it, environment, department). Messages sent before the
+    # department was known are counted under it.
+    labelled: tuple[int, str, str] | None = None
 
     def role(self, participant: str, role: str) -> None:
         # Staffness must not depend on order: a staff role, once seen, wins.
@@ -63,6 +70,8 @@ def fold(appointment: Appointment, event: Envelope[Any]) -> None:
     appointment.events.append(event)
     row, p = appointment.row, event.payload
     if isinstance(p, AppointmentCreatedV1):
+        if row["department"] is None and appointment.labelled is None:
+            appointment.labelled = (len(appointment.sms), p.environment, p.department)
         row.update(integration_id=p.integration_id, environment=p.environment)
         row["department"] = p.department
         if p.schedule_version >= row["schedule_version"]:
@@ -95,7 +104,16 @@ def fold(appointment: Appointment, event: Envelope[Any]) -> None:
     elif isinstance(p, SmsSentV1):
         row["integration_id"] = row["integration_id"] or p.integration_id
         appointment.sms.append(
-            SmsRow(event.event_id, event.key, p.kind, p.outcome, p.segments, p.at)
+            SmsRow(
+                event.event_id,
+                event.key,
+                p.kind,
+                p.outcome,
+                p.segments,
+                p.at,
+                row["environment"],
+                row["department"],
+            )
         )
     else:
         raise TypeError(f"no fact is kept for {type(p).__name__}")

@@ -16,8 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from libs.common.events import Envelope, MeetingEndedV1, Topic, make_event
+from libs.common.events import (
+    AppointmentCreatedV1,
+    Envelope,
+    MeetingEndedV1,
+    SmsSentV1,
+    Topic,
+    make_event,
+)
 from services.analytics import reports, rollup
+from services.analytics.metrics import MetricsRecorder
 from tests.analytics.support import Facts
 from tests.analytics.visits import Person, Visit, events, expected, visits
 
@@ -25,8 +33,8 @@ BASE = datetime(2026, 3, 10, 14, 0, tzinfo=UTC)
 
 
 @st.composite
-def delivered(draw: st.DrawFn) -> tuple[Visit, list[Envelope[Any]]]:
-    visit = draw(visits(tenant_id=f"tenant-{uuid.uuid4().hex[:8]}"))
+def delivered(draw: st.DrawFn, tenant_id: str | None = None) -> tuple[Visit, list[Envelope[Any]]]:
+    visit = draw(visits(tenant_id=tenant_id or f"tenant-{uuid.uuid4().hex[:8]}"))
     stream = events(visit)
     # The booking and the end of the meeting always arrive; live roster events may not.
     created, live, final = stream[0], stream[1:-1], stream[-1]
@@ -43,6 +51,23 @@ async def _check_visit(facts: Facts, visit: Visit, stream: list[Envelope[Any]]) 
 
 
 async def _assert_reference(facts: Facts, visit: Visit, stream: list[Envelope[Any]]) -> None:
+    await _assert_facts(facts, visit, stream)
+    want = expected(visit)
+    sms = len({e.event_id for e in stream if e.type == "sms-sent"})
+    day = want.report_day or BASE.date()
+    usage = await reports.usage(facts.pool, visit.tenant_id, day, day, "department")
+    counted = want.status in ("completed", "no_show")
+    assert usage.totals.appointments == (1 if counted else 0)
+    assert usage.totals.completed == (1 if want.status == "completed" else 0)
+    assert usage.totals.sms_sent == (sms if counted else 0)
+    if counted:
+        assert usage.totals.duration.sum_ms == want.duration_ms
+        assert usage.totals.lobby_wait.sum_ms == (want.lobby_wait_ms or 0)
+    async with facts.pool.acquire() as conn:
+        assert await rollup.check(conn, visit.tenant_id) == []
+
+
+async def _assert_facts(facts: Facts, visit: Visit, stream: list[Envelope[Any]]) -> None:
     want = expected(visit)
     got = await facts.fact(visit.key)
     assert (got["status"], got["started_at"], got["duration_ms"]) == (
@@ -57,17 +82,6 @@ async def _assert_reference(facts: Facts, visit: Visit, stream: list[Envelope[An
     )
     sms = len({e.event_id for e in stream if e.type == "sms-sent"})
     assert got["sms_sent"] == sms
-    day = want.report_day or BASE.date()
-    usage = await reports.usage(facts.pool, visit.tenant_id, day, day, "department")
-    counted = want.status in ("completed", "no_show")
-    assert usage.totals.appointments == (1 if counted else 0)
-    assert usage.totals.completed == (1 if want.status == "completed" else 0)
-    assert usage.totals.sms_sent == (sms if counted else 0)
-    if counted:
-        assert usage.totals.duration.sum_ms == want.duration_ms
-        assert usage.totals.lobby_wait.sum_ms == (want.lobby_wait_ms or 0)
-    async with facts.pool.acquire() as conn:
-        assert await rollup.check(conn, visit.tenant_id) == []
 
 
 def test_random_deliveries_give_the_reference_figures(database_url: str) -> None:
@@ -90,8 +104,10 @@ def test_random_deliveries_give_the_reference_figures(database_url: str) -> None
 
 @st.composite
 def polls(draw: st.DrawFn) -> tuple[list[tuple[Visit, list[Envelope[Any]]]], list[list[Any]]]:
-    """Several visits' deliveries interleaved in one stream, cut into polls of any size."""
-    cases = draw(st.lists(delivered(), min_size=1, max_size=4))
+    """Several visits of one tenant (so they share rollup rows), their deliveries interleaved
+    in one stream and cut into polls of any size."""
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    cases = draw(st.lists(delivered(tenant), min_size=1, max_size=4))
     stream = draw(st.permutations([e for _, events in cases for e in events]))
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=6)))
     bounds = [0, *cuts, len(stream)]
@@ -99,9 +115,9 @@ def polls(draw: st.DrawFn) -> tuple[list[tuple[Visit, list[Envelope[Any]]]], lis
 
 
 def test_polls_of_any_size_give_the_reference_figures(database_url: str) -> None:
-    """Visits delivered together in polls of any size (repeats and any order included), each
-    poll applied in one call as the consumer's batch handler does, end with the reference
-    figures in the facts and the rollup, the same as one event at a time."""
+    """Visits of one tenant delivered together in polls of any size (repeats and any order
+    included), each poll applied in one call as the consumer's batch handler does, end with
+    the reference figures in the facts, and the rollup they share equals the facts."""
     loop = asyncio.new_event_loop()
     facts = loop.run_until_complete(Facts.open(database_url))
 
@@ -109,7 +125,17 @@ def test_polls_of_any_size_give_the_reference_figures(database_url: str) -> None
         for poll in cut:
             await facts.apply_poll(poll)
         for visit, stream in cases:
-            await _assert_reference(facts, visit, stream)
+            await _assert_facts(facts, visit, stream)
+        tenant = cases[0][0].tenant_id
+        wanted = [expected(v) for v, _ in cases]
+        counted = [w for w in wanted if w.status in ("completed", "no_show")]
+        days = [w.report_day for w in counted if w.report_day]
+        if days:
+            usage = await reports.usage(facts.pool, tenant, min(days), max(days), "department")
+            assert usage.totals.appointments == len(counted)
+            assert usage.totals.duration.sum_ms == sum(w.duration_ms or 0 for w in counted)
+        async with facts.pool.acquire() as conn:
+            assert await rollup.check(conn, tenant) == []
 
     @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(polls())
@@ -339,3 +365,77 @@ async def test_sms_seen_before_its_booking_is_counted_under_the_booking_departme
 
     assert counted(department) == 2
     assert (await facts.fact(visit.key))["sms_sent"] == 2
+
+
+class CountingSms(MetricsRecorder):
+    """Records the SMS counts stashed for the metric, by label, instead of observing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted: dict[tuple[str, str], int] = {}
+
+    def sms_sent(
+        self, event_id: str, environment: str | None, department: str | None, count: int = 1
+    ) -> None:
+        labels = self.labels(environment, department)
+        self.counted[labels] = self.counted.get(labels, 0) + count
+
+
+def _booked(key: str, department: str) -> Envelope[Any]:
+    payload = AppointmentCreatedV1(
+        integration_id=uuid.UUID(int=1),
+        environment="production",
+        department=department,
+        starts_at=BASE,
+        ends_at=BASE + timedelta(minutes=30),
+        time_zone="UTC",
+    )
+    return make_event(Topic.APPOINTMENT_CREATED, "tenant-labels", key, payload)
+
+
+def _sent(key: str) -> Envelope[Any]:
+    payload = SmsSentV1(
+        integration_id=uuid.UUID(int=1), kind="link", outcome="sent", segments=1, at=BASE
+    )
+    return make_event(Topic.SMS_SENT, "tenant-labels", key, payload)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        # Booked under X earlier; re-booked under Y, then a message: counted under Y.
+        ["book X", "|", "book Y", "sms"],
+        # A message between two bookings: counted under the first.
+        ["book X", "sms", "book Y"],
+        # Messages before the booking wait for its department.
+        ["sms", "sms", "book X", "sms"],
+        ["sms", "|", "sms", "book Y", "sms"],
+    ],
+)
+async def test_sms_metric_labels_do_not_depend_on_where_polls_are_cut(
+    facts: Facts, script: list[str]
+) -> None:
+    """The SMS metric counts each message under the same department whether the events are
+    applied one at a time or in polls ("|" ends a poll)."""
+    runs: list[dict[tuple[str, str], int]] = []
+    for one_at_a_time in (True, False):
+        key = f"apt-{uuid.uuid4().hex}"
+        suffix = uuid.uuid4().hex[:6]
+        polls: list[list[Envelope[Any]]] = [[]]
+        for step in script:
+            if step == "|":
+                polls.append([])
+            elif step == "sms":
+                polls[-1].append(_sent(key))
+            else:
+                polls[-1].append(_booked(key, f"{step.split()[1]}-{suffix}"))
+        facts.projector.metrics = CountingSms()
+        for poll in polls:
+            if one_at_a_time:
+                await _apply_all(facts, poll)
+            else:
+                await facts.apply_poll(poll)
+        counted = facts.projector.metrics.counted
+        runs.append({(env, dept.split("-")[0]): n for (env, dept), n in counted.items()})
+    assert runs[0] == runs[1]
+    assert sum(runs[0].values()) == script.count("sms")
