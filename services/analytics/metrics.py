@@ -37,7 +37,8 @@ SMS_SENT = Counter(
 )
 EVENT_TO_FACT = Histogram(
     "analytics_event_to_fact_seconds",
-    "From an event's occurred_at to the visit facts it changed being committed",
+    "From the occurred_at of the earliest event in a poll that changed a visit's figures to"
+    " their commit; one observation per visit and poll",
     ["environment"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
