@@ -19,7 +19,7 @@ from services.launch.roster import roster_feed_ctx, stream_roster
 from services.launch.sessions import current_session
 from services.launch.settings import LaunchSettings
 from services.launch.smart import SmartClient
-from services.launch.state import GRAPH, INTEGRATIONS, SMART, launch_settings
+from services.launch.state import CIPHER, GRAPH, INTEGRATIONS, SMART, field_cipher
 from services.launch.subscriptions import subscription_renewal_ctx
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -32,12 +32,12 @@ async def clients_ctx(app: web.Application) -> AsyncIterator[None]:
     app[INTEGRATIONS] = IntegrationDirectory(app[DB_POOL])
     app[SMART] = SmartClient(app[HTTP], settings)
     app[GRAPH] = GraphClient(app[HTTP], settings)
+    app[CIPHER] = settings.field_cipher()
     yield
 
 
 async def visit_roster(request: web.Request) -> web.StreamResponse:
-    settings = launch_settings(request)
-    session = await current_session(request, request.app[DB_POOL], settings.field_cipher())
+    session = await current_session(request, request.app[DB_POOL], field_cipher(request))
     if session is None or session.appointment_key is None:
         raise web.HTTPUnauthorized(text="Your session has ended; launch the visit again.")
     return await stream_roster(request, session.appointment_key)

@@ -26,7 +26,7 @@ from services.launch.outbound import OutboundError
 from services.launch.pages import problem_page
 from services.launch.sessions import NewSession, record_clinician_starting_session, start_session
 from services.launch.smart import Persona, Pkce, SmartError, TokenResponse
-from services.launch.state import GRAPH, INTEGRATIONS, SMART, launch_settings
+from services.launch.state import GRAPH, INTEGRATIONS, SMART, field_cipher, launch_settings
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +83,7 @@ async def begin_launch(request: web.Request, persona: Persona) -> web.StreamResp
         return problem_page(502, "The EHR could not be reached", str(exc))
     state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
     pkce = Pkce.new() if smart.uses_pkce(integration, config) else None
-    sealed = settings.field_cipher().encrypt(
+    sealed = field_cipher(request).encrypt(
         orjson.dumps(
             {"verifier": pkce.verifier if pkce else None, "nonce": nonce, "persona": persona}
         ).decode(),
@@ -127,7 +127,6 @@ class CompletedLaunch:
 async def complete_launch(request: web.Request) -> CompletedLaunch | web.Response:
     """Consumes the single-use state, exchanges the code and validates the id_token; a
     problem page when any of it fails."""
-    settings = launch_settings(request)
     if "error" in request.query:
         return problem_page(
             400,
@@ -150,7 +149,7 @@ async def complete_launch(request: web.Request) -> CompletedLaunch | web.Respons
     integration = await request.app[INTEGRATIONS].by_id(row["integration_id"])
     if integration is None:
         return problem_page(403, "This EHR is not set up", NOT_CONFIGURED)
-    cipher = settings.field_cipher()
+    cipher = field_cipher(request)
     stored = orjson.loads(
         cipher.decrypt(row["secrets"], f"launch-state:{integration.integration_id}")
     )

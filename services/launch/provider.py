@@ -37,7 +37,7 @@ from services.launch.sessions import (
     start_session,
 )
 from services.launch.smart import SmartError, ehr_user_id
-from services.launch.state import INTEGRATIONS, launch_settings
+from services.launch.state import INTEGRATIONS, field_cipher, launch_settings
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +76,7 @@ async def launch_callback(request: web.Request) -> web.StreamResponse:
         )
     chosen = candidates[0] if len(candidates) == 1 else None
     session = new_session(
-        settings.field_cipher(),
+        field_cipher(request),
         integration_id=integration.integration_id,
         ehr_user_id=user,
         candidates=[] if chosen else [_option(a, integration) for a in candidates],
@@ -127,8 +127,7 @@ def _option(appointment: Appointment, integration: Integration) -> dict[str, str
 
 
 async def choose_page(request: web.Request) -> web.StreamResponse:
-    settings = launch_settings(request)
-    session = await current_session(request, request.app[DB_POOL], settings.field_cipher())
+    session = await current_session(request, request.app[DB_POOL], field_cipher(request))
     if session is None:
         return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
     if session.appointment_key:
@@ -142,9 +141,8 @@ async def choose_page(request: web.Request) -> web.StreamResponse:
 
 
 async def choose_submit(request: web.Request) -> web.StreamResponse:
-    settings = launch_settings(request)
     pool = request.app[DB_POOL]
-    session = await current_session(request, pool, settings.field_cipher())
+    session = await current_session(request, pool, field_cipher(request))
     if session is None:
         return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
     form = await read_form(request)
@@ -186,9 +184,7 @@ async def _session_tokens(
         "SELECT smart_tokens FROM provider_sessions WHERE token_hash = $1", token_hash
     )
     tokens: dict[str, Any] = orjson.loads(
-        launch_settings(request)
-        .field_cipher()
-        .decrypt(sealed, f"provider-session:{integration_id}")
+        field_cipher(request).decrypt(sealed, f"provider-session:{integration_id}")
     )
     return tokens
 
@@ -230,9 +226,8 @@ async def provider_page(request: web.Request) -> web.StreamResponse:
 
 async def send_link(request: web.Request) -> web.StreamResponse:
     """Asks notify, through an event, to text the join link to the patient."""
-    settings = launch_settings(request)
     pool = request.app[DB_POOL]
-    session = await current_session(request, pool, settings.field_cipher())
+    session = await current_session(request, pool, field_cipher(request))
     if session is None or session.appointment_key is None:
         return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
     form = await read_form(request)

@@ -30,7 +30,7 @@ from libs.common.web import DB_POOL
 from services.launch.fhir import Appointment
 from services.launch.meeting_preparation import MEETING_WAKE
 from services.launch.meetings import Visit, known_appointment, record_booking
-from services.launch.state import INTEGRATIONS, launch_settings
+from services.launch.state import INTEGRATIONS, field_cipher, launch_settings
 
 log = structlog.get_logger(__name__)
 
@@ -185,7 +185,7 @@ async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> s
     settings = launch_settings(request)
     phone = normalised_phone(event.patient_contact.phone if event.patient_contact else None)
     encrypted = (
-        settings.field_cipher().encrypt(phone, f"patient-phone:{visit.appointment_key}")
+        field_cipher(request).encrypt(phone, f"patient-phone:{visit.appointment_key}")
         if phone
         else None
     )
