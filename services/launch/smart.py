@@ -8,7 +8,7 @@ import hashlib
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -94,7 +94,7 @@ class SmartClient:
         self._http = http
         self._settings = settings
         self._discovery: dict[str, tuple[float, SmartConfiguration]] = {}
-        self._jwks: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._jwks: dict[str, _KeySet] = {}
 
     def _endpoint(self, url: str) -> str:
         return check_endpoint(url, self._settings.allow_loopback_http)
@@ -299,7 +299,7 @@ class SmartClient:
     async def _key(self, jwks_uri: str, kid: str) -> Any:
         for refresh in (False, True):
             cached = self._jwks.get(jwks_uri)
-            if refresh or not cached or cached[0] < time.monotonic():
+            if refresh or not cached or cached.expires_at < time.monotonic():
                 try:
                     async with self._http.get(jwks_uri, allow_redirects=False) as response:
                         keys = await read_json(response)
@@ -307,14 +307,34 @@ class SmartClient:
                     raise SmartError(
                         f"The EHR's keys are unreachable ({type(exc).__name__})."
                     ) from None
-                self._jwks[jwks_uri] = (time.monotonic() + 3600, keys)
-            for jwk in self._jwks[jwks_uri][1].get("keys", []):
-                if jwk.get("kid") == kid or (not kid and len(self._jwks[jwks_uri][1]["keys"]) == 1):
-                    try:
-                        return jwt.PyJWK(jwk).key
-                    except jwt.PyJWTError:
-                        continue
+                cached = self._jwks[jwks_uri] = _KeySet(time.monotonic() + 3600, keys)
+            key = cached.key(kid)
+            if key is not None:
+                return key
         raise SmartError("The EHR's identity token was signed by an unknown key.")
+
+
+@dataclass
+class _KeySet:
+    """An EHR's JWKS as fetched, and the key objects built from it so far, by kid: built
+    once per fetch, not once per id_token."""
+
+    expires_at: float
+    jwks: dict[str, Any]
+    built: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, kid: str) -> Any:
+        if kid in self.built:
+            return self.built[kid]
+        for jwk in self.jwks.get("keys", []):
+            if jwk.get("kid") == kid or (not kid and len(self.jwks["keys"]) == 1):
+                try:
+                    key = jwt.PyJWK(jwk).key
+                except jwt.PyJWTError:
+                    continue
+                self.built[kid] = key
+                return key
+        return None
 
 
 def authorization_endpoint(config: SmartConfiguration, persona: Persona) -> str:
