@@ -4,6 +4,7 @@ exchange with the integration's client authentication, and id_token validation."
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import secrets
 import time
@@ -71,6 +72,12 @@ class Pkce:
 
 class SmartError(Exception):
     """The launch cannot go on; the message is safe to show the clinician."""
+
+
+@functools.lru_cache(maxsize=256)
+def _quoted_setting(value: str) -> str:
+    """A configured value (client id, redirect URI, scopes, FHIR base), quoted for a query."""
+    return quote(value, safe="")
 
 
 def _unverified_header(token: str) -> dict[str, Any]:
@@ -150,22 +157,21 @@ class SmartClient:
             if persona == "patient"
             else self._settings.smart_scopes
         )
-        params = {
-            "response_type": "code",
-            "client_id": integration.smart_client_id,
-            "redirect_uri": redirect_uri,
-            "scope": scopes,
-            "state": state,
-            "nonce": nonce,
-            "launch": launch,
+        # The query urlencode(quote_via=quote) made, in the same order; the configured values
+        # are quoted once (quote walks a string with anything to escape in Python).
+        query = (
+            f"response_type=code&client_id={_quoted_setting(integration.smart_client_id)}"
+            f"&redirect_uri={_quoted_setting(redirect_uri)}&scope={_quoted_setting(scopes)}"
+            f"&state={quote(state, safe='')}&nonce={quote(nonce, safe='')}"
+            f"&launch={quote(launch, safe='')}"
             # Cerner refuses a request without aud, and aud must be the iss byte for byte.
-            "aud": integration.fhir_base_url,
-        }
+            f"&aud={_quoted_setting(integration.fhir_base_url)}"
+        )
         if pkce is not None:
-            params |= {"code_challenge": pkce.challenge, "code_challenge_method": "S256"}
+            query += f"&code_challenge={quote(pkce.challenge, safe='')}&code_challenge_method=S256"
         endpoint = authorization_endpoint(config, persona)
         separator = "&" if "?" in endpoint else "?"
-        return endpoint + separator + urlencode(params, quote_via=quote)
+        return endpoint + separator + query
 
     def _client_auth(
         self, integration: Integration, config: SmartConfiguration, cipher: FieldCipher
@@ -214,10 +220,13 @@ class SmartClient:
     ) -> TokenResponse:
         headers, extra = self._client_auth(integration, config, cipher)
         headers["Accept"] = "application/json"
+        # The body aiohttp's FormData would make of the dict, without building a FormData.
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        body = urlencode({**form, **extra}).encode()
         try:
             async with self._http.post(
                 config.token_endpoint,
-                data={**form, **extra},
+                data=body,
                 headers=headers,
                 allow_redirects=False,
             ) as response:
