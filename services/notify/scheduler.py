@@ -5,6 +5,11 @@ claim with `FOR UPDATE SKIP LOCKED` so replicas never take the same message. A c
 `due_at` a lease ahead, so a dispatcher that dies mid-send leaves the message to be retried
 with the same repeatabilityRequestId and repeatabilityFirstSent, which ACS answers with the
 original message instead of sending again.
+
+A claim is handled as a set: one statement reserves the rate-limit slots of all its
+messages (their numbers locked, then the windows counted and the attempts recorded), and
+the outcomes of the sends that finish together are recorded in one statement. Every write
+stays fenced by the claim, so a dispatcher whose claim was taken over changes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -36,9 +41,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RATE_WINDOW = timedelta(minutes=1)
+RATE_LIMITED = "sending number at its rate limit"
 # Told after each round: (kind, result) per message handled. Tests wait on it.
 RoundObserver = Callable[[list[tuple[str, str]]], None]
 
+# The claim also answers when the next message not taken becomes due ($1 is now): when it
+# took fewer than it asked for, everything due was taken, and the loop sleeps until then
+# (or a NOTIFY) without asking again. With nothing claimed it is one row of NULLs and
+# `next_due`.
 CLAIM = """
 WITH due AS (
     SELECT id FROM sms_messages WHERE status = 'pending' AND due_at <= $1
@@ -50,58 +60,50 @@ WITH due AS (
 )
 SELECT c.*, a.tenant_id, a.integration_id, a.starts_at, a.time_zone, a.join_url,
        a.phone_encrypted, a.sms_enabled AS appointment_sms, a.booked, a.cancelled,
-       i.organisation_name, i.sms_enabled AS integration_sms, i.sms_from_number, i.sms_templates
-FROM claimed c
+       i.organisation_name, i.sms_enabled AS integration_sms, i.sms_from_number, i.sms_templates,
+       n.next_due
+FROM (
+    SELECT (SELECT due_at FROM sms_messages WHERE status = 'pending' AND due_at > $1
+            ORDER BY due_at LIMIT 1) AS next_due
+) n
+LEFT JOIN claimed c ON true
 LEFT JOIN appointments a ON a.appointment_key = c.appointment_key
 LEFT JOIN integrations i ON i.integration_id = a.integration_id
 """
 
-# Serialises the window check per sending number across replicas; the key is the one earlier
-# versions lock, so old and new replicas still exclude each other during a rollout. The
-# opt-out is read in the same round trip.
-_LOCK_SENDER = (
-    "SELECT pg_advisory_xact_lock(hashtext('sms-rate:' || $1)),"
-    " (SELECT opted_out FROM opt_outs WHERE sender = $1 AND recipient_hash = $2)"
-)
-# The window as one row, the count and the oldest send (a busy number has up to `limit` sends
-# in it; fetching them all tripled this query's client CPU), and, only if a slot is free and
-# the claim still holds, the attempt and the send recorded: no row for `recorded` means the
-# number is full or the message was taken over.
-_RECORD_ATTEMPT = """
-WITH window_ AS (
-    SELECT count(*) AS sent, min(sent_at) AS oldest FROM (
-        SELECT sent_at FROM sender_sends WHERE sender = $1 AND sent_at > $2
-        ORDER BY sent_at LIMIT $3
-    ) w
-), recorded AS (
-    UPDATE sms_messages SET attempts = attempts + 1, sender = $1,
-        repeatability_first_sent = coalesce(repeatability_first_sent, $6)
-    WHERE id = $4 AND claims = $5 AND status = 'pending' AND (SELECT sent FROM window_) < $3
-    RETURNING repeatability_first_sent, attempts
-), counted AS (
-    INSERT INTO sender_sends (sender, sent_at) SELECT $1, $6 FROM recorded
-)
-SELECT window_.sent, window_.oldest, recorded.repeatability_first_sent, recorded.attempts
-FROM window_ LEFT JOIN recorded ON true
-"""
+# The reservation of a claim's messages in one round trip (migrations/0003_reserve_sms_slots.sql):
+# their numbers locked, then opt-outs, rate windows, attempts and sends, in a function so that
+# the count has a snapshot taken after the locks were granted and no client round trip
+# happens while they are held. Per message: 'reserved' (with repeatabilityFirstSent and the
+# attempt), 'deferred' (its number is at its limit), 'opted_out' or 'lost' (taken over).
+_RESERVE = "SELECT * FROM reserve_sms_slots($1, $2, $3, $4, $5, $6, $7, $8)"
 
-# The outcome and what goes with it in one statement: one round trip, atomic without a
-# transaction of its own. Each part selects from `finished`, so a dispatcher whose claim was
-# taken over writes none of them, and the outbox row exists iff the outcome was recorded (what
-# `outbox.enqueue` guarantees inside a transaction). $9 is the confirmation state (NULL for
-# other kinds), $10 and $11 the dead letter's attempts and reason (NULL unless parked).
-# A send the provider accepted is recorded even if the message was cancelled or superseded
-# meanwhile: it did go out.
+# Outcomes and what goes with them, many messages in one statement: one round trip, atomic
+# without a transaction of its own. Each part selects from `finished`, so an outcome from a
+# dispatcher whose claim was taken over writes none of them, and an outbox row exists iff its
+# outcome was recorded (what `outbox.enqueue` guarantees inside a transaction). Per message:
+# the confirmation state (NULL for other kinds), the dead letter's attempts and reason (NULL
+# unless parked), the sms-sent event (NULL when there is none). A send the provider accepted
+# is recorded even if the message was cancelled or superseded meanwhile: it did go out.
 _FINISH_PARTS = (
-    "WITH finished AS (UPDATE sms_messages SET status = $3, outcome = $4, reason = $5,"
-    " segments = $6, provider_message_id = coalesce($7, provider_message_id), finished_at = $8"
-    " WHERE id = $1 AND claims = $2 AND (status = 'pending' OR $3 = 'sent')"
-    " RETURNING id, appointment_key, kind),"
-    " confirmed AS (UPDATE appointments a SET confirmation = $9 FROM finished f"
-    " WHERE $9::text IS NOT NULL AND a.appointment_key = f.appointment_key),"
+    "WITH given AS (SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[],"
+    " $5::text[], $6::integer[], $7::text[], $8::timestamptz[], $9::text[], $10::integer[],"
+    " $11::text[], $12::uuid[], $13::text[], $14::text[], $15::bytea[])"
+    " AS g(id, claims, status, outcome, reason, segments, provider_message_id, at,"
+    " confirmation, dead_attempts, dead_reason, event_id, topic, key, payload)),"
+    " finished AS (UPDATE sms_messages m SET status = g.status, outcome = g.outcome,"
+    " reason = g.reason, segments = g.segments,"
+    " provider_message_id = coalesce(g.provider_message_id, m.provider_message_id),"
+    " finished_at = g.at FROM given g"
+    " WHERE m.id = g.id AND m.claims = g.claims AND (m.status = 'pending' OR g.status = 'sent')"
+    " RETURNING m.id, m.appointment_key, m.kind),"
+    " confirmed AS (UPDATE appointments a SET confirmation = c.confirmation FROM"
+    " (SELECT DISTINCT ON (f.appointment_key) f.appointment_key, g.confirmation"
+    " FROM finished f JOIN given g ON g.id = f.id WHERE g.confirmation IS NOT NULL"
+    " ORDER BY f.appointment_key, f.id DESC) c WHERE a.appointment_key = c.appointment_key),"
     " parked AS (INSERT INTO dead_letters (sms_message_id, appointment_key, kind, attempts,"
-    " reason) SELECT id, appointment_key, kind, $10, $11 FROM finished"
-    " WHERE $10::integer IS NOT NULL)"
+    " reason) SELECT f.id, f.appointment_key, f.kind, g.dead_attempts, g.dead_reason"
+    " FROM finished f JOIN given g ON g.id = f.id WHERE g.dead_attempts IS NOT NULL)"
 )
 # Outcomes without an event (a cancelled message) leave the outbox out: its trigger fires per
 # statement, rows inserted or not, and would wake the relay for nothing.
@@ -109,7 +111,8 @@ _FINISH = _FINISH_PARTS + " SELECT id FROM finished"  # noqa: S608 -- constants 
 _FINISH_ANNOUNCED = (
     _FINISH_PARTS  # noqa: S608 -- constants only
     + ", announced AS (INSERT INTO outbox (event_id, topic, key, payload)"
-    " SELECT $12, $13, $14, $15 FROM finished) SELECT id FROM finished"
+    " SELECT g.event_id, g.topic, g.key, g.payload FROM finished f JOIN given g ON g.id = f.id"
+    " WHERE g.event_id IS NOT NULL) SELECT id FROM finished"
 )
 
 
@@ -122,6 +125,36 @@ class Finish:
     provider_message_id: str | None = None
     dead_letter: bool = False
     attempts: int | None = None
+
+
+@dataclass(frozen=True)
+class _Wait:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A message that may go out once it has a slot: its number, recipient and text."""
+
+    sender: str
+    to: str
+    who: str  # the recipient's keyed hash, for the opt-out
+    text: str
+    segments: int
+
+
+# A reserved slot: repeatabilityFirstSent and the attempt it is.
+_Slot = tuple[datetime, int]
+
+
+@dataclass
+class _Outcome:
+    """An outcome waiting to be recorded with the others that finish meanwhile."""
+
+    id: int
+    values: tuple[Any, ...]  # one element per array of _FINISH_PARTS
+    announce: bool
+    recorded: asyncio.Future[bool]
 
 
 class Dispatcher:
@@ -144,7 +177,13 @@ class Dispatcher:
         self._observers: list[RoundObserver] = []
         self._listener: PoolConnectionProxy[asyncpg.Record] | None = None
         self._limit = asyncio.Semaphore(settings.sms_send_concurrency)
-        self._in_flight: set[asyncio.Task[str]] = set()
+        # Messages claimed by the loop and not yet answered by ACS, and the claims' tasks.
+        self._busy = 0
+        # The loop has left due messages unclaimed for want of a slot: an answer wakes it.
+        self._starved = False
+        self._claims: set[asyncio.Task[None]] = set()
+        self._outcomes: list[_Outcome] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     def observe(self, observer: RoundObserver) -> None:
         self._observers.append(observer)
@@ -154,62 +193,84 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Keeps up to `sms_send_concurrency` sends in flight, claiming more as each finishes,
-        so a trickle of new work never waits behind a slow batch."""
+        """Keeps up to `sms_send_concurrency` messages in hand (claimed, not yet answered by
+        ACS), claiming more as each is answered, so a trickle of new work never waits behind
+        a slow batch."""
         backoff = 0.2
         capacity = self._settings.sms_send_concurrency
         while not self._stopping.is_set():
             self._wake.clear()
-            free = capacity - len(self._in_flight)
+            free = capacity - self._busy
+            self._starved = free <= 0
             if free <= 0:
-                # Woken (a poll, a new message's NOTIFY) with every slot busy: the next send
-                # to finish wakes the loop. Claiming now would take a whole batch past the
-                # capacity, leases ticking, and the round after would fail on a negative LIMIT.
+                # Woken (a poll, a new message's NOTIFY) with every slot busy: the next message
+                # answered wakes the loop. Claiming now would lease messages no slot can send.
                 await self._sleep(self._settings.scheduler_poll_interval_s)
                 continue
             try:
                 await self._ensure_listener()
-                rows = await self.claim_due(min(free, self._settings.scheduler_batch_size))
-                for row in rows:
-                    task = asyncio.create_task(self._guarded(row))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._finished(row["kind"]))
-                if rows and len(rows) == free:
-                    pause = self._settings.scheduler_poll_interval_s  # woken as a send finishes
-                elif rows:
-                    continue
+                asked = min(free, self._settings.scheduler_batch_size)
+                rows, next_due = await self._claim(asked)
+                if rows:
+                    self._busy += len(rows)
+                    task = asyncio.create_task(self._handle_claim(rows))
+                    self._claims.add(task)
+                    task.add_done_callback(self._claims.discard)
+                if len(rows) == free:
+                    if self._busy < capacity:
+                        continue  # answers came in while claiming
+                    self._starved = True  # woken as one is answered
+                    pause = self._settings.scheduler_poll_interval_s
+                elif rows and len(rows) == asked:
+                    continue  # a full batch: more may be due
                 else:
-                    pause = await self._until_next_due()
+                    pause = self._until(next_due)
                 backoff = 0.2
             except Exception as exc:
                 log.warning("dispatch round failed", error=type(exc).__name__, retry_in_s=backoff)
                 await self._release_listener()
                 pause, backoff = backoff, min(backoff * 2, 10.0)
             await self._sleep(pause)
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._claims:
+            await asyncio.gather(*self._claims, return_exceptions=True)
         # stop() may have raced a listener being set up; the pool cannot close while held.
         await self._release_listener()
 
-    def _finished(self, kind: str) -> Callable[[asyncio.Task[str]], None]:
-        def done(task: asyncio.Task[str]) -> None:
-            self._in_flight.discard(task)
-            result = "error" if task.cancelled() or task.exception() else task.result()
+    async def _handle_claim(self, rows: Sequence[asyncpg.Record]) -> None:
+        """Frees a message's slot as soon as ACS has answered it (or it was settled without
+        a send): recording the outcome is no reason to keep the next due message waiting.
+        Each result is told once recorded. An answer wakes the loop only if it left due
+        messages for want of a slot (otherwise a NOTIFY or the next due time does), a retry
+        so that the loop learns the new due time."""
+        holding = {row["id"] for row in rows}
+
+        def answered(message_id: int) -> None:
+            if message_id in holding:
+                holding.discard(message_id)
+                self._busy -= 1
+                if self._starved:
+                    self._wake.set()
+
+        def settled(kind: str, result: str) -> None:
             for observer in self._observers:
                 observer([(kind, result)])
-            self._wake.set()
+            if result == "retry":
+                self._wake.set()
 
-        return done
+        try:
+            await self._dispatch_many(rows, settled, answered)
+        finally:
+            self._busy -= len(holding)
+            if holding and self._starved:
+                self._wake.set()
+            holding.clear()
 
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
         await self._release_listener()
 
-    async def _until_next_due(self) -> float:
-        next_due: datetime | None = await self._pool.fetchval(
-            "SELECT due_at FROM sms_messages WHERE status = 'pending' ORDER BY due_at LIMIT 1"
-        )
+    def _until(self, next_due: datetime | None) -> float:
         poll = self._settings.scheduler_poll_interval_s
         if next_due is None:
             return poll
@@ -241,15 +302,19 @@ class Dispatcher:
             await self._pool.release(listener)
 
     # -- one round -----------------------------------------------------------------------------
-    async def claim_due(self, limit: int | None = None) -> list[asyncpg.Record]:
+    async def _claim(self, limit: int) -> tuple[list[asyncpg.Record], datetime | None]:
+        """Up to `limit` due messages, and when the next one not taken is due."""
         now = self._clock.now()
         lease = now + timedelta(seconds=self._settings.scheduler_lease_s)
-        rows = await self._pool.fetch(
-            CLAIM, now, limit or self._settings.scheduler_batch_size, lease
-        )
+        answer = await self._pool.fetch(CLAIM, now, limit, lease)
+        rows = [row for row in answer if row["id"] is not None]
         metrics.SCHEDULER_CLAIMED.inc(len(rows))
         for row in rows:
             metrics.SCHEDULER_LAG.observe(max(0.0, (now - row["send_at"]).total_seconds()))
+        return rows, answer[0]["next_due"]
+
+    async def claim_due(self, limit: int | None = None) -> list[asyncpg.Record]:
+        rows, _ = await self._claim(limit or self._settings.scheduler_batch_size)
         return rows
 
     async def dispatch_due(self) -> int:
@@ -257,37 +322,80 @@ class Dispatcher:
         rows = await self.claim_due()
         if not rows:
             return 0
-        results = await asyncio.gather(*(self._guarded(row) for row in rows))
+        results = await self._dispatch_many(rows)
         handled = [(row["kind"], result) for row, result in zip(rows, results, strict=True)]
         for observer in self._observers:
             observer(handled)
         return len(rows)
 
-    async def _guarded(self, row: asyncpg.Record) -> str:
-        async with self._limit:
-            with structlog.contextvars.bound_contextvars(
-                appointment_key=row["appointment_key"], sms_kind=row["kind"]
-            ):
-                try:
-                    return await self._dispatch(row)
-                except Exception:
-                    # The lease brings it back; nothing was recorded as done.
-                    log.exception("dispatch failed; the message will be retried")
-                    return "error"
-
     async def _dispatch(self, row: asyncpg.Record) -> str:
+        """One claimed message, as a claim of one."""
+        [result] = await self._dispatch_many([row])
+        return result
+
+    async def _dispatch_many(
+        self,
+        rows: Sequence[asyncpg.Record],
+        settled: Callable[[str, str], None] | None = None,
+        answered: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """Decides each claimed message, reserves the slots of those that may go out in one
+        statement, then sends them side by side. Each message's id is told to `answered`
+        once ACS has answered it or it was settled without a send, and its result to
+        `settled` once recorded. A message whose handling fails is left to its lease."""
+        decided: list[Finish | _Wait | _Ready | str] = []
+        for row in rows:
+            try:
+                decided.append(self._decide(row))
+            except Exception:
+                self._log_failure(row)
+                decided.append("error")
+        ready = [(row, d) for row, d in zip(rows, decided, strict=True) if isinstance(d, _Ready)]
+        slots = await self._reserve_all(ready) if ready else {}
+
+        async def handle(row: asyncpg.Record, decision: Finish | _Wait | _Ready | str) -> str:
+            def sent() -> None:
+                if answered is not None:
+                    answered(row["id"])
+
+            result = "error"
+            try:
+                with structlog.contextvars.bound_contextvars(
+                    appointment_key=row["appointment_key"], sms_kind=row["kind"]
+                ):
+                    try:
+                        result = await self._carry_out(row, decision, slots.get(row["id"]), sent)
+                    except Exception:
+                        self._log_failure(row)
+                return result
+            finally:
+                sent()
+                if settled is not None:
+                    settled(row["kind"], result)
+
+        return list(
+            await asyncio.gather(*(handle(r, d) for r, d in zip(rows, decided, strict=True)))
+        )
+
+    @staticmethod
+    def _log_failure(row: asyncpg.Record) -> None:
+        with structlog.contextvars.bound_contextvars(
+            appointment_key=row["appointment_key"], sms_kind=row["kind"]
+        ):
+            # The lease brings it back; nothing was recorded as done.
+            log.exception("dispatch failed; the message will be retried")
+
+    def _decide(self, row: asyncpg.Record) -> Finish | _Wait | _Ready:
         kind: SmsKind = row["kind"]
         if row["booked"] is None or not row["booked"]:
-            return await self._wait(row, "appointment not booked yet")
+            return _Wait("appointment not booked yet")
         if row["cancelled"] and kind != "cancellation":
-            return await self._finish(row, Finish("cancelled", None, "appointment cancelled"))
+            return Finish("cancelled", None, "appointment cancelled")
         if row["organisation_name"] is None:
-            return await self._wait(row, "integration configuration not received yet")
+            return _Wait("integration configuration not received yet")
         sender = row["sms_from_number"]
         if not (row["appointment_sms"] and row["integration_sms"] and sender):
-            return await self._finish(
-                row, Finish("refused", "no_consent", "SMS off or consents not given")
-            )
+            return Finish("refused", "no_consent", "SMS off or consents not given")
         to = recipient(
             self._cipher,
             row["phone_encrypted"],
@@ -295,7 +403,7 @@ class Dispatcher:
             self._settings.sms_default_region,
         )
         if isinstance(to, Refusal):
-            return await self._finish(row, Finish("refused", "invalid_number", to.reason))
+            return Finish("refused", "invalid_number", to.reason)
         text = render(
             kind,
             organisation=row["organisation_name"],
@@ -305,28 +413,43 @@ class Dispatcher:
             templates=orjson.loads(row["sms_templates"]),
         )
         if text is None:
-            return await self._finish(
-                row,
-                Finish("failed", "failed", "text does not fit in 2 segments", dead_letter=True),
-            )
-        slot = await self._reserve(row, sender, recipient_hash(self._hash_secret, to))
-        if isinstance(slot, str):
-            return slot
-        result = await self._send(row, sender, to, text.text, slot)
-        return await self._settle(row, result, text.segments, slot[1])
+            return Finish("failed", "failed", "text does not fit in 2 segments", dead_letter=True)
+        return _Ready(sender, to, recipient_hash(self._hash_secret, to), text.text, text.segments)
+
+    async def _carry_out(
+        self,
+        row: asyncpg.Record,
+        decision: Finish | _Wait | _Ready | str,
+        slot: _Slot | Finish | str | None,
+        answered: Callable[[], None],
+    ) -> str:
+        if isinstance(decision, str):
+            return decision
+        if isinstance(decision, Finish):
+            return await self._finish(row, decision)
+        if isinstance(decision, _Wait):
+            return await self._wait(row, decision.reason)
+        if isinstance(slot, Finish):
+            return await self._finish(row, slot)
+        if slot is None or isinstance(slot, str):
+            return slot or "error"
+        result = await self._send(row, decision.sender, decision.to, decision.text, slot)
+        answered()
+        return await self._settle(row, result, decision.segments, slot[1])
 
     async def _send(
-        self, row: asyncpg.Record, sender: str, to: str, text: str, slot: tuple[datetime, int]
+        self, row: asyncpg.Record, sender: str, to: str, text: str, slot: _Slot
     ) -> SendResult:
-        with metrics.PROVIDER_LATENCY.time():
-            result = await self._acs.send(
-                sender=sender,
-                to=to,
-                message=text,
-                repeatability_request_id=row["repeatability_request_id"],
-                repeatability_first_sent=slot[0],
-                tag=f"notify:{row['kind']}",
-            )
+        async with self._limit:
+            with metrics.PROVIDER_LATENCY.time():
+                result = await self._acs.send(
+                    sender=sender,
+                    to=to,
+                    message=text,
+                    repeatability_request_id=row["repeatability_request_id"],
+                    repeatability_first_sent=slot[0],
+                    tag=f"notify:{row['kind']}",
+                )
         metrics.PROVIDER_RESPONSES.labels(metrics.status_class(result.status)).inc()
         return result
 
@@ -368,33 +491,53 @@ class Dispatcher:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     # -- state changes, each fenced by the claim so a stale dispatcher changes nothing ---------
+    async def _reserve_all(
+        self, ready: Sequence[tuple[asyncpg.Record, _Ready]]
+    ) -> dict[int, _Slot | Finish | str]:
+        """Opt-outs, rate-limit slots and attempts for a claim's messages in one statement;
+        if that fails (a deadlock with a consumer's transaction, say), one message at a time,
+        so one bad message does not hold the others back."""
+        try:
+            return await self._reserve(ready)
+        except Exception:
+            if len(ready) == 1:
+                self._log_failure(ready[0][0])
+                return {ready[0][0]["id"]: "error"}
+            log.warning("batch reservation failed; reserving one message at a time")
+        slots: dict[int, _Slot | Finish | str] = {}
+        for one in ready:
+            slots |= await self._reserve_all([one])
+        return slots
+
     async def _reserve(
-        self, row: asyncpg.Record, sender: str, who: str
-    ) -> tuple[datetime, int] | str:
-        """Opt-out check, a rate-limit slot and the attempt recorded, before the call."""
-        now = self._clock.now()
-        limit = self._settings.sms_rate_per_minute
-        async with self._pool.acquire() as conn, conn.transaction():
-            if await conn.fetchval(_LOCK_SENDER, sender, who, column=1):
-                return await self._finish(
-                    row, Finish("refused", "opted_out", "recipient replied STOP"), conn
-                )
-            # A separate statement after the lock, so its snapshot sees the sends committed
-            # before the lock was granted (the lock's own statement took its snapshot before
-            # waiting for it).
-            window = await conn.fetchrow(
-                _RECORD_ATTEMPT, sender, now - RATE_WINDOW, limit, row["id"], row["claims"], now
-            )
-            assert window is not None  # an aggregate's one row
-            if window["sent"] >= limit:
+        self, ready: Sequence[tuple[asyncpg.Record, _Ready]]
+    ) -> dict[int, _Slot | Finish | str]:
+        """Per message id: its slot, a refusal (opted out), "retry" (its number is at its
+        limit; put off) or "lost" (the claim was taken over)."""
+        answer = await self._pool.fetch(
+            _RESERVE,
+            [row["id"] for row, _ in ready],
+            [row["claims"] for row, _ in ready],
+            [r.sender for _, r in ready],
+            [r.who for _, r in ready],
+            self._clock.now(),
+            self._settings.sms_rate_per_minute,
+            RATE_WINDOW,
+            RATE_LIMITED,
+        )
+        slots: dict[int, _Slot | Finish | str] = {}
+        for reserved in answer:
+            message_id, verdict = reserved["reserved_id"], reserved["verdict"]
+            if verdict == "reserved":
+                slots[message_id] = (reserved["reserved_first_sent"], reserved["reserved_attempts"])
+            elif verdict == "opted_out":
+                slots[message_id] = Finish("refused", "opted_out", "recipient replied STOP")
+            elif verdict == "deferred":
                 metrics.SMS_RETRIES.labels("rate_limit").inc()
-                return await self._retry(
-                    row, window["oldest"] + RATE_WINDOW, "sending number at its rate limit",
-                    conn,
-                )  # fmt: skip
-            if window["attempts"] is None:
-                return "lost"
-            return window["repeatability_first_sent"], window["attempts"]
+                slots[message_id] = "retry"
+            else:
+                slots[message_id] = "lost"
+        return slots
 
     async def _wait(self, row: asyncpg.Record, reason: str) -> str:
         attempts = row["attempts"] + 1
@@ -413,8 +556,8 @@ class Dispatcher:
             row, self._clock.now() + timedelta(seconds=self._backoff(attempts)), reason
         )
 
-    async def _retry(self, row: asyncpg.Record, at: datetime, reason: str, conn: Any = None) -> str:
-        status = await (conn or self._pool).execute(
+    async def _retry(self, row: asyncpg.Record, at: datetime, reason: str) -> str:
+        status = await self._pool.execute(
             "UPDATE sms_messages SET due_at = $3, reason = $4"
             " WHERE id = $1 AND claims = $2 AND status = 'pending'",
             row["id"],
@@ -424,7 +567,8 @@ class Dispatcher:
         )
         return "retry" if status == "UPDATE 1" else "lost"
 
-    async def _finish(self, row: asyncpg.Record, finish: Finish, conn: Any = None) -> str:
+    async def _finish(self, row: asyncpg.Record, finish: Finish) -> str:
+        """Records the outcome with the others finishing meanwhile (one statement for all)."""
         now = self._clock.now()
         kind: SmsKind = row["kind"]
         announce = finish.outcome is not None and row["integration_id"] is not None
@@ -437,18 +581,7 @@ class Dispatcher:
         if finish.dead_letter:
             attempts = finish.attempts if finish.attempts is not None else row["attempts"]
             parked = (attempts, finish.reason or "unknown")
-        args: tuple[Any, ...] = (
-            row["id"],
-            row["claims"],
-            finish.status,
-            finish.outcome,
-            finish.reason,
-            finish.segments,
-            finish.provider_message_id,
-            now,
-            confirmation,
-            *parked,
-        )
+        event: tuple[Any, ...] = (None, None, None, None)
         if announce:
             payload = SmsSentV1(
                 integration_id=row["integration_id"],
@@ -457,10 +590,30 @@ class Dispatcher:
                 segments=finish.segments,
                 at=now,
             )
-            event = make_event(Topic.SMS_SENT, row["tenant_id"], row["appointment_key"], payload)
-            args += (event.event_id, event.type, event.key, encode_event(event))
-        statement = _FINISH_ANNOUNCED if announce else _FINISH
-        if await (conn or self._pool).fetchval(statement, *args) is None:
+            sent = make_event(Topic.SMS_SENT, row["tenant_id"], row["appointment_key"], payload)
+            event = (sent.event_id, sent.type, sent.key, encode_event(sent))
+        outcome = _Outcome(
+            row["id"],
+            (
+                row["id"],
+                row["claims"],
+                finish.status,
+                finish.outcome,
+                finish.reason,
+                finish.segments,
+                finish.provider_message_id,
+                now,
+                confirmation,
+                *parked,
+                *event,
+            ),
+            announce,
+            asyncio.get_running_loop().create_future(),
+        )
+        self._outcomes.append(outcome)
+        if self._recorder is None:
+            self._recorder = asyncio.create_task(self._record_outcomes())
+        if not await outcome.recorded:
             return "lost"
         if finish.dead_letter:
             metrics.SMS_DEAD_LETTERED.labels(kind).inc()
@@ -470,3 +623,47 @@ class Dispatcher:
         if finish.outcome not in (None, "sent"):
             log.info("sms not sent", outcome=finish.outcome, reason=finish.reason)
         return finish.outcome or finish.status
+
+    async def _record_outcomes(self) -> None:
+        """Writes the waiting outcomes, one statement a round, until none wait: those that
+        finish while a round is written go in the next. If a round fails (a deadlock with a
+        consumer's transaction, say), its outcomes are written one at a time."""
+        try:
+            while self._outcomes:
+                batch: list[_Outcome] = []
+                later: list[_Outcome] = []
+                ids: set[int] = set()
+                for outcome in self._outcomes:
+                    # The same message twice (a claim and its stale predecessor) goes in two
+                    # rounds, so each outcome is fenced on its own.
+                    (later if outcome.id in ids else batch).append(outcome)
+                    ids.add(outcome.id)
+                self._outcomes = later
+                try:
+                    await self._write_outcomes(batch)
+                except Exception as exc:
+                    if len(batch) == 1:
+                        _fail(batch[0], exc)
+                        continue
+                    log.warning("recording outcomes failed; recording one at a time")
+                    for outcome in batch:
+                        try:
+                            await self._write_outcomes([outcome])
+                        except Exception as one_exc:
+                            _fail(outcome, one_exc)
+        finally:
+            self._recorder = None
+
+    async def _write_outcomes(self, batch: list[_Outcome]) -> None:
+        batch = sorted(batch, key=lambda outcome: outcome.id)
+        columns = [list(values) for values in zip(*(o.values for o in batch), strict=True)]
+        statement = _FINISH_ANNOUNCED if any(o.announce for o in batch) else _FINISH
+        finished = {row["id"] for row in await self._pool.fetch(statement, *columns)}
+        for outcome in batch:
+            if not outcome.recorded.done():
+                outcome.recorded.set_result(outcome.id in finished)
+
+
+def _fail(outcome: _Outcome, exc: Exception) -> None:
+    if not outcome.recorded.done():
+        outcome.recorded.set_exception(exc)

@@ -1,0 +1,85 @@
+-- The dispatcher's reservation for a claim's messages in one round trip: the sending numbers
+-- locked, then the opt-outs, the rate windows, the attempts and the sends recorded. Its own
+-- statement's implicit transaction holds the locks, so no client round trip happens while
+-- they are held (BEGIN, lock, count, COMMIT kept them for three).
+--
+-- Per message held by its claim ($2 is each claim), in claim order within each number: the
+-- first `p_limit - sends in the last p_window` of each number get the attempt and the send
+-- recorded ('reserved'); the rest are put off until the window's oldest send leaves it
+-- ('deferred'; the claim's own sends are at p_at when the window was empty); an opted-out
+-- recipient's message is left for the caller to refuse ('opted_out'). A message whose claim
+-- was taken over is 'lost', and nothing is written for it.
+CREATE FUNCTION reserve_sms_slots(
+    p_ids bigint[],
+    p_claims integer[],
+    p_senders text[],
+    p_recipient_hashes text[],
+    p_at timestamptz,
+    p_limit integer,
+    p_window interval,
+    p_reason text
+) RETURNS TABLE (
+    reserved_id bigint,
+    reserved_first_sent timestamptz,
+    reserved_attempts integer,
+    verdict text
+) LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- Every number of the claim, in one order (by number), so two dispatchers locking
+    -- overlapping sets cannot deadlock. The key is the one earlier versions lock one number
+    -- at a time, so old and new replicas still exclude each other during a rollout.
+    PERFORM pg_advisory_xact_lock(hashtext('sms-rate:' || s))
+    FROM (SELECT DISTINCT s FROM unnest(p_senders) AS u(s) ORDER BY s OFFSET 0) AS ordered;
+    -- A query of its own: each query of a volatile function takes a new snapshot, so this
+    -- one sees the sends committed before the locks were granted.
+    RETURN QUERY
+    WITH asked AS (
+        SELECT a.id, a.claims, a.sender, a.n, coalesce(o.opted_out, false) AS opted_out
+        FROM unnest(p_ids, p_claims, p_senders, p_recipient_hashes) WITH ORDINALITY
+            AS a(id, claims, sender, who, n)
+        JOIN sms_messages m ON m.id = a.id AND m.claims = a.claims AND m.status = 'pending'
+        LEFT JOIN opt_outs o ON o.sender = a.sender AND o.recipient_hash = a.who
+    ), windows AS (
+        -- The window as one row per number: the count and the oldest send (a busy number
+        -- has up to p_limit sends in it).
+        SELECT s.sender, w.sent, w.oldest
+        FROM (SELECT DISTINCT asked.sender FROM asked WHERE NOT asked.opted_out) AS s
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS sent, min(x.sent_at) AS oldest FROM (
+                SELECT ss.sent_at FROM sender_sends ss
+                WHERE ss.sender = s.sender AND ss.sent_at > p_at - p_window
+                ORDER BY ss.sent_at LIMIT p_limit
+            ) AS x
+        ) AS w
+    ), ranked AS (
+        SELECT a.id, a.claims, a.sender, w.oldest,
+               w.sent + row_number() OVER (PARTITION BY a.sender ORDER BY a.n) <= p_limit
+                   AS free
+        FROM asked a JOIN windows w ON w.sender = a.sender
+        WHERE NOT a.opted_out
+    ), recorded AS (
+        UPDATE sms_messages m SET attempts = m.attempts + 1, sender = r.sender,
+            repeatability_first_sent = coalesce(m.repeatability_first_sent, p_at)
+        FROM ranked r
+        WHERE m.id = r.id AND m.claims = r.claims AND m.status = 'pending' AND r.free
+        RETURNING m.id, m.sender, m.repeatability_first_sent, m.attempts
+    ), counted AS (
+        INSERT INTO sender_sends (sender, sent_at) SELECT recorded.sender, p_at FROM recorded
+    ), deferred AS (
+        UPDATE sms_messages m SET due_at = coalesce(r.oldest, p_at) + p_window,
+            reason = p_reason
+        FROM ranked r
+        WHERE m.id = r.id AND m.claims = r.claims AND m.status = 'pending' AND NOT r.free
+        RETURNING m.id
+    )
+    SELECT g.id, r.repeatability_first_sent, r.attempts,
+           CASE WHEN r.id IS NOT NULL THEN 'reserved'
+                WHEN d.id IS NOT NULL THEN 'deferred'
+                WHEN a.opted_out THEN 'opted_out'
+                ELSE 'lost' END
+    FROM unnest(p_ids) AS g(id)
+    LEFT JOIN recorded r ON r.id = g.id
+    LEFT JOIN deferred d ON d.id = g.id
+    LEFT JOIN asked a ON a.id = g.id;
+END;
+$$;
