@@ -32,7 +32,9 @@ class NotifySettings(ServiceSettings):
     sms_max_attempts: int = Field(default=6, ge=1, le=50)
     sms_backoff_base_s: float = Field(default=2.0, gt=0)
     sms_backoff_max_s: float = Field(default=300.0, gt=0)
-    sms_send_concurrency: int = Field(default=16, ge=1, le=512)
+    # Messages a dispatcher holds at once, claimed and not yet answered by ACS (and its
+    # connections to ACS); the largest burst it claims in one statement.
+    sms_send_concurrency: int = Field(default=32, ge=1, le=512)
 
     # Off for replicas that only consume; the plan in Postgres waits for a dispatcher.
     scheduler_enabled: bool = True
