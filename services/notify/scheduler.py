@@ -183,6 +183,9 @@ class Dispatcher:
         self._starved = False
         self._claims: set[asyncio.Task[None]] = set()
         self._outcomes: list[_Outcome] = []
+        # Outcomes answered by ACS and not yet recorded. A slot frees on the answer, so this
+        # bounds what a stalled recorder (a row locked by a consumer) lets the loop send on.
+        self._unrecorded = 0
         self._recorder: asyncio.Task[None] | None = None
 
     def observe(self, observer: RoundObserver) -> None:
@@ -200,7 +203,7 @@ class Dispatcher:
         capacity = self._settings.sms_send_concurrency
         while not self._stopping.is_set():
             self._wake.clear()
-            free = capacity - self._busy
+            free = capacity - self._busy - max(0, self._unrecorded - capacity)
             self._starved = free <= 0
             if free <= 0:
                 # Woken (a poll, a new message's NOTIFY) with every slot busy: the next message
@@ -611,6 +614,8 @@ class Dispatcher:
             asyncio.get_running_loop().create_future(),
         )
         self._outcomes.append(outcome)
+        self._unrecorded += 1
+        outcome.recorded.add_done_callback(self._outcome_recorded)
         if self._recorder is None:
             self._recorder = asyncio.create_task(self._record_outcomes())
         if not await outcome.recorded:
@@ -624,13 +629,19 @@ class Dispatcher:
             log.info("sms not sent", outcome=finish.outcome, reason=finish.reason)
         return finish.outcome or finish.status
 
+    def _outcome_recorded(self, _: asyncio.Future[bool]) -> None:
+        self._unrecorded -= 1
+        if self._starved:
+            self._wake.set()
+
     async def _record_outcomes(self) -> None:
         """Writes the waiting outcomes, one statement a round, until none wait: those that
         finish while a round is written go in the next. If a round fails (a deadlock with a
         consumer's transaction, say), its outcomes are written one at a time."""
+        batch: list[_Outcome] = []
         try:
             while self._outcomes:
-                batch: list[_Outcome] = []
+                batch = []
                 later: list[_Outcome] = []
                 ids: set[int] = set()
                 for outcome in self._outcomes:
@@ -653,6 +664,11 @@ class Dispatcher:
                             _fail(outcome, one_exc)
         finally:
             self._recorder = None
+            # Cancelled mid-round (shutdown): whoever waits is told, and the message is left to
+            # its lease (a rewrite of a recorded outcome is fenced).
+            for outcome in [*batch, *self._outcomes]:
+                _fail(outcome, ConnectionError("recording outcomes stopped"))
+            self._outcomes = []
 
     async def _write_outcomes(self, batch: list[_Outcome]) -> None:
         batch = sorted(batch, key=lambda outcome: outcome.id)

@@ -325,3 +325,54 @@ async def test_dispatcher_wakes_when_the_next_message_becomes_due(make_kit: Make
             await dispatcher.stop()
             await running
     assert kinds == [("confirmation", "sent"), ("reminder", "sent")]
+
+
+class StarvedWhileHeld(HeldOutcomes):
+    """HeldOutcomes that tells when the loop goes to sleep with every slot free, yet none it
+    may use: what waits is the recorder."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.starved = asyncio.Event()
+
+    async def _sleep(self, seconds: float) -> None:
+        if self._starved and self._busy == 0 and not self.release.is_set():
+            self.starved.set()
+        await super()._sleep(seconds)
+
+
+async def test_a_stalled_recorder_stops_the_sending_after_one_round_of_slots(
+    make_kit: MakeKit,
+) -> None:
+    """With outcomes not being recorded (a row locked elsewhere), the dispatcher stops
+    claiming once as many answered outcomes wait as it has slots, instead of sending on; when
+    recording resumes every message is sent and recorded once."""
+    kit = await make_kit(scheduler_enabled=False, sms_send_concurrency=1)
+    await kit.configure()
+    for n in range(4):
+        await kit.book(f"apt_stalled_{n}")
+    async with acs_client(kit, expected=2) as acs:
+        dispatcher = StarvedWhileHeld(kit.pool, acs, kit.settings, kit.clock)
+        results: list[str] = []
+        all_recorded = asyncio.Event()
+
+        def handled(round_: list[tuple[str, str]]) -> None:
+            results.extend(result for _, result in round_)
+            if len(results) == 4:
+                all_recorded.set()
+
+        dispatcher.observe(handled)
+        running = asyncio.create_task(dispatcher.run())
+        try:
+            await wait_for(acs.all_answered, "two messages answered by ACS")
+            await wait_for(dispatcher.starved, "the loop waiting for the recorder")
+            # One in the slot's answer, one waiting beside it: no third send.
+            assert len(kit.outbound()) == 2
+            dispatcher.release.set()
+            await wait_for(all_recorded, "every outcome recorded")
+        finally:
+            dispatcher.release.set()
+            await dispatcher.stop()
+            await running
+    assert results == ["sent"] * 4
+    assert len(kit.outbound()) == 4

@@ -25,11 +25,16 @@ CREATE FUNCTION reserve_sms_slots(
     verdict text
 ) LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    -- Every number of the claim, in one order (by number), so two dispatchers locking
-    -- overlapping sets cannot deadlock. The key is the one earlier versions lock one number
-    -- at a time, so old and new replicas still exclude each other during a rollout.
-    PERFORM pg_advisory_xact_lock(hashtext('sms-rate:' || s))
-    FROM (SELECT DISTINCT s FROM unnest(p_senders) AS u(s) ORDER BY s OFFSET 0) AS ordered;
+    -- Every number of the claim, in one order (by the lock key itself, once per key: two
+    -- numbers may share a hashtext, and ordering by number would then lock that key out of
+    -- order), so two dispatchers locking overlapping sets cannot deadlock. The key is the one
+    -- earlier versions lock one number at a time, so old and new replicas still exclude each
+    -- other during a rollout.
+    PERFORM pg_advisory_xact_lock(k)
+    FROM (
+        SELECT DISTINCT hashtext('sms-rate:' || s) AS k FROM unnest(p_senders) AS u(s)
+        ORDER BY k OFFSET 0
+    ) AS ordered;
     -- A query of its own: each query of a volatile function takes a new snapshot, so this
     -- one sees the sends committed before the locks were granted.
     RETURN QUERY
