@@ -46,6 +46,33 @@ INTEGRATION = uuid.UUID("4b0b3b0e-6c1a-4a43-9c39-1b0c4f1f2a11")
 OTHER_INTEGRATION = uuid.UUID("9d6f1c7e-2a3b-4c5d-8e9f-0a1b2c3d4e5f")
 
 
+def integration_config(
+    integration: uuid.UUID = INTEGRATION,
+    sender: str | None = SENDER,
+    sms_enabled: bool = True,
+    offsets: list[int] | None = None,
+    version: int = 1,
+    organisation: str = "Lakeside Health",
+) -> IntegrationConfigV1:
+    """The integration-config payload config publishes for a test integration."""
+    return IntegrationConfigV1(
+        integration_id=integration,
+        config_version=version,
+        fhir_base_url="https://fhir-ehr.cerner.com/r4/ec2458f2-1e24-41c8-b71b-0e701af7583d",
+        environment="production",
+        enabled=True,
+        department="Cardiology",
+        organisation_name=organisation,
+        ms_tenant_id="contoso",
+        smart_client_id="client",
+        client_auth_method="client_secret_basic",
+        teams_organizer_id="organizer",
+        sms_enabled=sms_enabled,
+        sms_from_number=sender,
+        reminder_offsets_minutes=offsets or [15],
+    )
+
+
 class Kit:
     """One notify service wired to one ACS stand-in, both on the same manual clock."""
 
@@ -146,21 +173,8 @@ class Kit:
         version: int = 1,
         organisation: str = "Lakeside Health",
     ) -> None:
-        payload = IntegrationConfigV1(
-            integration_id=integration,
-            config_version=version,
-            fhir_base_url="https://fhir-ehr.cerner.com/r4/ec2458f2-1e24-41c8-b71b-0e701af7583d",
-            environment="production",
-            enabled=True,
-            department="Cardiology",
-            organisation_name=organisation,
-            ms_tenant_id="contoso",
-            smart_client_id="client",
-            client_auth_method="client_secret_basic",
-            teams_organizer_id="organizer",
-            sms_enabled=sms_enabled,
-            sms_from_number=sender,
-            reminder_offsets_minutes=offsets or [15],
+        payload = integration_config(
+            integration, sender, sms_enabled, offsets, version, organisation
         )
         before = self.applied
         await self.publish(Topic.INTEGRATION_CONFIG, str(integration), payload)

@@ -21,7 +21,6 @@ from libs.common.events import (
     AppointmentCreatedV1,
     AppointmentRescheduledV1,
     Envelope,
-    IntegrationConfigV1,
     SmsRequestedV1,
     Topic,
     encode_event,
@@ -32,7 +31,13 @@ from sandbox.microsoft.clock import ManualClock
 from services.notify.app import CONSUMER_GROUP, MIGRATIONS
 from services.notify.bookings import batch_handler
 from services.notify.consumers import handlers
-from tests.notify.conftest import INTEGRATION, OTHER_INTEGRATION, START, MakeKit
+from tests.notify.conftest import (
+    INTEGRATION,
+    OTHER_INTEGRATION,
+    START,
+    MakeKit,
+    integration_config,
+)
 
 if TYPE_CHECKING:
     from libs.common.db import Connection
@@ -179,22 +184,7 @@ def link_pressed(key: str) -> Envelope[Any]:
 
 
 def configured(integration: uuid.UUID, offsets: list[int], version: int = 1) -> Envelope[Any]:
-    payload = IntegrationConfigV1(
-        integration_id=integration,
-        config_version=version,
-        fhir_base_url="https://fhir-ehr.cerner.com/r4/ec2458f2-1e24-41c8-b71b-0e701af7583d",
-        environment="production",
-        enabled=True,
-        department="Cardiology",
-        organisation_name="Lakeside Health",
-        ms_tenant_id="contoso",
-        smart_client_id="client",
-        client_auth_method="client_secret_basic",
-        teams_organizer_id="organizer",
-        sms_enabled=True,
-        sms_from_number="+18005550100",
-        reminder_offsets_minutes=offsets,
-    )
+    payload = integration_config(integration, offsets=offsets, version=version)
     return make_event(Topic.INTEGRATION_CONFIG, "tenant-a", str(integration), payload)
 
 
