@@ -26,6 +26,83 @@ RESOURCE_RE = re.compile(
 MEETING_ROLES = ("OnlineMeetings.ReadWrite.All", "OnlineMeetings.Read.All")
 WRITE_ROLES = ("OnlineMeetings.ReadWrite.All",)
 REPORT_ROLES = ("OnlineMeetingArtifact.Read.All", "OnlineMeetings.ReadWrite.All")
+# PATCH /onlineMeetings/{id} (v1.0 "Update onlineMeeting"): the properties it accepts, with
+# the JSON type each must have, and the onlineMeeting properties it refuses to change.
+UPDATABLE: dict[str, type] = {
+    "allowAttendeeToEnableCamera": bool,
+    "allowAttendeeToEnableMic": bool,
+    "allowBreakoutRooms": bool,
+    "allowCopyingAndSharingMeetingContent": bool,
+    "allowedLobbyAdmitters": str,
+    "allowedPresenters": str,
+    "allowLiveShare": str,
+    "allowMeetingChat": str,
+    "allowPowerPointSharing": bool,
+    "allowRecording": bool,
+    "allowTeamworkReactions": bool,
+    "allowTranscription": bool,
+    "allowWhiteboard": bool,
+    "anonymizeIdentityForRoles": list,
+    "broadcastSettings": dict,
+    "endDateTime": str,
+    "isEntryExitAnnounced": bool,
+    "lobbyBypassSettings": dict,
+    "participants": dict,
+    "recordAutomatically": bool,
+    "startDateTime": str,
+    "subject": str,
+    "watermarkProtection": dict,
+}
+NOT_UPDATABLE = frozenset(
+    {
+        "@odata.type",
+        "allowParticipantsToChangeName",
+        "attendanceReports",
+        "attendeeReport",
+        "audioConferencing",
+        "autoAdmittedUsers",
+        "chatInfo",
+        "chatRestrictions",
+        "creationDateTime",
+        "externalId",
+        "id",
+        "isBroadcast",
+        "joinInformation",
+        "joinMeetingIdSettings",
+        "joinUrl",
+        "joinWebUrl",
+        "outerMeetingAutoAdmittedUsers",
+        "recordings",
+        "shareMeetingChatHistoryDefault",
+        "transcripts",
+        "videoTeleconferenceId",
+    }
+)
+ENUMS: dict[str, tuple[str, ...]] = {
+    "allowedPresenters": (
+        "everyone",
+        "organization",
+        "roleIsPresenter",
+        "organizer",
+        "unknownFutureValue",
+    ),
+    "allowMeetingChat": ("enabled", "disabled", "limited", "unknownFutureValue"),
+    "allowedLobbyAdmitters": (
+        "organizerAndCoOrganizersAndPresenters",
+        "organizerAndCoOrganizers",
+        "unknownFutureValue",
+    ),
+    "allowLiveShare": ("enabled", "disabled", "unknownFutureValue"),
+}
+LOBBY_SCOPES = (
+    "organizer",
+    "organization",
+    "organizationAndFederated",
+    "everyone",
+    "invited",
+    "organizationExcludingGuests",
+    "unknownFutureValue",
+)
 
 
 class GraphError(Exception):
@@ -184,6 +261,92 @@ class Graph:
             meeting = self._meeting(organizer, request.match_info["meeting"])
         except GraphError as exc:
             return self._fail(request, exc)
+        data = {"@odata.context": self._ctx("onlineMeetings/$entity"), **meeting.graph_json()}
+        return web.json_response(data)
+
+    def _changes(self, body: Any) -> dict[str, Any]:
+        """Validate an update body as Graph does; the changes with times parsed."""
+        if not isinstance(body, dict):
+            raise GraphError(400, "BadRequest", "The request body must be a JSON object.")
+        for name in body:
+            if name in NOT_UPDATABLE:
+                raise GraphError(
+                    400,
+                    "InvalidArgument",
+                    "One or more properties do not support updating. Please refer to Microsoft "
+                    "Graph documentation for more information.",
+                )
+            if name not in UPDATABLE:
+                raise GraphError(
+                    400,
+                    "BadRequest",
+                    f"The property '{name}' does not exist on type 'microsoft.graph."
+                    "onlineMeeting'. Make sure to only use property names that are defined by "
+                    "the type or mark the type as open type.",
+                )
+        changes: dict[str, Any] = {}
+        for name, value in body.items():
+            if not isinstance(value, UPDATABLE[name]):
+                raise GraphError(
+                    400, "BadRequest", f"Invalid value for property '{name}' of onlineMeeting."
+                )
+            if name in ENUMS and value not in ENUMS[name]:
+                raise GraphError(
+                    400, "BadRequest", f"Requested value '{value}' was not found for '{name}'."
+                )
+            changes[name] = value
+        if ("startDateTime" in changes) != ("endDateTime" in changes):
+            raise GraphError(
+                400,
+                "BadRequest",
+                "startDateTime and endDateTime must both be given to change the meeting time.",
+            )
+        if "startDateTime" in changes:
+            try:
+                start = parse_time(changes["startDateTime"])
+                end = parse_time(changes["endDateTime"])
+            except ValueError as exc:
+                raise GraphError(400, "BadRequest", str(exc)) from exc
+            if end < start:
+                raise GraphError(400, "BadRequest", "endDateTime must be after startDateTime.")
+            changes["startDateTime"], changes["endDateTime"] = start, end
+        lobby = changes.get("lobbyBypassSettings")
+        if lobby is not None and lobby.get("scope", "organizer") not in LOBBY_SCOPES:
+            raise GraphError(
+                400, "BadRequest", f"Requested value '{lobby['scope']}' was not found for 'scope'."
+            )
+        participants = changes.get("participants")
+        if participants is not None:
+            if "organizer" in participants:
+                raise GraphError(
+                    400,
+                    "InvalidArgument",
+                    "One or more properties do not support updating. Please refer to Microsoft "
+                    "Graph documentation for more information.",
+                )
+            if not isinstance(participants.get("attendees", []), list):
+                raise GraphError(400, "BadRequest", "participants.attendees must be a list.")
+        return changes
+
+    async def update_meeting(self, request: web.Request) -> web.Response:
+        """PATCH: 200 with the updated meeting. Times change only in pairs."""
+        try:
+            claims = self._claims(request, WRITE_ROLES)
+            organizer = self._organizer(claims, request.match_info["user"])
+            meeting = self._meeting(organizer, request.match_info["meeting"])
+            try:
+                body = await request.json()
+            except ValueError as exc:
+                raise GraphError(
+                    400,
+                    "BadRequest",
+                    "Unable to read JSON request payload. Please ensure Content-Type header is "
+                    "set and payload is of valid JSON format.",
+                ) from exc
+            changes = self._changes(body)
+        except GraphError as exc:
+            return self._fail(request, exc)
+        self.meetings.update(meeting, changes)
         data = {"@odata.context": self._ctx("onlineMeetings/$entity"), **meeting.graph_json()}
         return web.json_response(data)
 
@@ -442,6 +605,7 @@ class Graph:
         base = "/v1.0/users/{user}/onlineMeetings"
         router.add_post(base + "/createOrGet", self.create_or_get)
         router.add_get(base + "/{meeting}", self.get_meeting)
+        router.add_patch(base + "/{meeting}", self.update_meeting)
         router.add_get(
             base + "/{meeting}/getVirtualAppointmentJoinWebUrl", self.virtual_appointment_url
         )

@@ -197,6 +197,9 @@ class MeetingPages:
                     "organizer": m.organizer.upn,
                     "subject": m.subject,
                     "joinWebUrl": m.join_web_url,
+                    "startDateTime": graph_time(m.start),
+                    "endDateTime": graph_time(m.end),
+                    "updateCount": m.update_count,
                 }
                 for m in self.meetings.by_id.values()
             ]

@@ -18,6 +18,8 @@ CALL_STARTED = "Microsoft.Communication.CallStarted"
 CALL_ROSTER_UPDATE = "Microsoft.Communication.CallRosterUpdate"
 CALL_ENDED = "Microsoft.Communication.CallEnded"
 SAME_ORG_SCOPES = ("organization", "organizationAndFederated", "organizationExcludingGuests")
+# Updatable properties the meeting keeps in fields of its own; others go to Meeting.settings.
+_MODELLED = ("startDateTime", "endDateTime", "subject", "lobbyBypassSettings", "participants")
 
 
 class MeetingError(Exception):
@@ -119,6 +121,10 @@ class Meeting:
     join_meeting_id: str
     call: CallSession | None = None
     reports: list[dict[str, Any]] = field(default_factory=list)
+    # Updatable settings set by PATCH that the stand-in does not act on (allowMeetingChat, …).
+    settings: dict[str, Any] = field(default_factory=dict)
+    # How many PATCHes changed or restated this meeting (GET /_sandbox/meetings shows it).
+    update_count: int = 0
 
     def graph_json(self) -> dict[str, Any]:
         org = self.organizer
@@ -161,6 +167,7 @@ class Meeting:
                 },
                 "attendees": self.participants.get("attendees", []),
             },
+            **self.settings,
         }
 
 
@@ -224,6 +231,20 @@ class MeetingStore:
         self.by_join_url[normalize_join_url(join_url)] = meeting
         self.by_thread[thread_id] = meeting
         return meeting, True
+
+    def update(self, meeting: Meeting, changes: dict[str, Any]) -> Meeting:
+        """Apply a validated PATCH: times, subject, lobby, attendees and other settings."""
+        if "startDateTime" in changes:
+            meeting.start, meeting.end = changes["startDateTime"], changes["endDateTime"]
+        if "subject" in changes:
+            meeting.subject = changes["subject"]
+        if "lobbyBypassSettings" in changes:
+            meeting.lobby_bypass = {**meeting.lobby_bypass, **changes["lobbyBypassSettings"]}
+        if "participants" in changes:
+            meeting.participants = {**meeting.participants, **changes["participants"]}
+        meeting.settings.update({k: v for k, v in changes.items() if k not in _MODELLED})
+        meeting.update_count += 1
+        return meeting
 
     def find_by_join_url(self, url: str) -> Meeting | None:
         return self.by_join_url.get(normalize_join_url(url))
