@@ -36,6 +36,8 @@ class OnlineMeeting(BaseModel):
     id: str = Field(min_length=1, max_length=512)
     joinWebUrl: str = Field(min_length=1, max_length=4096)  # noqa: N815 - Graph's name
     externalId: str | None = Field(default=None, max_length=256)  # noqa: N815
+    startDateTime: datetime | None = None  # noqa: N815
+    endDateTime: datetime | None = None  # noqa: N815
 
 
 class Subscription(BaseModel):
@@ -135,6 +137,27 @@ class GraphClient:
             },
         )
         return _model(OnlineMeeting, payload), status == 201
+
+    async def update_meeting_times(
+        self,
+        ms_tenant_id: str,
+        organizer_id: str,
+        meeting_id: str,
+        *,
+        starts_at: datetime,
+        ends_at: datetime,
+    ) -> OnlineMeeting:
+        """Moves a meeting (`PATCH .../onlineMeetings/{id}`, application permission
+        OnlineMeetings.ReadWrite.All under an application access policy). Graph takes the
+        two times together and answers 200 with the updated meeting; setting the same times
+        again changes nothing, so a repeat is safe."""
+        _, payload = await self._call(
+            "PATCH",
+            ms_tenant_id,
+            f"/users/{quote(organizer_id, safe='')}/onlineMeetings/{quote(meeting_id, safe='')}",
+            {"startDateTime": _graph_time(starts_at), "endDateTime": _graph_time(ends_at)},
+        )
+        return _model(OnlineMeeting, payload)
 
     async def patient_join_url(self, ms_tenant_id: str, organizer_id: str, meeting_id: str) -> str:
         _, payload = await self._call(

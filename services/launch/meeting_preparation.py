@@ -4,15 +4,22 @@ Graph, and a Graph outage delays meetings, not bookings. A worker prepares each 
 visit's meeting `meeting_lead_minutes` before it starts (a subscription made weeks ahead
 would need renewing every three days); a provider launch or the patient's Join prepares it at
 once when the worker has not yet. The visit's row is locked while its meeting is made, so
-the worker, launches and Joins never make two."""
+the worker, launches and Joins never make two.
+
+A reschedule marks a visit whose meeting is made (`meeting_times_stale`, in the reschedule's
+own transaction); the same worker moves the meeting in Graph. A move claims the visit with a
+lease and holds no lock while Graph answers, so a second reschedule is never kept waiting on
+Graph: it commits meanwhile, and the mark is cleared only if the schedule version the PATCH
+sent is still the visit's, so the newer times are sent next."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
+import asyncpg
 import structlog
 from aiohttp import web
 from prometheus_client import Counter
@@ -31,8 +38,19 @@ MEETINGS_PREPARED = Counter(
     "Teams meeting preparations by outcome (prepared, failed)",
     ["outcome"],
 )
-# Set when a visit is booked, so the worker prepares a meeting due soon without waiting a round.
+MoveOutcome = Literal["moved", "superseded", "dropped", "failed"]
+MEETINGS_MOVED = Counter(
+    "launch_meeting_moves_total",
+    "Teams meeting moves after a reschedule, by outcome (moved; superseded: moved, then "
+    "rescheduled again meanwhile; dropped: cancelled or over, not moved; failed)",
+    ["outcome"],
+)
+# Set when a visit is booked or rescheduled, so the worker prepares a meeting due soon, or
+# moves one, without waiting a round.
 MEETING_WAKE = web.AppKey("meeting_wake", asyncio.Event)
+# Called with (appointment key, outcome, schedule version) once each move's outcome is stored.
+MoveObserver = Callable[[str, MoveOutcome, int], None]
+MEETING_MOVES: web.AppKey[list[MoveObserver]] = web.AppKey("meeting_moves")
 RETRY_DELAYS_S = (10, 30, 60, 300, 900)
 
 _LOCK_VISIT = (
@@ -56,6 +74,32 @@ _DUE = (
     "  AND starts_at < now() + make_interval(mins => $1) AND ends_at > now()"
     "  AND (meeting_retry_at IS NULL OR meeting_retry_at <= now())"
     " ORDER BY starts_at LIMIT $2"
+)
+
+# Claims visits whose meeting must be moved, leasing each so no other worker PATCHes it
+# meanwhile (a worker that dies mid-PATCH leaves it to be claimed again when the lease ends).
+# The visit's times and version are read in the same statement, so the PATCH sends one
+# version's times, and that version is what the mark is cleared against.
+_CLAIM_MOVES = (
+    "UPDATE appointments a SET meeting_move_retry_at = now() + make_interval(secs => $1)"
+    " FROM (SELECT appointment_key FROM appointments WHERE meeting_times_stale"
+    "  AND (meeting_move_retry_at IS NULL OR meeting_move_retry_at <= now())"
+    "  ORDER BY starts_at LIMIT $2 FOR UPDATE SKIP LOCKED) due"
+    " WHERE a.appointment_key = due.appointment_key"
+    " RETURNING a.appointment_key, a.integration_id, a.organizer_id, a.meeting_id,"
+    " a.starts_at, a.ends_at, a.schedule_version, a.meeting_move_attempts,"
+    " a.status = 'booked' AND a.meeting_ended_at IS NULL AND a.ends_at > now() AS live"
+)
+# Done with one version (moved, or nothing to move): the mark stays if the visit was
+# rescheduled since, and the lease ends either way, so a newer version is moved next round.
+_MOVE_DONE = (
+    "UPDATE appointments SET meeting_times_stale = meeting_times_stale"
+    " AND schedule_version <> $2, meeting_move_attempts = 0, meeting_move_retry_at = NULL"
+    " WHERE appointment_key = $1 RETURNING meeting_times_stale"
+)
+_MOVE_LATER = (
+    "UPDATE appointments SET meeting_move_attempts = meeting_move_attempts + 1,"
+    " meeting_move_retry_at = now() + make_interval(secs => $2) WHERE appointment_key = $1"
 )
 
 
@@ -136,21 +180,97 @@ async def prepare_due(app: web.Application) -> int:
     return len(keys)
 
 
+def _move_lease_s(settings: LaunchSettings) -> float:
+    """Longer than any PATCH takes: a token and a call, each bounded by the timeout."""
+    return max(60.0, 6 * settings.external_call_timeout_s)
+
+
+async def _move_meeting(app: web.Application, row: asyncpg.Record) -> MoveOutcome:
+    """PATCHes one claimed visit's meeting to the times of the version claimed, or, for a
+    visit cancelled or over, nothing; then stores the outcome."""
+    key, version = row["appointment_key"], row["schedule_version"]
+    pool = app[DB_POOL]
+    if row["live"] and row["meeting_id"] and row["organizer_id"]:
+        integration = await app[INTEGRATIONS].by_id(row["integration_id"])
+        try:
+            if integration is None:
+                raise GraphError("the visit's integration is no longer configured")
+            await app[GRAPH].update_meeting_times(
+                integration.ms_tenant_id,
+                row["organizer_id"],
+                row["meeting_id"],
+                starts_at=row["starts_at"],
+                ends_at=row["ends_at"],
+            )
+        except GraphError as exc:
+            attempts = row["meeting_move_attempts"]
+            delay = RETRY_DELAYS_S[min(attempts, len(RETRY_DELAYS_S) - 1)]
+            await pool.execute(_MOVE_LATER, key, delay)
+            log.warning(
+                "meeting move failed, will retry",
+                appointment_key=key,
+                attempt=attempts + 1,
+                retry_in_s=delay,
+                error=str(exc),
+            )
+            return "failed"
+        outcome: MoveOutcome = "moved"
+    else:
+        outcome = "dropped"
+    if await pool.fetchval(_MOVE_DONE, key, version):
+        # Rescheduled again while Graph answered: the newer times are sent next round.
+        app[MEETING_WAKE].set()
+        outcome = "superseded" if outcome == "moved" else outcome
+    log.info("meeting move done", outcome=outcome, appointment_key=key, schedule_version=version)
+    return outcome
+
+
+async def move_due(app: web.Application) -> int:
+    """One worker round: moves the meetings of a few visits rescheduled since their meeting
+    was made, all at once (no claim waits behind another, so each is done well inside its
+    lease); returns how many visits it claimed."""
+    settings = app[SETTINGS]
+    assert isinstance(settings, LaunchSettings)
+    rows = await app[DB_POOL].fetch(
+        _CLAIM_MOVES, _move_lease_s(settings), settings.meeting_preparation_concurrency
+    )
+
+    async def one(row: asyncpg.Record) -> None:
+        try:
+            outcome = await _move_meeting(app, row)
+        except Exception:
+            # Postgres is away (or anything unforeseen): nothing is stored, the lease ends
+            # and the visit is claimed again; a PATCH already sent is simply sent again.
+            log.exception("meeting move interrupted", appointment_key=row["appointment_key"])
+            return
+        MEETINGS_MOVED.labels(outcome).inc()
+        for observer in app[MEETING_MOVES]:
+            observer(row["appointment_key"], outcome, row["schedule_version"])
+
+    await asyncio.gather(*(one(row) for row in rows))
+    return len(rows)
+
+
 async def meeting_preparation_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     assert isinstance(settings, LaunchSettings)
     wake = app[MEETING_WAKE] = asyncio.Event()
+    app[MEETING_MOVES] = []
 
     async def loop() -> None:
         while True:
             wake.clear()
-            looked_at = 0
+            looked_at = moves = 0
             try:
                 looked_at = await prepare_due(app)
             except Exception:
                 # Postgres is away: try again next round, nothing is lost (the rows stay).
                 log.exception("meeting preparation round failed")
-            if looked_at < _batch(settings):
+            try:
+                moves = await move_due(app)
+            except Exception:
+                log.exception("meeting move round failed")
+            if looked_at < _batch(settings) and moves < settings.meeting_preparation_concurrency:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(settings.meeting_preparation_interval_s):
                         await wake.wait()

@@ -81,9 +81,10 @@ async def known_appointment(pool: asyncpg.Pool, appointment_key: str) -> bool:
 
 
 async def create_meeting(graph: GraphClient, settings: LaunchSettings, visit: Visit) -> Meeting:
-    """Graph calls only; safe to repeat (createOrGet is idempotent by externalId)."""
+    """Graph calls only; safe to repeat (createOrGet is idempotent by externalId, and an
+    existing meeting found with other times is moved to the visit's)."""
     integration = visit.integration
-    meeting, _created = await graph.create_or_get_meeting(
+    meeting, created = await graph.create_or_get_meeting(
         integration.ms_tenant_id,
         integration.teams_organizer_id,
         # The appointment key is already a keyed hash: stable, and not reversible to the
@@ -94,6 +95,19 @@ async def create_meeting(graph: GraphClient, settings: LaunchSettings, visit: Vi
         # Visible to everyone in the meeting: department only, never patient data.
         subject=f"Video visit ({visit.department})",
     )
+    if not created and (
+        meeting.startDateTime != visit.starts_at or meeting.endDateTime != visit.ends_at
+    ):
+        # createOrGet returns an existing meeting as it is: one made before a crash (or by a
+        # launch racing the feed's booking) still has the times of then, and the visit may
+        # have been rescheduled since. Nothing marked it to be moved: no meeting was recorded.
+        meeting = await graph.update_meeting_times(
+            integration.ms_tenant_id,
+            integration.teams_organizer_id,
+            meeting.id,
+            starts_at=visit.starts_at,
+            ends_at=visit.ends_at,
+        )
     patient_url = await graph.patient_join_url(
         integration.ms_tenant_id, integration.teams_organizer_id, meeting.id
     )

@@ -202,18 +202,24 @@ async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> s
 
 
 async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
+    settings = launch_settings(request)
     async with request.app[DB_POOL].acquire() as conn, conn.transaction():
         if not await _first_delivery(conn, event.event_id):
             return "duplicate"
-        status = await conn.execute(
+        # A visit whose Teams meeting is made is marked in the same UPDATE for the meeting
+        # worker to move the meeting in Graph (no Graph call here); one without a meeting yet
+        # gets it made with the new times, and a cancelled one is not moved.
+        moved = await conn.fetchrow(
             "UPDATE appointments SET starts_at = $2, ends_at = $3, schedule_version = $4,"
-            " updated_at = now() WHERE appointment_key = $1 AND schedule_version < $4",
+            " meeting_times_stale = (meeting_id IS NOT NULL AND status = 'booked'),"
+            " updated_at = now() WHERE appointment_key = $1 AND schedule_version < $4"
+            " RETURNING meeting_times_stale, meeting_id IS NULL AND status = 'booked' AS unmade",
             visit.appointment_key,
             visit.starts_at,
             visit.ends_at,
             visit.schedule_version,
         )
-        if status != "UPDATE 1":
+        if moved is None:
             return "stale"
         payload = AppointmentRescheduledV1(
             integration_id=visit.integration.integration_id,
@@ -231,6 +237,11 @@ async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit
                 payload,
             ),
         )
+    if moved["meeting_times_stale"] or (
+        moved["unmade"]
+        and visit.starts_at < datetime.now(UTC) + timedelta(minutes=settings.meeting_lead_minutes)
+    ):
+        request.app[MEETING_WAKE].set()
     return "rescheduled"
 
 
