@@ -166,6 +166,9 @@ STORED_COLUMNS = {
         "updated_at": "bookkeeping",
         "meeting_attempts": "bookkeeping: failed meeting preparations",
         "meeting_retry_at": "bookkeeping",
+        "meeting_times_stale": "rescheduled since its meeting was made: Graph to be told",
+        "meeting_move_attempts": "bookkeeping: failed meeting moves",
+        "meeting_move_retry_at": "bookkeeping: a move's lease or backoff",
     },
     "integrations": None,  # organisation configuration, projected from integration-config
     "launch_states": {
