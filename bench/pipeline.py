@@ -49,6 +49,7 @@ from libs.common.kafka import create_producer, ensure_topics
 from libs.common.keys import appointment_key
 
 GOAL_MS = 500.0
+WARMUP_RATE = 50.0  # bookings a second before the measured run (see warm_up)
 JOIN = re.compile(r"/join/([A-Za-z0-9_-]+)\.")
 
 
@@ -226,7 +227,39 @@ def service_env() -> dict[str, str]:
     return {str(k): str(v) for k, v in chosen.items()}
 
 
-async def pipeline(rate: float, seconds: float, tenants: int, settle_s: float) -> dict[str, Any]:
+async def warm_up(
+    http: aiohttp.ClientSession, system: BenchSystem, count: int, settle_s: float
+) -> int:
+    """Books `count` visits at WARMUP_RATE and waits for their SMS, then ANALYZEs the run's
+    database; returns how many were booked. The run's database is seconds old: without this
+    its tables have never been analysed, and every pooled connection caches generic plans
+    made for empty tables (sequential scans of tables that grow by 100 rows a second) until
+    autovacuum's first ANALYZE, up to a minute later. A system that has been running has
+    statistics; this measures that system, not its first minute."""
+    if count <= 0:
+        return 0
+    bookings = await _bookings(http, system, count)
+    began = time.perf_counter()
+    tasks = []
+    for i, booking in enumerate(bookings):
+        delay = began + i / WARMUP_RATE - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_book(http, system, booking)))
+    await asyncio.gather(*tasks)
+    booked = sum(1 for b in bookings if b.key)
+    await _sent(system.dsn, booked, settle_s)
+    conn = await asyncpg.connect(system.dsn)
+    try:
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+    return booked
+
+
+async def pipeline(
+    rate: float, seconds: float, tenants: int, settle_s: float, warmup: int = 0
+) -> dict[str, Any]:
     count = max(1, round(rate * seconds))
     async with (
         bench_system(tenants=tenants, extra_env=service_env()) as system,
@@ -237,6 +270,7 @@ async def pipeline(rate: float, seconds: float, tenants: int, settle_s: float) -
         ) as http,
     ):
         rtt = await kafka_round_trip(system.prefix, 30 if count < 100 else 200)
+        settled = await warm_up(http, system, warmup, settle_s)
         bookings = await _bookings(http, system, count)
         cpu = {name: process_cpu_s(system.pid(name)) for name in system.children}
         postgres = await backend_cpu_s(system.dsn)
@@ -250,7 +284,7 @@ async def pipeline(rate: float, seconds: float, tenants: int, settle_s: float) -
                 tasks.append(asyncio.create_task(_book(http, system, booking)))
             await asyncio.gather(*tasks)
             sending_s = time.perf_counter() - began
-            wanted = sum(1 for b in bookings if b.key)
+            wanted = settled + sum(1 for b in bookings if b.key)
             # Done when notify has recorded every confirmation as sent (cheap to ask); the
             # ACS stand-in's message list is read once at the end.
             await _sent(system.dsn, wanted, settle_s)
@@ -287,7 +321,8 @@ async def run(smoke: bool) -> Result:
         seconds = float(os.environ.get("BENCH_PIPELINE_SECONDS", "60"))
         tenants = int(os.environ.get("BENCH_PIPELINE_TENANTS", "50"))
         settle = 600.0
-    r = await pipeline(rate, seconds, tenants, settle)
+    warmup = 0 if smoke else int(os.environ.get("BENCH_PIPELINE_WARMUP", "1000"))
+    r = await pipeline(rate, seconds, tenants, settle, warmup)
     print(
         f"  {r['count']} bookings at {r['rate']:.1f}/s over {tenants} EHR tenants:"
         f" p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms,"
