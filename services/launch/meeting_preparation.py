@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import asyncpg
@@ -26,6 +27,7 @@ from prometheus_client import Counter
 
 from libs.common.web import DB_POOL, SETTINGS
 from services.launch.graph import GraphError
+from services.launch.meeting_pace import MEETING_PACE, Allowance, FeedActivity, MeetingPace
 from services.launch.meetings import Visit, create_meeting
 from services.launch.settings import LaunchSettings
 from services.launch.state import GRAPH, INTEGRATIONS
@@ -69,7 +71,8 @@ _RETRY_LATER = (
     " meeting_retry_at = now() + make_interval(secs => $2) WHERE appointment_key = $1"
 )
 _DUE = (
-    "SELECT appointment_key FROM appointments"
+    "SELECT appointment_key, starts_at < now() + make_interval(mins => $3) AS urgent"
+    " FROM appointments"
     " WHERE meeting_id IS NULL AND status = 'booked'"
     "  AND starts_at < now() + make_interval(mins => $1) AND ends_at > now()"
     "  AND (meeting_retry_at IS NULL OR meeting_retry_at <= now())"
@@ -161,15 +164,31 @@ def _batch(settings: LaunchSettings) -> int:
     return settings.meeting_preparation_concurrency * 8
 
 
-async def prepare_due(app: web.Application) -> int:
+@dataclass(frozen=True)
+class Round:
+    looked_at: int
+    held_back: int  # visits not urgent left for later while the feed is busy
+
+
+async def prepare_due(app: web.Application) -> Round:
     """One worker round: prepares the meetings of visits starting within the lead time, a
-    few at once; returns how many visits it looked at."""
+    few at once; while the scheduling feed is busy, those of visits not urgent only as fast
+    as `meeting_preparation_busy_rate` allows (meeting_pace.py)."""
     settings = app[SETTINGS]
     assert isinstance(settings, LaunchSettings)
-    keys = [
-        row["appointment_key"]
-        for row in await app[DB_POOL].fetch(_DUE, settings.meeting_lead_minutes, _batch(settings))
-    ]
+    rows = await app[DB_POOL].fetch(
+        _DUE, settings.meeting_lead_minutes, _batch(settings), settings.meeting_urgent_minutes
+    )
+    keys = [row["appointment_key"] for row in rows if row["urgent"]]
+    later = [row["appointment_key"] for row in rows if not row["urgent"]]
+    pace = app[MEETING_PACE]
+    if later and pace.feed.busy():
+        allowed = pace.allowance.take(len(later))
+        keys += later[:allowed]
+        held_back = len(later) - allowed
+    else:
+        keys += later
+        held_back = 0
     gate = asyncio.Semaphore(settings.meeting_preparation_concurrency)
 
     async def one(key: str) -> None:
@@ -177,7 +196,7 @@ async def prepare_due(app: web.Application) -> int:
             await prepare_meeting(app, key, skip_locked=True)
 
     await asyncio.gather(*(one(key) for key in keys))
-    return len(keys)
+    return Round(looked_at=len(rows), held_back=held_back)
 
 
 def _move_lease_s(settings: LaunchSettings) -> float:
@@ -256,13 +275,18 @@ async def meeting_preparation_ctx(app: web.Application) -> AsyncIterator[None]:
     assert isinstance(settings, LaunchSettings)
     wake = app[MEETING_WAKE] = asyncio.Event()
     app[MEETING_MOVES] = []
+    pace = app[MEETING_PACE] = MeetingPace(
+        FeedActivity(),
+        Allowance(settings.meeting_preparation_busy_rate, settings.meeting_preparation_concurrency),
+    )
 
     async def loop() -> None:
         while True:
             wake.clear()
-            looked_at = moves = 0
+            done = Round(looked_at=0, held_back=0)
+            moves = 0
             try:
-                looked_at = await prepare_due(app)
+                done = await prepare_due(app)
             except Exception:
                 # Postgres is away: try again next round, nothing is lost (the rows stay).
                 log.exception("meeting preparation round failed")
@@ -270,10 +294,17 @@ async def meeting_preparation_ctx(app: web.Application) -> AsyncIterator[None]:
                 moves = await move_due(app)
             except Exception:
                 log.exception("meeting move round failed")
-            if looked_at < _batch(settings) and moves < settings.meeting_preparation_concurrency:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(settings.meeting_preparation_interval_s):
-                        await wake.wait()
+            pause = settings.meeting_preparation_interval_s
+            if done.held_back:
+                pause = min(pause, pace.allowance.refill_s())
+            elif (
+                done.looked_at >= _batch(settings)
+                or moves >= settings.meeting_preparation_concurrency
+            ):
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await wake.wait()
 
     task = asyncio.create_task(loop(), name="meeting-preparation")
     yield

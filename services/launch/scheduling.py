@@ -28,6 +28,7 @@ from libs.common.keys import appointment_key
 from libs.common.outbox import enqueue
 from libs.common.web import DB_POOL
 from services.launch.fhir import Appointment
+from services.launch.meeting_pace import MEETING_PACE
 from services.launch.meeting_preparation import MEETING_WAKE
 from services.launch.meetings import Visit, known_appointment, record_booking
 from services.launch.state import INTEGRATIONS, field_cipher, launch_settings
@@ -121,6 +122,7 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
     ):
         log.warning("scheduling event refused", reason="bad or missing signature")
         return _problem(401, "missing, stale or wrong X-EHR-Signature")
+    request.app[MEETING_PACE].feed.note()
     try:
         event = SchedulingEvent.model_validate_json(body)
     except ValidationError as exc:
@@ -194,9 +196,11 @@ async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> s
     # An appointment known already (a provider launched it first, or the EHR re-sent the
     # booking) gets no second appointment-created.
     outcome = await record_booking(request.app[DB_POOL], settings, visit, event.event_id, encrypted)
-    if outcome == "booked" and visit.starts_at < datetime.now(UTC) + timedelta(
-        minutes=settings.meeting_lead_minutes
-    ):
+    # Only an urgent visit wakes the worker: the others due within the lead time are found by
+    # its next round (`meeting_preparation_interval_s`), so a burst of bookings does not turn
+    # into a worker round per booking.
+    urgent = min(settings.meeting_urgent_minutes, settings.meeting_lead_minutes)
+    if outcome == "booked" and visit.starts_at < datetime.now(UTC) + timedelta(minutes=urgent):
         request.app[MEETING_WAKE].set()
     return outcome
 

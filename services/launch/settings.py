@@ -48,6 +48,12 @@ class LaunchSettings(ServiceSettings):
     meeting_preparation_interval_s: float = Field(default=5.0, gt=0, le=300)
     # Meetings the worker prepares at once (each holds a database connection meanwhile).
     meeting_preparation_concurrency: int = Field(default=4, ge=1, le=32)
+    # While the scheduling feed is busy (an event in the last second), meetings of visits
+    # starting later than `meeting_urgent_minutes` start at most this many a second, so a
+    # burst of bookings keeps the gateway and database for its confirmations; the rest are
+    # prepared once the feed is quiet. Urgent visits are never held back.
+    meeting_preparation_busy_rate: float = Field(default=5.0, gt=0, le=1000)
+    meeting_urgent_minutes: int = Field(default=60, ge=0, le=4230)
 
     # Patient join links
     join_token_secret: SecretStr = SecretStr("dev-only-join-token-secret-change-me")
