@@ -46,10 +46,18 @@ class Allowance:
         self._tokens = self._burst
         self._at = clock()
 
-    def take(self, wanted: int) -> int:
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
+
+    def has_room(self) -> bool:
+        """Whether a start would be granted now (without taking it)."""
+        self._refill()
+        return self._tokens >= 1
+
+    def take(self, wanted: int) -> int:
+        self._refill()
         granted = min(wanted, int(self._tokens))
         self._tokens -= granted
         return granted

@@ -140,18 +140,19 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
     if integration is None:
         log.warning("scheduling event for an unconfigured FHIR base", tenant=tenant)
         return _problem(422, "this FHIR base URL is not configured for the Teams connector")
+    # No read for a duplicate first: each change below records its delivery in the statement
+    # or transaction that applies it and answers "duplicate" itself, so a new event (the
+    # usual case) costs one round trip less.
     pool = request.app[DB_POOL]
-    if await pool.fetchval(
-        "SELECT 1 FROM scheduling_deliveries WHERE event_id = $1", event.event_id
-    ):
-        return web.json_response({"status": "duplicate"})
     appointment = event.appointment
     with structlog.contextvars.bound_contextvars(scheduling_event=str(event.event_id)):
         if not appointment.is_video_visit:
-            await pool.execute(
+            status = await pool.execute(
                 "INSERT INTO scheduling_deliveries (event_id) VALUES ($1) ON CONFLICT DO NOTHING",
                 event.event_id,
             )
+            if status != "INSERT 0 1":
+                return web.json_response({"status": "duplicate"})
             return web.json_response({"status": "ignored: not a video visit"})
         if (
             not _bookable(appointment.start)
@@ -196,11 +197,18 @@ async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> s
     # An appointment known already (a provider launched it first, or the EHR re-sent the
     # booking) gets no second appointment-created.
     outcome = await record_booking(request.app[DB_POOL], settings, visit, event.event_id, encrypted)
-    # Only an urgent visit wakes the worker: the others due within the lead time are found by
-    # its next round (`meeting_preparation_interval_s`), so a burst of bookings does not turn
-    # into a worker round per booking.
-    urgent = min(settings.meeting_urgent_minutes, settings.meeting_lead_minutes)
-    if outcome == "booked" and visit.starts_at < datetime.now(UTC) + timedelta(minutes=urgent):
+    # A visit due its meeting wakes the worker if it is urgent or the worker may start it now:
+    # during a burst the rest are found by the worker's paced rounds, so the burst does not
+    # turn into a worker round per booking.
+    now = datetime.now(UTC)
+    if (
+        outcome == "booked"
+        and visit.starts_at < now + timedelta(minutes=settings.meeting_lead_minutes)
+        and (
+            visit.starts_at < now + timedelta(minutes=settings.meeting_urgent_minutes)
+            or request.app[MEETING_PACE].allowance.has_room()
+        )
+    ):
         request.app[MEETING_WAKE].set()
     return outcome
 

@@ -35,7 +35,9 @@ def test_the_allowance_grants_a_burst_then_its_rate() -> None:
     """The allowance grants up to its burst at once, then one start per 1/rate seconds."""
     clock = Clock()
     allowance = Allowance(rate=5.0, burst=4, clock=clock)
+    assert allowance.has_room()
     assert allowance.take(10) == 4
+    assert not allowance.has_room()
     assert allowance.take(1) == 0
     assert allowance.refill_s() == 0.2
     clock.now += 0.2
