@@ -165,6 +165,12 @@ class AcsEventsWebhook:
         numbers = self._numbers(parsed)
         if isinstance(numbers, web.Response):
             return numbers
+        first_event, first_data = parsed[0]
+        if len(parsed) == 1 and isinstance(first_data, DeliveryReportData):
+            # Event Grid mostly delivers one report per request: one statement is atomic on
+            # its own, so no BEGIN and COMMIT round trips around it.
+            await self._report(self._pool, first_event, first_data)
+            return web.json_response({"accepted": 1})
         async with self._pool.acquire() as conn, conn.transaction():
             for (event, data), pair in zip(parsed, numbers, strict=True):
                 if isinstance(data, SmsReceivedData) and pair is not None:
