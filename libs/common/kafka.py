@@ -144,6 +144,8 @@ class ConsumerRunner:
         bootstrap_servers: str,
         topic_prefix: str = "",
         batch_size: int = 100,
+        fetch_min_bytes: int = 1,
+        fetch_max_wait_ms: int = 500,
         max_poll_interval_ms: int = 300_000,
         handler_timeout_s: float = 30.0,
         security: Mapping[str, Any] | None = None,
@@ -173,6 +175,8 @@ class ConsumerRunner:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_interval_ms=max_poll_interval_ms,
+            fetch_min_bytes=fetch_min_bytes,
+            fetch_max_wait_ms=fetch_max_wait_ms,
             isolation_level="read_committed",
             **(security or {}),
         )

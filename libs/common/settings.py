@@ -82,6 +82,12 @@ class ServiceSettings(BaseSettings):
 
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
     consumer_batch_size: int = Field(default=100, ge=1)
+    # A fetch from Kafka returns once it has this many bytes or has waited this long (Kafka's
+    # fetch.min.bytes / fetch.max.wait.ms): 1 byte answers at once, for services whose
+    # consumers sit on a patient's path; a service that only aggregates can wait for fuller
+    # polls, each applied in a fixed number of statements.
+    consumer_fetch_min_bytes: int = Field(default=1, ge=1, le=52_428_800)
+    consumer_fetch_max_wait_ms: int = Field(default=500, ge=0, le=30_000)
     # External calls made while handling a message must finish well inside the poll interval.
     consumer_max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
     external_call_timeout_s: float = Field(default=10.0, gt=0)

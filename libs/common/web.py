@@ -306,6 +306,8 @@ def consumer_ctx(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             topic_prefix=settings.kafka_topic_prefix,
             batch_size=settings.consumer_batch_size,
+            fetch_min_bytes=settings.consumer_fetch_min_bytes,
+            fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
             max_poll_interval_ms=settings.consumer_max_poll_interval_ms,
             handler_timeout_s=settings.external_call_timeout_s * 3,
             security=settings.kafka_security(),
