@@ -1,13 +1,15 @@
 """Patient join: `/join/<token>` from the SMS. No account, no sign-in, no provider details.
 Opening the link, and pressing Join, record the patient's arrival in the lobby once per
-device and publish `patient-joined`."""
+device and publish `patient-joined`. The link's signature is checked before any database work;
+whether it still opens the visit (not cancelled, not past its current end plus grace) comes
+from the visit's row, read once per open anyway."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
@@ -41,9 +43,11 @@ def patient_pseudonym(settings: LaunchSettings, appointment_key: str, device: st
 
 # One read per open of the link: the visit, and whether this device is in its lobby already.
 # Patients open the link several times (the SMS, then Join, then again after a reload); only
-# the first open from a device writes, so the repeats need no transaction.
+# the first open from a device writes, so the repeats need no transaction. The visit's current
+# status and end decide whether the link still opens it (see `closed`).
 _VISIT = (
-    "SELECT a.appointment_key, a.tenant_id, a.status, a.starts_at, a.time_zone, a.patient_join_url,"
+    "SELECT a.appointment_key, a.tenant_id, a.status, a.starts_at, a.ends_at, a.time_zone,"
+    " a.patient_join_url,"
     " i.organisation_name, EXISTS (SELECT 1 FROM lobby_arrivals l"
     "  WHERE l.appointment_key = a.appointment_key AND l.participant = $2) AS arrived"
     " FROM appointments a LEFT JOIN integrations i USING (integration_id)"
@@ -52,29 +56,41 @@ _VISIT = (
 
 
 def _appointment(request: web.Request) -> str | web.Response:
+    """The appointment a genuine link names, checked before any database work."""
     settings = launch_settings(request)
     try:
         return join_tokens.verify(
-            settings.join_token_secret.get_secret_value(),
-            request.match_info["token"],
-            datetime.now(UTC),
+            settings.join_token_secret.get_secret_value(), request.match_info["token"]
         )
     except join_tokens.JoinTokenError as exc:
         log.info("join link refused", reason=str(exc))
-        return problem_page(
-            410 if "expired" in str(exc) else 404, "This link does not work", str(exc)
-        )
+        return problem_page(404, "This link does not work", str(exc))
 
 
-async def _visit(conn: Connection, key: str, participant: str) -> asyncpg.Record | web.Response:
-    row = await conn.fetchrow(_VISIT, key, participant)
-    if row is None:
-        return problem_page(404, "This link does not work", "We could not find this visit.")
-    if row["status"] == "cancelled":
+def closed(status: str, ends_at: datetime, now: datetime, grace: timedelta) -> web.Response | None:
+    """Why a genuine link no longer opens its visit, from the visit's current row; None while
+    it does. A reschedule moves `ends_at` either way and sends no new link, so the end signed
+    into the token at booking is not what counts: the link of a visit moved later works until
+    its new end plus grace, and that of a visit moved earlier stops then."""
+    if status == "cancelled":
         return problem_page(
             410, "This visit was cancelled", "Contact your clinic to book a new time."
         )
-    return row
+    if now > ends_at + grace:
+        log.info("join link refused", reason="visit over")
+        return problem_page(
+            410, "This link does not work", "This visit is over, so its link has expired."
+        )
+    return None
+
+
+async def _visit(
+    conn: Connection, key: str, participant: str, grace: timedelta
+) -> asyncpg.Record | web.Response:
+    row = await conn.fetchrow(_VISIT, key, participant)
+    if row is None:
+        return problem_page(404, "This link does not work", "We could not find this visit.")
+    return closed(row["status"], row["ends_at"], datetime.now(UTC), grace) or row
 
 
 # The first open from a device: its lobby arrival and `patient-joined` in one statement, so
@@ -103,10 +119,11 @@ async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | we
     key = _appointment(request)
     if isinstance(key, web.Response):
         return key
+    settings = launch_settings(request)
     device, fresh = _device(request)
-    participant = patient_pseudonym(launch_settings(request), key, device)
+    participant = patient_pseudonym(settings, key, device)
     async with request.app[DB_POOL].acquire() as conn:
-        row = await _visit(conn, key, participant)
+        row = await _visit(conn, key, participant, timedelta(minutes=settings.join_grace_minutes))
         if isinstance(row, web.Response):
             return row
         if not row["arrived"]:

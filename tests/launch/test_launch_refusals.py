@@ -172,11 +172,12 @@ async def test_id_token_with_wrong_key_or_none_alg_is_refused(launch_system: Lau
 async def test_expired_and_tampered_join_links_are_refused_and_change_nothing(
     launch_system: LaunchSystem, topic_prefix: str, database_url: str
 ) -> None:
-    """An expired link answers 410, a tampered or unknown one 404; no arrival is recorded."""
+    """The link of a visit that is over (its end plus grace has passed) answers 410, a
+    tampered or unknown one 404; no arrival is recorded."""
     system = launch_system
     secret = system.settings.join_token_secret.get_secret_value()
     async with aiohttp.ClientSession() as http:
-        await book_video_visit(http, system)
+        await book_video_visit(http, system, timedelta(hours=-3))
         created = await read_all(topic_prefix + "appointment-created", expect=1)
         assert created
         conn = await asyncpg.connect(database_url)
@@ -184,7 +185,7 @@ async def test_expired_and_tampered_join_links_are_refused_and_change_nothing(
             key = await conn.fetchval("SELECT appointment_key FROM launch.appointments")
         finally:
             await conn.close()
-        expired = join_tokens.mint(secret, key, datetime.now(UTC) - timedelta(minutes=1))
+        expired = join_tokens.mint(secret, key, datetime.now(UTC) - timedelta(hours=2))
         async with http.get(f"{system.url}/join/{expired}") as r:
             assert r.status == 410
         valid = join_tokens.mint(secret, key, datetime.now(UTC) + timedelta(hours=1))
