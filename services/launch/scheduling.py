@@ -218,21 +218,23 @@ async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit
     async with request.app[DB_POOL].acquire() as conn, conn.transaction():
         if not await _first_delivery(conn, event.event_id):
             return "duplicate"
+        # Only a booked visit moves: a cancelled one stays cancelled whatever the version (the
+        # EHR books a new appointment to revive one), keeps its times, and publishes nothing.
         # A visit whose Teams meeting is made is marked in the same UPDATE for the meeting
         # worker to move the meeting in Graph (no Graph call here); one without a meeting yet
-        # gets it made with the new times, and a cancelled one is not moved.
+        # gets it made with the new times.
         moved = await conn.fetchrow(
             "UPDATE appointments SET starts_at = $2, ends_at = $3, schedule_version = $4,"
-            " meeting_times_stale = (meeting_id IS NOT NULL AND status = 'booked'),"
-            " updated_at = now() WHERE appointment_key = $1 AND schedule_version < $4"
-            " RETURNING meeting_times_stale, meeting_id IS NULL AND status = 'booked' AS unmade",
+            " meeting_times_stale = meeting_id IS NOT NULL, updated_at = now()"
+            " WHERE appointment_key = $1 AND status = 'booked' AND schedule_version < $4"
+            " RETURNING meeting_times_stale, meeting_id IS NULL AS unmade",
             visit.appointment_key,
             visit.starts_at,
             visit.ends_at,
             visit.schedule_version,
         )
         if moved is None:
-            return "stale"
+            return await _unmoved(conn, visit.appointment_key)
         payload = AppointmentRescheduledV1(
             integration_id=visit.integration.integration_id,
             starts_at=visit.starts_at,
@@ -255,6 +257,13 @@ async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit
     ):
         request.app[MEETING_WAKE].set()
     return "rescheduled"
+
+
+async def _unmoved(conn: Any, key: str) -> str:
+    """Why a reschedule changed nothing: the visit is cancelled (said first, whatever the
+    versions), or the move is not newer than the times the visit has."""
+    status = await conn.fetchval("SELECT status FROM appointments WHERE appointment_key = $1", key)
+    return "ignored: cancelled" if status == "cancelled" else "stale"
 
 
 async def _cancel(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
