@@ -38,3 +38,11 @@ def page(template: str, status: int = 200, **context: Any) -> web.Response:
 
 def problem_page(status: int, title: str, message: str) -> web.Response:
     return page("problem.html", status=status, title=title, message=message)
+
+
+def redirect(location: str) -> web.Response:
+    """A 302, returned rather than raised. `web.HTTPFound` writes a text body, parses its
+    location again with yarl (14 us for an authorize URL) and, raised, goes through every
+    middleware's exception path: about 40 us of the two redirects of a launch. `location`
+    must already be a valid header value: one of our paths, or a URL yarl normalised."""
+    return web.Response(status=302, headers={"Location": location})

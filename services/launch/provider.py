@@ -27,7 +27,7 @@ from services.launch.launch_flow import (
     open_visit,
 )
 from services.launch.outbound import HTTP
-from services.launch.pages import page, problem_page
+from services.launch.pages import page, problem_page, redirect
 from services.launch.patient_launch import finish_patient_launch
 from services.launch.sessions import (
     current_session,
@@ -90,9 +90,9 @@ async def launch_callback(request: web.Request) -> web.StreamResponse:
             return problem_page(503, "The meeting could not be prepared", str(exc))
     else:
         await start_session(request.app[DB_POOL], session, None)
-    response = web.HTTPFound("/visit" if chosen else "/visit/choose")
+    response = redirect("/visit" if chosen else "/visit/choose")
     set_session_cookie(response, session.token, settings.provider_session_ttl_s)
-    raise response
+    return response
 
 
 def form_token_matches(presented: object, expected: str) -> bool:
