@@ -25,6 +25,7 @@ from libs.common.events import Envelope, UndeliverableEvent, dead_letter_topic, 
 from libs.common.inbox import first_deliveries, first_delivery
 from libs.common.metrics import (
     CONSUMER_LAG,
+    CONSUMER_POLL_SECONDS,
     DEAD_LETTERED,
     EVENT_HANDLING_LAG,
     EVENTS_CONSUMED,
@@ -146,6 +147,7 @@ class ConsumerRunner:
         batch_size: int = 100,
         fetch_min_bytes: int = 1,
         fetch_max_wait_ms: int = 500,
+        commit_interval_s: float = 1.0,
         max_poll_interval_ms: int = 300_000,
         handler_timeout_s: float = 30.0,
         security: Mapping[str, Any] | None = None,
@@ -181,6 +183,10 @@ class ConsumerRunner:
             **(security or {}),
         )
         self._pending: dict[TopicPartition, int] = {}
+        self._commit_interval_s = commit_interval_s
+        self._committed_at = time.perf_counter()
+        self._poll_apply = CONSUMER_POLL_SECONDS.labels(name, "apply")
+        self._poll_commit = CONSUMER_POLL_SECONDS.labels(name, "commit")
         self.processing = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -220,6 +226,13 @@ class ConsumerRunner:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    async def _commit_applied(self) -> None:
+        try:
+            await self.commit()
+        except KafkaError as exc:
+            log.warning("offset commit failed", consumer=self.name, error=type(exc).__name__)
+        self._committed_at = time.perf_counter()
+
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         offsets = {
             tp: OffsetAndMetadata(offset, "")
@@ -247,15 +260,22 @@ class ConsumerRunner:
                 backoff = min(backoff * 2, 10.0)
                 continue
             if not batch:
+                if self._pending:  # idle: commit what the last polls applied
+                    async with self.processing:
+                        await self._commit_applied()
                 continue
             async with self.processing:
+                started = time.perf_counter()
                 retry_after = await self._process_batch(batch)
-                try:
-                    await self.commit()
-                except KafkaError as exc:
-                    log.warning(
-                        "offset commit failed", consumer=self.name, error=type(exc).__name__
-                    )
+                applied = time.perf_counter()
+                self._poll_apply.observe(applied - started)
+                # Offsets are committed at most every commit_interval_s while records keep
+                # coming (and when idle, on revoke and on stop): an offset commit is a round
+                # trip to the group coordinator that the next poll would otherwise wait for,
+                # and what a crash leaves uncommitted is redelivered and deduped by the inbox.
+                if retry_after or applied - self._committed_at >= self._commit_interval_s:
+                    await self._commit_applied()
+                    self._poll_commit.observe(time.perf_counter() - applied)
             self._record_lag(batch)
             outcomes, self._outcomes = self._outcomes, []
             for observer in self._observers:

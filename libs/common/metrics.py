@@ -27,6 +27,13 @@ EVENT_HANDLING_LAG = Histogram(
     ["consumer", "topic"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+CONSUMER_POLL_SECONDS = Histogram(
+    "consumer_poll_seconds",
+    "Time to apply one poll (step=apply) and to commit offsets (step=commit, at most once"
+    " a second while records keep coming); a record fetched meanwhile waits for both",
+    ["consumer", "step"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 CONSUMER_LAG = Gauge(
     "kafka_consumer_lag_messages",
     "High watermark minus committed position, per partition",

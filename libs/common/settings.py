@@ -87,6 +87,7 @@ class ServiceSettings(BaseSettings):
     # consumers sit on a patient's path; a service that only aggregates can wait for fuller
     # polls, each applied in a fixed number of statements.
     consumer_fetch_min_bytes: int = Field(default=1, ge=1, le=52_428_800)
+    # The longest a fetch waits for consumer_fetch_min_bytes (Kafka's fetch.max.wait.ms).
     consumer_fetch_max_wait_ms: int = Field(default=500, ge=0, le=30_000)
     # External calls made while handling a message must finish well inside the poll interval.
     consumer_max_poll_interval_ms: int = Field(default=300_000, ge=10_000)

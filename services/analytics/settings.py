@@ -25,6 +25,7 @@ class AnalyticsSettings(PortalSettings):
     # arrived since the last one: at 100 bookings a second, polls of ~100 events instead of
     # ~6, and a sixth of the statements per event (docs/performance.md).
     consumer_fetch_min_bytes: int = Field(default=1_048_576, ge=1, le=52_428_800)
+    # The longest a poll waits to fill: what the figures may lag a steady stream by.
     consumer_fetch_max_wait_ms: int = Field(default=500, ge=0, le=5_000)
     # Distinct department label values per process before the rest share "other".
     metrics_department_limit: int = Field(default=100, ge=1, le=1000)
