@@ -40,7 +40,7 @@ EventHandler = Callable[["Connection", Envelope[Any]], Awaitable[None]]
 # Applies a poll's first deliveries, in poll order, in one transaction: set-based handlers do a
 # few statements per poll where an EventHandler does a few per event.
 BatchHandler = Callable[["Connection", list[Envelope[Any]]], Awaitable[None]]
-# Told after each committed batch: (topic, event_id, applied) per record. Tests wait on it.
+# Told after each applied poll: (topic, event_id, applied) per record. Tests wait on it.
 BatchObserver = Callable[[list[tuple[str, str, bool]]], None]
 
 
@@ -234,6 +234,12 @@ class ConsumerRunner:
         self._committed_at = time.perf_counter()
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        # A partition that moved to another member while its offset waited here (its revoke
+        # commit failed) is dropped: aiokafka refuses a commit naming it, which would block
+        # every later commit; its new owner redelivers from the last commit, deduped.
+        assigned = self._consumer.assignment()
+        for tp in [tp for tp in self._pending if tp not in assigned]:
+            del self._pending[tp]
         offsets = {
             tp: OffsetAndMetadata(offset, "")
             for tp, offset in self._pending.items()

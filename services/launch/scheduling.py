@@ -122,7 +122,6 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
     ):
         log.warning("scheduling event refused", reason="bad or missing signature")
         return _problem(401, "missing, stale or wrong X-EHR-Signature")
-    request.app[MEETING_PACE].feed.note()
     try:
         event = SchedulingEvent.model_validate_json(body)
     except ValidationError as exc:
@@ -140,6 +139,8 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
     if integration is None:
         log.warning("scheduling event for an unconfigured FHIR base", tenant=tenant)
         return _problem(422, "this FHIR base URL is not configured for the Teams connector")
+    # Only a signed, valid event for a configured integration makes the feed count as busy.
+    request.app[MEETING_PACE].feed.note()
     # No read for a duplicate first: each change below records its delivery in the statement
     # or transaction that applies it and answers "duplicate" itself, so a new event (the
     # usual case) costs one round trip less.

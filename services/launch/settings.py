@@ -54,7 +54,7 @@ class LaunchSettings(ServiceSettings):
     # prepared once the feed is quiet. Urgent visits are never held back.
     meeting_preparation_busy_rate: float = Field(default=5.0, gt=0, le=1000)
     # A visit starting within this many minutes has its meeting prepared at once, busy or not.
-    meeting_urgent_minutes: int = Field(default=60, ge=0, le=4230)
+    meeting_urgent_minutes: int = Field(default=60, ge=5, le=4230)
 
     # Patient join links
     join_token_secret: SecretStr = SecretStr("dev-only-join-token-secret-change-me")

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.common.events import encode_event
@@ -143,6 +143,37 @@ async def test_committed_offsets_survive_a_restart(
         await runner.stop()
     assert seen == [("patient-joined", str(second.event_id), True)]
     assert await effects_count(pool) == 2
+
+
+async def test_an_offset_of_a_partition_no_longer_assigned_does_not_block_commits(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """An offset left waiting for a partition that moved away (its revoke commit failed) is
+    dropped, and the offsets of the partitions still assigned commit; a restart resumes after
+    them."""
+    pool, producer = kit
+    first, second = patient_joined(), patient_joined()
+    await publish(producer, topic_prefix, first)
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "moved-away")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    await outcomes.reach(1)
+    moved = TopicPartition(topic_prefix + "patient-joined", 999)
+    async with runner.processing:
+        runner._pending[moved] = 7  # the state a failed revoke commit leaves
+        await runner.commit()
+        assert moved not in runner._pending
+    await runner.stop()
+
+    await publish(producer, topic_prefix, second)
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "moved-away")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        seen = await outcomes.reach(1)
+    finally:
+        await runner.stop()
+    assert seen == [("patient-joined", str(second.event_id), True)]
 
 
 async def test_poison_messages_go_to_the_dead_letter_topic_with_a_reason(
