@@ -227,6 +227,22 @@ def service_env() -> dict[str, str]:
     return {str(k): str(v) for k, v in chosen.items()}
 
 
+async def _book_steadily(
+    http: aiohttp.ClientSession, system: BenchSystem, bookings: list[Booking], rate: float
+) -> float:
+    """Books at a steady `rate` a second (each booking on time, not after the one before
+    answered); the seconds it took."""
+    began = time.perf_counter()
+    tasks = []
+    for i, booking in enumerate(bookings):
+        delay = began + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_book(http, system, booking)))
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - began
+
+
 async def warm_up(
     http: aiohttp.ClientSession, system: BenchSystem, count: int, settle_s: float
 ) -> int:
@@ -239,14 +255,7 @@ async def warm_up(
     if count <= 0:
         return 0
     bookings = await _bookings(http, system, count)
-    began = time.perf_counter()
-    tasks = []
-    for i, booking in enumerate(bookings):
-        delay = began + i / WARMUP_RATE - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_book(http, system, booking)))
-    await asyncio.gather(*tasks)
+    await _book_steadily(http, system, bookings, WARMUP_RATE)
     booked = sum(1 for b in bookings if b.key)
     await _sent(system.dsn, booked, settle_s)
     conn = await asyncpg.connect(system.dsn)
@@ -275,15 +284,7 @@ async def pipeline(
         cpu = {name: process_cpu_s(system.pid(name)) for name in system.children}
         postgres = await backend_cpu_s(system.dsn)
         async with system.profiling("launch", "notify"):
-            began = time.perf_counter()
-            tasks = []
-            for i, booking in enumerate(bookings):
-                delay = began + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(_book(http, system, booking)))
-            await asyncio.gather(*tasks)
-            sending_s = time.perf_counter() - began
+            sending_s = await _book_steadily(http, system, bookings, rate)
             wanted = settled + sum(1 for b in bookings if b.key)
             # Done when notify has recorded every confirmation as sent (cheap to ask); the
             # ACS stand-in's message list is read once at the end.

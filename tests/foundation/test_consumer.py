@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from libs.common.events import encode_event
+from libs.common.events import Envelope, encode_event
 from libs.common.kafka import ConsumerRunner
 from tests.conftest import KAFKA, wait_for
 from tests.support.kafka_reader import read_all_records
@@ -120,6 +120,24 @@ async def test_consumer_killed_between_processing_and_commit_applies_once(
     assert await effects_count(pool) == 1
 
 
+async def first_poll_after_restart(
+    pool: asyncpg.Pool,
+    producer: AIOKafkaProducer,
+    topic_prefix: str,
+    group: str,
+    event: Envelope[Any],
+) -> list[tuple[str, str, bool]]:
+    """Publishes `event`, starts a new runner of `group` and returns what it applies first."""
+    await publish(producer, topic_prefix, event)
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, group)
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        return await outcomes.reach(1)
+    finally:
+        await runner.stop()
+
+
 async def test_committed_offsets_survive_a_restart(
     kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
 ) -> None:
@@ -133,14 +151,7 @@ async def test_committed_offsets_survive_a_restart(
     await outcomes.reach(1)
     await runner.stop()
 
-    await publish(producer, topic_prefix, second)
-    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "restart")
-    outcomes = Outcomes(runner)
-    await runner.start()
-    try:
-        seen = await outcomes.reach(1)
-    finally:
-        await runner.stop()
+    seen = await first_poll_after_restart(pool, producer, topic_prefix, "restart", second)
     assert seen == [("patient-joined", str(second.event_id), True)]
     assert await effects_count(pool) == 2
 
@@ -165,14 +176,7 @@ async def test_an_offset_of_a_partition_no_longer_assigned_does_not_block_commit
         assert moved not in runner._pending
     await runner.stop()
 
-    await publish(producer, topic_prefix, second)
-    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "moved-away")
-    outcomes = Outcomes(runner)
-    await runner.start()
-    try:
-        seen = await outcomes.reach(1)
-    finally:
-        await runner.stop()
+    seen = await first_poll_after_restart(pool, producer, topic_prefix, "moved-away", second)
     assert seen == [("patient-joined", str(second.event_id), True)]
 
 
