@@ -219,7 +219,7 @@ class SmartClient:
 
     def _private_key(self, integration: Integration, cipher: FieldCipher) -> PrivateKey:
         """The integration's key for its client assertions, loaded once per configured key:
-        loading an RSA key checks it (47 ms of CPU for a 2048-bit key on the bench machine),
+        loading an RSA key checks it (50 ms of CPU for a 2048-bit key on the bench machine),
         which every launch paid before."""
         sealed = integration.private_key_encrypted
         if not sealed:
