@@ -46,7 +46,7 @@ WHAT_IT_DOES = {
     "log_level": "DEBUG, INFO, WARNING or ERROR.",
     "log_json": "JSON log lines (true) or console lines (false).",
     "outbox_poll_interval_s": "Longest wait of the outbox relay when no NOTIFY wakes it.",
-    "consumer_batch_size": "Most records a consumer applies per poll (offsets are committed at most once a second).",
+    "consumer_batch_size": "Most records a consumer applies per poll; offsets commit each second.",
     "external_call_timeout_s": "Timeout of every call to the outside world (EHR, Microsoft).",
     "shutdown_drain_timeout_s": "How long SIGTERM waits for consumers and relays to drain.",
     "entra_authority_host": "Microsoft Entra ID authority host (the stand-in locally).",

@@ -53,6 +53,9 @@ async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 
         command_timeout=30,
         server_settings={"search_path": _checked_schema(schema), "application_name": schema},
         reset=_keep_session,
+        # No idle-connection timer: asyncpg otherwise sets and cancels a timer around every
+        # statement to close connections idle for 5 minutes; a pool of 10 may keep them.
+        max_inactive_connection_lifetime=0,
     )
     assert pool is not None
     return pool

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from os import urandom
 from pathlib import Path
 
 import asyncpg
@@ -73,13 +73,18 @@ def _request_metrics(route: str, method: str, status: int) -> tuple[Counter, His
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Binds a request id to every log line of the request and records its metrics."""
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if 8 <= len(incoming) <= 64 and incoming.isascii() else uuid.uuid4().hex
+    # 128 random bits as hex, as uuid4().hex gives but without building a UUID object.
+    request_id = incoming if 8 <= len(incoming) <= 64 and incoming.isascii() else urandom(16).hex()
     route = request.match_info.route.resource
     # The route template, never the path: paths carry tokens and ids.
     route_name = route.canonical if route is not None else "unmatched"
     started = time.perf_counter()
     status = 500
-    with structlog.contextvars.bound_contextvars(request_id=request_id, route=route_name):
+    # Tokens rather than the bound_contextvars context manager, which reads and restores the
+    # whole context around every request (with urandom for the id: a bare aiohttp request
+    # behind this middleware went from 290 to 263 us of CPU, docs/performance.md).
+    bound = structlog.contextvars.bind_contextvars(request_id=request_id, route=route_name)
+    try:
         try:
             response = await handler(request)
             status = response.status
@@ -102,6 +107,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 log.error("request failed", method=request.method, status=status)
         response.headers["X-Request-Id"] = request_id
         return response
+    finally:
+        structlog.contextvars.reset_contextvars(**bound)
 
 
 def _refused(request: web.Request, status: int, message: str) -> web.StreamResponse:
