@@ -55,6 +55,12 @@ MoveObserver = Callable[[str, MoveOutcome, int], None]
 MEETING_MOVES: web.AppKey[list[MoveObserver]] = web.AppKey("meeting_moves")
 RETRY_DELAYS_S = (10, 30, 60, 300, 900)
 
+
+def _retry_delay_s(attempts: int) -> int:
+    """The wait before the next try after `attempts` failed ones (the last delay repeats)."""
+    return RETRY_DELAYS_S[min(attempts, len(RETRY_DELAYS_S) - 1)]
+
+
 _LOCK_VISIT = (
     "SELECT integration_id, department, starts_at, ends_at, time_zone, schedule_version,"
     " status, meeting_id, meeting_attempts FROM appointments WHERE appointment_key = $1"
@@ -127,7 +133,7 @@ async def prepare_meeting(app: web.Application, key: str, *, skip_locked: bool =
             meeting = await create_meeting(app[GRAPH], settings, visit)
         except GraphError as exc:
             attempts = row["meeting_attempts"]
-            delay = RETRY_DELAYS_S[min(attempts, len(RETRY_DELAYS_S) - 1)]
+            delay = _retry_delay_s(attempts)
             await conn.execute(_RETRY_LATER, key, delay)
             MEETINGS_PREPARED.labels("failed").inc()
             log.warning(
@@ -223,7 +229,7 @@ async def _move_meeting(app: web.Application, row: asyncpg.Record) -> MoveOutcom
             )
         except GraphError as exc:
             attempts = row["meeting_move_attempts"]
-            delay = RETRY_DELAYS_S[min(attempts, len(RETRY_DELAYS_S) - 1)]
+            delay = _retry_delay_s(attempts)
             await pool.execute(_MOVE_LATER, key, delay)
             log.warning(
                 "meeting move failed, will retry",
