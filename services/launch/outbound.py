@@ -40,16 +40,17 @@ async def read_json(response: aiohttp.ClientResponse) -> Any:
     """The whole body as JSON, refused past MAX_RESPONSE_BYTES. `content.read(n)` returns
     what has arrived so far, not n bytes: a body in several TCP segments is read on to its
     end (a single read cut a large search Bundle short, which then failed as not JSON)."""
-    size = response.content_length or 0
+    # A declared length over the limit is refused unread.
+    size = declared if (declared := response.content_length or 0) > MAX_RESPONSE_BYTES else 0
     chunks: list[bytes] = []
-    if size <= MAX_RESPONSE_BYTES:
-        size = 0
-        while chunk := await response.content.read(MAX_RESPONSE_BYTES + 1 - size):
-            chunks.append(chunk)
-            size += len(chunk)
+    while size <= MAX_RESPONSE_BYTES and (
+        chunk := await response.content.read(MAX_RESPONSE_BYTES + 1 - size)
+    ):
+        chunks.append(chunk)
+        size += len(chunk)
     if size > MAX_RESPONSE_BYTES:
         raise OutboundError(f"answer from {response.url.host} is larger than allowed")
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    body = b"".join(chunks)  # one chunk is returned as it is, not copied
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -198,24 +198,25 @@ async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> s
     # An appointment known already (a provider launched it first, or the EHR re-sent the
     # booking) gets no second appointment-created.
     outcome = await record_booking(request.app[DB_POOL], settings, visit, event.event_id, encrypted)
-    # A visit due its meeting wakes the worker if it is urgent or the worker may start it now:
-    # during a burst the rest are found by the worker's paced rounds, so the burst does not
-    # turn into a worker round per booking.
-    now = datetime.now(UTC)
-    if (
-        outcome == "booked"
-        and visit.starts_at < now + timedelta(minutes=settings.meeting_lead_minutes)
-        and (
-            visit.starts_at < now + timedelta(minutes=settings.meeting_urgent_minutes)
-            or request.app[MEETING_PACE].allowance.has_room()
-        )
-    ):
-        request.app[MEETING_WAKE].set()
+    if outcome == "booked":
+        _wake_for_meeting(request, visit.starts_at)
     return outcome
 
 
-async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
+def _wake_for_meeting(request: web.Request, starts_at: datetime) -> None:
+    """Wakes the worker for a visit without its meeting that is due one, if it is urgent or
+    the worker may start it now: during a burst the rest are found by the worker's paced
+    rounds, so the burst does not turn into a worker round per booking."""
     settings = launch_settings(request)
+    now = datetime.now(UTC)
+    if starts_at < now + timedelta(minutes=settings.meeting_lead_minutes) and (
+        starts_at < now + timedelta(minutes=settings.meeting_urgent_minutes)
+        or request.app[MEETING_PACE].allowance.has_room()
+    ):
+        request.app[MEETING_WAKE].set()
+
+
+async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
     async with request.app[DB_POOL].acquire() as conn, conn.transaction():
         if not await _first_delivery(conn, event.event_id):
             return "duplicate"
@@ -252,11 +253,10 @@ async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit
                 payload,
             ),
         )
-    if moved["meeting_times_stale"] or (
-        moved["unmade"]
-        and visit.starts_at < datetime.now(UTC) + timedelta(minutes=settings.meeting_lead_minutes)
-    ):
+    if moved["meeting_times_stale"]:
         request.app[MEETING_WAKE].set()
+    elif moved["unmade"]:
+        _wake_for_meeting(request, visit.starts_at)
     return "rescheduled"
 
 
