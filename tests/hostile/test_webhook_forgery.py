@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 
 from sandbox.ehr import TENANT_A, TENANT_B, sign_webhook
+from services.launch.meeting_preparation import prepare_meeting
 from tests.hostile.attack_support import (
     SECRET_A,
     SECRET_B,
@@ -194,6 +195,9 @@ async def test_forged_graph_notifications_are_refused_and_change_nothing(
     gw = gateway
     async with aiohttp.ClientSession() as http:
         visits = [await book_in_ehr(http, gw, TENANT_A) for _ in range(2)]
+    # The worker prepares the meetings after the bookings; wait for (or make) each one.
+    for visit in visits:
+        assert await prepare_meeting(gw.system.app, visit["key"]) in ("ready", "prepared")
     subscriptions = [
         str(
             await gw.fetchval(
