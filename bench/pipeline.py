@@ -37,7 +37,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from bench.harness import Benchmark, Result
-from bench.processes import backend_cpu_s, process_cpu_s
+from bench.processes import backend_cpu_s, kafka_broker_pid, process_cpu_s
 from bench.system import (
     APPOINTMENT_KEY_SECRET,
     KAFKA,
@@ -282,6 +282,9 @@ async def pipeline(
         settled = await warm_up(http, system, warmup, settle_s)
         bookings = await _bookings(http, system, count)
         cpu = {name: process_cpu_s(system.pid(name)) for name in system.children}
+        broker = kafka_broker_pid()
+        if broker is not None:
+            cpu["kafka"] = process_cpu_s(broker)
         postgres = await backend_cpu_s(system.dsn)
         async with system.profiling("launch", "notify"):
             sending_s = await _book_steadily(http, system, bookings, rate)
@@ -290,7 +293,10 @@ async def pipeline(
             # ACS stand-in's message list is read once at the end.
             await _sent(system.dsn, wanted, settle_s)
             accepted = _accepted(await _messages(http, system))
-            cpu = {name: process_cpu_s(system.pid(name)) - cpu[name] for name in cpu}
+            pids = {name: system.pid(name) for name in system.children}
+            if broker is not None:
+                pids["kafka"] = broker
+            cpu = {name: process_cpu_s(pids[name]) - used for name, used in cpu.items()}
             cpu["postgres"] = sum(
                 used - postgres.get(pid, 0.0)
                 for pid, used in (await backend_cpu_s(system.dsn)).items()
@@ -314,7 +320,19 @@ async def pipeline(
     }
 
 
-async def run(smoke: bool) -> Result:
+_measured: dict[bool, dict[str, Any]] = {}
+_lock = asyncio.Lock()
+
+
+async def measured(smoke: bool) -> dict[str, Any]:
+    """One run, shared by the rows below."""
+    async with _lock:
+        if smoke not in _measured:
+            _measured[smoke] = await _measure(smoke)
+        return _measured[smoke]
+
+
+async def _measure(smoke: bool) -> dict[str, Any]:
     if smoke:
         rate, seconds, tenants, settle = 5.0, 2.0, 2, 60.0
     else:
@@ -324,6 +342,7 @@ async def run(smoke: bool) -> Result:
         settle = 600.0
     warmup = 0 if smoke else int(os.environ.get("BENCH_PIPELINE_WARMUP", "1000"))
     r = await pipeline(rate, seconds, tenants, settle, warmup)
+    r["offered"] = rate
     print(
         f"  {r['count']} bookings at {r['rate']:.1f}/s over {tenants} EHR tenants:"
         f" p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms,"
@@ -342,9 +361,14 @@ async def run(smoke: bool) -> Result:
         + ", ".join(f"{n} {c / r['count'] * 1000:.1f} ms" for n, c in r["cpu"].items()),
         flush=True,
     )
+    return r
+
+
+async def run(smoke: bool) -> Result:
+    r = await measured(smoke)
     figure, baseline = r["p99"] * 1000, r["rtt_p99"] * 1000
     return Result(
-        name=f"booking -> SMS p99 at {rate:g}/s",
+        name=f"booking -> SMS p99 at {r['offered']:g}/s",
         figure=figure,
         unit="ms",
         baseline=baseline,
@@ -354,10 +378,35 @@ async def run(smoke: bool) -> Result:
     )
 
 
-BENCHMARKS = [Benchmark("event pipeline booking -> SMS", run)]
+async def cpu_per_booking(smoke: bool) -> Result:
+    """What the latency goal rests on, and steadier than it on a shared machine: the CPU one
+    booking costs across every process of the run (services, stand-ins, Postgres backends,
+    the Kafka broker when this checkout runs it), against the budget the offered rate leaves
+    (the machine's cores over the rate). A ratio near 1 means the goal measures queueing."""
+    r = await measured(smoke)
+    figure = sum(r["cpu"].values()) / r["count"] * 1000
+    budget = len(os.sched_getaffinity(0)) * 1000 / r["offered"]
+    return Result(
+        name="booking -> SMS CPU per booking, all",
+        figure=figure,
+        unit="ms",
+        baseline=budget,
+        ratio=figure / budget,
+        goal="(reported)",
+        meets_goal=True,
+    )
+
+
+BENCHMARKS = [
+    Benchmark("event pipeline booking -> SMS", run),
+    Benchmark("event pipeline CPU per booking", cpu_per_booking),
+]
 
 
 if __name__ == "__main__":
     from bench.harness import print_table
 
-    print_table([asyncio.run(run("--smoke" in sys.argv))])
+    async def main(smoke: bool) -> list[Result]:
+        return [await benchmark.run(smoke) for benchmark in BENCHMARKS]
+
+    print_table(asyncio.run(main("--smoke" in sys.argv)))

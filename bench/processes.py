@@ -63,6 +63,20 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def kafka_broker_pid() -> int | None:
+    """The Kafka broker `make infra` started from this checkout (its config lives under our
+    `.local`), or None when it runs elsewhere. Its CPU counts every client of the broker."""
+    config = str(ROOT / ".local" / "kafka" / "server.properties")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"kafka.Kafka" in argv and config.encode() in argv:
+                return int(proc.name)
+    return None
+
+
 async def backend_cpu_s(dsn: str, also: tuple[int, ...] = ()) -> dict[int, float]:
     """CPU seconds so far of each Postgres backend connected to `dsn`'s database (the run's
     own), and of the processes in `also`; processes gone meanwhile are left out."""
