@@ -24,13 +24,14 @@ the runs, once analytics has caught up with every `patient-joined`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import asyncpg
 import orjson
 from pydantic import SecretStr
 
-from bench.harness import Benchmark, Result
+from bench.harness import Benchmark, Result, print_table
 from bench.processes import ROOT, BenchSystem, Child, bench_system, start_bare
 from libs.common.db import create_pool
 from libs.common.events import IntegrationConfigV1, Topic, encode_event, make_event
@@ -293,7 +294,8 @@ async def start_launch(system: BenchSystem, loop: str) -> Child:
     return await system.start("launch", SERVICE_CPU, extra)
 
 
-async def measure(scale: Scale) -> Measured:
+async def measure(scale: Scale, loops: tuple[str, ...] = DEFAULT_FIRST) -> Measured:
+    """Every round measures each of `loops` (both, by default), interleaved."""
     ensure_wrk()
     configure_logging("bench", "WARNING")
     measured = Measured()
@@ -320,7 +322,7 @@ async def measure(scale: Scale) -> Measured:
                 launch = None
                 for round_ in range(scale.rounds):
                     # The default loop first in even rounds, second in odd ones.
-                    order = DEFAULT_FIRST if round_ % 2 == 0 else DEFAULT_FIRST[::-1]
+                    order = loops if round_ % 2 == 0 else loops[::-1]
                     for loop in order:
                         launch = await start_launch(system, loop)
                         sample = await drive(launch, scale, directory, tokens, None)
@@ -473,3 +475,46 @@ BENCHMARKS = [
     Benchmark("patient join uvloop vs asyncio, p99", event_loop_p99),
     *(peak_rss(s) for s in ("launch", *SERVICES)),
 ]
+
+
+def print_rounds(m: Measured) -> None:
+    """Every round, not only the best: what an A/B of two trees compares."""
+    print(
+        f"{'loop':<8} {'round':>5} {'req/s':>8} {'bare':>8} {'ratio':>6} {'p50':>7} {'p99':>7}"
+        f" {'paced':>7} {'p99 half':>8} {'bare p99h':>9} {'cpu/req':>8} {'bare cpu':>8}"
+    )
+    for loop in LOOPS:
+        for i, (join, bare) in enumerate(zip(m.join[loop], m.bare[loop], strict=True)):
+            print(
+                f"{loop:<8} {i + 1:>5} {join.saturated.rate:>8.1f} {bare.saturated.rate:>8.1f}"
+                f" {join.saturated.rate / bare.saturated.rate:>6.3f}"
+                f" {join.saturated.p50_ms:>7.1f} {join.saturated.p99_ms:>7.1f}"
+                f" {join.paced.rate:>7.1f} {join.paced.p99_ms:>8.1f} {bare.paced.p99_ms:>9.1f}"
+                f" {join.cpu_ms:>8.3f} {bare.cpu_ms:>8.3f}"
+            )
+
+
+if __name__ == "__main__":
+    # `python -m bench.join`: the join figures alone and every round, for A/B runs of two
+    # trees without the whole `make bench`.
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny run; figures mean nothing")
+    parser.add_argument("--rounds", type=int, help="rounds (default: 3, 1 with --smoke)")
+    parser.add_argument(
+        "--loop", choices=LOOPS, action="append", help="only this event loop (repeatable)"
+    )
+    args = parser.parse_args()
+    scale = SMOKE if args.smoke else FULL
+    if args.rounds:
+        scale = replace(scale, rounds=args.rounds)
+    loops = tuple(loop for loop in DEFAULT_FIRST if not args.loop or loop in args.loop)
+
+    async def main() -> list[Result]:
+        _measured[args.smoke] = await measure(scale, loops)
+        chosen = BENCHMARKS[:5] if DEFAULT_LOOP in loops else []
+        return [await benchmark.run(args.smoke) for benchmark in chosen]
+
+    results = asyncio.run(main())
+    print(f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC, load average {os.getloadavg()}")
+    print_rounds(_measured[args.smoke])
+    print_table(results)
