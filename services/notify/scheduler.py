@@ -84,7 +84,10 @@ _RESERVE = "SELECT * FROM reserve_sms_slots($1, $2, $3, $4, $5, $6, $7, $8)"
 # outcome was recorded (what `outbox.enqueue` guarantees inside a transaction). Per message:
 # the confirmation state (NULL for other kinds), the dead letter's attempts and reason (NULL
 # unless parked), the sms-sent event (NULL when there is none). A send the provider accepted
-# is recorded even if the message was cancelled or superseded meanwhile: it did go out.
+# is recorded even if the message was cancelled or superseded meanwhile: it did go out; but
+# not over its own record. A round whose answer was lost after it committed is written again
+# one outcome at a time, and so changes nothing the second time: each event id is made once per
+# outcome (`_finish`), and the outbox insert skips one already there.
 _FINISH_PARTS = (
     "WITH given AS (SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[],"
     " $5::text[], $6::integer[], $7::text[], $8::timestamptz[], $9::text[], $10::integer[],"
@@ -95,7 +98,8 @@ _FINISH_PARTS = (
     " reason = g.reason, segments = g.segments,"
     " provider_message_id = coalesce(g.provider_message_id, m.provider_message_id),"
     " finished_at = g.at FROM given g"
-    " WHERE m.id = g.id AND m.claims = g.claims AND (m.status = 'pending' OR g.status = 'sent')"
+    " WHERE m.id = g.id AND m.claims = g.claims"
+    " AND (m.status = 'pending' OR (g.status = 'sent' AND m.status <> 'sent'))"
     " RETURNING m.id, m.appointment_key, m.kind),"
     " confirmed AS (UPDATE appointments a SET confirmation = c.confirmation FROM"
     " (SELECT DISTINCT ON (f.appointment_key) f.appointment_key, g.confirmation"
@@ -112,7 +116,17 @@ _FINISH_ANNOUNCED = (
     _FINISH_PARTS  # noqa: S608 -- constants only
     + ", announced AS (INSERT INTO outbox (event_id, topic, key, payload)"
     " SELECT g.event_id, g.topic, g.key, g.payload FROM finished f JOIN given g ON g.id = f.id"
-    " WHERE g.event_id IS NOT NULL) SELECT id FROM finished"
+    " WHERE g.event_id IS NOT NULL ON CONFLICT (event_id) DO NOTHING) SELECT id FROM finished"
+)
+# Which of the outcomes a write did not record their rows already carry: the same claim,
+# status, outcome and time, so written by an earlier write of the same outcome whose answer
+# was lost after it committed (a consumer's cancel has its own time, a later claim its own
+# number).
+_CARRIED = (
+    "SELECT m.id FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[],"
+    " $5::timestamptz[]) AS g(id, claims, status, outcome, at)"
+    " JOIN sms_messages m ON m.id = g.id AND m.claims = g.claims AND m.status = g.status"
+    " AND m.outcome IS NOT DISTINCT FROM g.outcome AND m.finished_at = g.at"
 )
 
 
@@ -637,7 +651,8 @@ class Dispatcher:
     async def _record_outcomes(self) -> None:
         """Writes the waiting outcomes, one statement a round, until none wait: those that
         finish while a round is written go in the next. If a round fails (a deadlock with a
-        consumer's transaction, say), its outcomes are written one at a time."""
+        consumer's transaction, say, or a connection lost, perhaps after the round committed),
+        its outcomes are written one at a time."""
         batch: list[_Outcome] = []
         try:
             while self._outcomes:
@@ -671,10 +686,21 @@ class Dispatcher:
             self._outcomes = []
 
     async def _write_outcomes(self, batch: list[_Outcome]) -> None:
+        """Writes `batch` in one statement and tells each outcome whether it is recorded:
+        written now, or found on its row as an earlier write of it left it."""
         batch = sorted(batch, key=lambda outcome: outcome.id)
         columns = [list(values) for values in zip(*(o.values for o in batch), strict=True)]
         statement = _FINISH_ANNOUNCED if any(o.announce for o in batch) else _FINISH
         finished = {row["id"] for row in await self._pool.fetch(statement, *columns)}
+        unrecorded = [o for o in batch if o.id not in finished]
+        if unrecorded:
+            # Rare (a claim taken over, or this round written again after an unanswered one),
+            # so the check costs the usual round nothing.
+            values = [o.values for o in unrecorded]
+            carried = await self._pool.fetch(
+                _CARRIED, *([v[i] for v in values] for i in (0, 1, 2, 3, 7))
+            )
+            finished |= {row["id"] for row in carried}
         for outcome in batch:
             if not outcome.recorded.done():
                 outcome.recorded.set_result(outcome.id in finished)

@@ -13,6 +13,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog
+from prometheus_client import REGISTRY
 
 from libs.common.events import Topic
 from services.notify.acs import AcsSmsClient, SendResult
@@ -83,6 +85,36 @@ class Fault:
             return outcome.id
 
         return self.install(monkeypatch, "_write_outcomes", outcome_id)
+
+
+class OutcomeRoundAnswerLost:
+    """The dispatcher's pool, losing the answer of the first statement that records more than
+    one outcome: the statement runs and commits, then the call fails as if the connection had
+    dropped before the answer came back. Counts the outcomes of every recording statement."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.lost = False
+        self.writes: list[int] = []
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        recording = query.startswith("WITH given")
+        if recording:
+            self.writes.append(len(args[0]))
+        answer = list(await self._pool.fetch(query, *args))
+        if recording and len(args[0]) > 1 and not self.lost:
+            self.lost = True
+            raise connection_lost()
+        return answer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+def outcomes_counted(kind: str, outcome: str) -> float:
+    """sms_messages_total for (kind, outcome): what the dispatcher reported as recorded."""
+    labels = {"kind": kind, "outcome": outcome}
+    return REGISTRY.get_sample_value("sms_messages_total", labels) or 0.0
 
 
 def acs_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, datetime]]:
@@ -445,3 +477,80 @@ async def test_an_outcome_that_fails_alone_is_told_to_its_waiter_and_resent_once
     assert len(kit.outbound()) == 3
     # One slot counted per request: the repeat used a slot although ACS sent nothing.
     assert len(await sender_sends(kit)) == len(requests)
+
+
+async def test_a_round_of_sends_committed_but_unanswered_is_reported_sent_once_not_as_errors(
+    make_kit: MakeKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sends whose outcome round committed unanswered, written again alone, are reported sent."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    keys = {f"apt_round_unanswered_{n}" for n in range(2)}
+    for key in sorted(keys):
+        await kit.book(key)
+    recorder_held_until(monkeypatch, 2)
+    pool = OutcomeRoundAnswerLost(kit.pool)
+    monkeypatch.setattr(kit.dispatcher, "_pool", pool)
+    counted = outcomes_counted("confirmation", "sent")
+
+    with structlog.testing.capture_logs(processors=[structlog.processors.format_exc_info]) as logs:
+        async with dispatching(kit):
+            await until_handled(kit, 2)
+    # The round (committed, answer lost), then each outcome alone.
+    assert pool.writes == [2, 1, 1]
+    assert kit.results("confirmation") == ["sent", "sent"]
+    assert outcomes_counted("confirmation", "sent") - counted == 2
+    await assert_sent_once_each(kit, keys)
+    assert len(kit.outbound()) == 2
+    assert "UniqueViolation" not in repr(logs)
+    assert [entry["event"] for entry in logs if entry["log_level"] != "info"] == [
+        "recording outcomes failed; recording one at a time"
+    ]
+
+
+async def test_a_round_of_refusals_committed_but_unanswered_is_reported_refused_not_lost(
+    make_kit: MakeKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refusals whose outcome round committed unanswered, written again alone, are reported."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    await kit.configure(integration=OTHER_INTEGRATION, sender=OTHER_SENDER, sms_enabled=False)
+    await opt_out(kit, OPTED_OUT)
+    await kit.book("apt_round_unanswered_opted_out", phone=OPTED_OUT)
+    await kit.book("apt_round_unanswered_no_consent", integration=OTHER_INTEGRATION)
+    recorder_held_until(monkeypatch, 2)
+    pool = OutcomeRoundAnswerLost(kit.pool)
+    monkeypatch.setattr(kit.dispatcher, "_pool", pool)
+    counted = {
+        outcome: outcomes_counted("confirmation", outcome)
+        for outcome in ("opted_out", "no_consent")
+    }
+
+    with structlog.testing.capture_logs(processors=[structlog.processors.format_exc_info]) as logs:
+        async with dispatching(kit):
+            await until_handled(kit, 2)
+    assert pool.writes == [2, 1, 1]
+    assert sorted(kit.results("confirmation")) == ["no_consent", "opted_out"]
+    for outcome, before in counted.items():
+        assert outcomes_counted("confirmation", outcome) - before == 1
+    assert kit.outbound() == []
+    states = await kit.query(
+        "SELECT a.appointment_key, m.status, m.outcome, a.confirmation"
+        " FROM sms_messages m JOIN appointments a USING (appointment_key)"
+        " WHERE m.kind = 'confirmation'"
+    )
+    assert {tuple(row) for row in states} == {
+        ("apt_round_unanswered_opted_out", "refused", "opted_out", "failed"),
+        ("apt_round_unanswered_no_consent", "refused", "no_consent", "skipped"),
+    }
+    events = await kit.query(
+        "SELECT key, count(*) AS n FROM outbox WHERE topic = $1 GROUP BY key", Topic.SMS_SENT.value
+    )
+    assert {row["key"]: row["n"] for row in events} == {
+        "apt_round_unanswered_opted_out": 1,
+        "apt_round_unanswered_no_consent": 1,
+    }
+    assert "UniqueViolation" not in repr(logs)
+    assert [entry["event"] for entry in logs if entry["log_level"] != "info"] == [
+        "recording outcomes failed; recording one at a time"
+    ]
