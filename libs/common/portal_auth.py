@@ -207,6 +207,26 @@ def _safe_return_to(value: str | None) -> str:
     return "/"
 
 
+# Anyone may start a sign-in, and a started one that is never completed (or a session never
+# logged out) would otherwise stay for good. Each new row takes up to 100 expired ones with it,
+# so the tables stay as large as their live rows however many requests arrive; SKIP LOCKED
+# keeps concurrent sign-ins from waiting on each other's sweep.
+_NEW_SIGN_IN = (
+    "WITH expired AS (DELETE FROM portal_sign_ins WHERE state_hash IN (SELECT state_hash"
+    " FROM portal_sign_ins WHERE expires_at <= now() ORDER BY expires_at LIMIT 100"
+    " FOR UPDATE SKIP LOCKED))"
+    " INSERT INTO portal_sign_ins (state_hash, flow, return_to, expires_at)"
+    " VALUES ($1, $2, $3, now() + interval '10 minutes')"
+)
+_NEW_SESSION = (
+    "WITH expired AS (DELETE FROM portal_sessions WHERE token_hash IN (SELECT token_hash"
+    " FROM portal_sessions WHERE expires_at <= now() ORDER BY expires_at LIMIT 100"
+    " FOR UPDATE SKIP LOCKED))"
+    " INSERT INTO portal_sessions (token_hash, tenant_id, user_oid, upn, roles, csrf_token,"
+    " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+)
+
+
 async def login(request: web.Request) -> web.Response:
     settings = _settings(request)
     hint = request.query.get("login_hint")
@@ -217,8 +237,7 @@ async def login(request: web.Request) -> web.Response:
     flow["binding"] = hashlib.sha256(binding.encode()).hexdigest()
     sealed = settings.field_cipher().encrypt(orjson.dumps(flow).decode(), "portal-sign-in")
     await request.app[DB_POOL].execute(
-        "INSERT INTO portal_sign_ins (state_hash, flow, return_to, expires_at)"
-        " VALUES ($1, $2, $3, now() + interval '10 minutes')",
+        _NEW_SIGN_IN,
         _digest(flow["state"]),
         sealed,
         _safe_return_to(request.query.get("return_to")),
@@ -269,8 +288,7 @@ async def callback(request: web.Request) -> web.Response:
         )
     token = secrets.token_urlsafe(32)
     await request.app[DB_POOL].execute(
-        "INSERT INTO portal_sessions (token_hash, tenant_id, user_oid, upn, roles, csrf_token,"
-        " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        _NEW_SESSION,
         _digest(token),
         str(claims["tid"]),
         str(claims["oid"]),

@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
+import asyncpg
 import jwt
 import pytest
 from aiohttp import web
@@ -189,3 +190,40 @@ async def test_unsigned_id_token_is_refused(
     )
     with pytest.raises(SignInError):
         await EntraSignIn(settings).validate_id_token(token, "n")
+
+
+async def _portal_rows(settings: ConfigSettings, sql: str) -> Any:
+    conn = await asyncpg.connect(
+        settings.database_url.get_secret_value(), server_settings={"search_path": "config"}
+    )
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def test_expired_sign_ins_and_sessions_are_removed_by_later_ones(
+    portal: tuple[str, ConfigSettings], microsoft_http: aiohttp.ClientSession
+) -> None:
+    """Abandoned sign-ins and expired sessions do not pile up: new ones remove them."""
+    url, settings = portal
+    for _ in range(20):
+        async with microsoft_http.get(f"{url}/auth/login", allow_redirects=False) as r:
+            assert r.status == 302
+    await portal_session(microsoft_http, url, ADMIN)
+    assert await _portal_rows(settings, "SELECT count(*) FROM portal_sessions") == 1
+    # Time passes: every abandoned sign-in and the session expire.
+    await _portal_rows(settings, "UPDATE portal_sign_ins SET expires_at = now() - interval '1 s'")
+    await _portal_rows(settings, "UPDATE portal_sessions SET expires_at = now() - interval '1 s'")
+    async with microsoft_http.get(f"{url}/auth/login", allow_redirects=False) as r:
+        assert r.status == 302
+    assert await _portal_rows(settings, "SELECT count(*) FROM portal_sign_ins") == 1
+    assert (
+        await _portal_rows(
+            settings, "SELECT count(*) FROM portal_sign_ins WHERE expires_at > now()"
+        )
+        == 1
+    )
+    await portal_session(microsoft_http, url, READER)
+    assert await _portal_rows(settings, "SELECT count(*) FROM portal_sessions") == 1
+    assert await _portal_rows(settings, "SELECT roles FROM portal_sessions") == ["global_reader"]
