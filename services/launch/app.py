@@ -11,6 +11,7 @@ from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
 from services.launch import patient, patient_launch, provider, scheduling
 from services.launch.graph import GraphClient
 from services.launch.integrations import IntegrationDirectory, on_integration_config
+from services.launch.lobby_batches import lobby_batches_ctx
 from services.launch.meeting_preparation import meeting_preparation_ctx
 from services.launch.notifications import receive_notifications
 from services.launch.openapi import openapi_json
@@ -53,6 +54,7 @@ def create_app(settings: ServiceSettings) -> web.Application:
     )
     app.cleanup_ctx.append(subscription_renewal_ctx)
     app.cleanup_ctx.append(meeting_preparation_ctx)
+    app.cleanup_ctx.append(lobby_batches_ctx)
     router = app.router
     router.add_get("/launch/provider", provider.launch_provider)
     router.add_get("/launch/provider/{integration_id}", provider.launch_provider)

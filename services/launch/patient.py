@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -20,13 +19,11 @@ from aiohttp import web
 from libs.common.events import PatientJoinedV1, Topic, encode_event, make_event
 from libs.common.web import DB_POOL
 from services.launch import join_tokens
+from services.launch.lobby_batches import LOBBY, Arrival
 from services.launch.meeting_preparation import meeting_ready
 from services.launch.pages import page, problem_page
 from services.launch.settings import LaunchSettings
 from services.launch.state import launch_settings
-
-if TYPE_CHECKING:
-    from libs.common.db import Connection
 
 log = structlog.get_logger(__name__)
 DEVICE_COOKIE = "visit_device"
@@ -39,20 +36,6 @@ def patient_pseudonym(settings: LaunchSettings, appointment_key: str, device: st
         hashlib.sha256,
     ).hexdigest()
     return f"pt_{digest[:20]}"
-
-
-# One read per open of the link: the visit, and whether this device is in its lobby already.
-# Patients open the link several times (the SMS, then Join, then again after a reload); only
-# the first open from a device writes, so the repeats need no transaction. The visit's current
-# status and end decide whether the link still opens it (see `closed`).
-_VISIT = (
-    "SELECT a.appointment_key, a.tenant_id, a.status, a.starts_at, a.ends_at, a.time_zone,"
-    " a.patient_join_url,"
-    " i.organisation_name, EXISTS (SELECT 1 FROM lobby_arrivals l"
-    "  WHERE l.appointment_key = a.appointment_key AND l.participant = $2) AS arrived"
-    " FROM appointments a LEFT JOIN integrations i USING (integration_id)"
-    " WHERE a.appointment_key = $1"
-)
 
 
 def _appointment(request: web.Request) -> str | web.Response:
@@ -84,50 +67,42 @@ def closed(status: str, ends_at: datetime, now: datetime, grace: timedelta) -> w
     return None
 
 
-async def _visit(
-    conn: Connection, key: str, participant: str, grace: timedelta
-) -> asyncpg.Record | web.Response:
-    row = await conn.fetchrow(_VISIT, key, participant)
+def _visit(row: asyncpg.Record | None, grace: timedelta) -> asyncpg.Record | web.Response:
     if row is None:
         return problem_page(404, "This link does not work", "We could not find this visit.")
     return closed(row["status"], row["ends_at"], datetime.now(UTC), grace) or row
 
 
-# The first open from a device: its lobby arrival and `patient-joined` in one statement, so
-# one round trip and as atomic as outbox.enqueue's transaction (the outbox row is written if
-# and only if the arrival is; the outbox trigger wakes the relay as usual).
-_ARRIVAL = (
-    "WITH arrival AS (INSERT INTO lobby_arrivals (appointment_key, participant, arrived_at)"
-    " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING appointment_key)"
-    " INSERT INTO outbox (event_id, topic, key, payload)"
-    " SELECT $4, $5, appointment_key, $6 FROM arrival"
-)
-
-
-async def _record_arrival(conn: Connection, key: str, tenant_id: str, participant: str) -> None:
+def _arrival(key: str, tenant_id: str, participant: str) -> Arrival:
+    """The first open from a device: its lobby arrival and `patient-joined`, written in one
+    statement (lobby_batches), as atomic as outbox.enqueue's transaction (the outbox row is
+    written if and only if the arrival is; the outbox trigger wakes the relay as usual)."""
     now = datetime.now(UTC)
     payload = PatientJoinedV1(participant=participant, lobby_entered_at=now)
     event = make_event(Topic.PATIENT_JOINED, tenant_id, key, payload)
-    await conn.execute(
-        _ARRIVAL, key, participant, now, event.event_id, event.type, encode_event(event)
-    )
+    return Arrival(key, participant, now, event.event_id, event.type, encode_event(event))
 
 
 async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | web.Response:
     """Checks the link, finds the visit and records this device's arrival (first open only):
-    the visit's row, the device and whether it is new. One pooled connection throughout."""
+    the visit's row, the device and whether it is new. One read per open of the link, the
+    visit and whether this device is in its lobby already: patients open the link several
+    times (the SMS, then Join, then again after a reload), and only the first open from a
+    device writes. The visit's current status and end decide whether the link still opens it
+    (see `closed`). Both statements are shared with concurrent joins (lobby_batches)."""
     key = _appointment(request)
     if isinstance(key, web.Response):
         return key
     settings = launch_settings(request)
     device, fresh = _device(request)
     participant = patient_pseudonym(settings, key, device)
-    async with request.app[DB_POOL].acquire() as conn:
-        row = await _visit(conn, key, participant, timedelta(minutes=settings.join_grace_minutes))
-        if isinstance(row, web.Response):
-            return row
-        if not row["arrived"]:
-            await _record_arrival(conn, key, row["tenant_id"], participant)
+    lobby = request.app[LOBBY]
+    grace = timedelta(minutes=settings.join_grace_minutes)
+    row = _visit(await lobby.visit(key, participant), grace)
+    if isinstance(row, web.Response):
+        return row
+    if not row["arrived"]:
+        await lobby.arrive(_arrival(key, row["tenant_id"], participant))
     return row, device, fresh
 
 
