@@ -3,6 +3,8 @@
 The portal fetches `<url>/.well-known/smart-configuration`, and the launch gateway later
 sends tokens there, so a URL pointing inside our network would be an SSRF. Every address the
 host resolves to is checked; the probe then connects only to those addresses (no rebinding).
+The endpoints that document names are checked by the same rule (`check_endpoint_url`), and
+the launch gateway applies `address_refusal` to every address it connects to.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class CheckedUrl:
     host: str
     port: int
     addresses: tuple[str, ...]
+    # The rule the addresses passed, for the endpoints the server names later.
+    allow_loopback: bool = False
 
 
 def normalise(raw: str) -> str:
@@ -84,6 +88,16 @@ def _refused_address(address: IpAddress, allow_loopback: bool) -> str | None:
     return None
 
 
+def address_refusal(address: str, allow_loopback: bool) -> str | None:
+    """Why an IP address may not be connected to ("a private network address"), or None
+    when it is public (or loopback while the local stand-ins are allowed)."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "not an IP address"
+    return _refused_address(parsed, allow_loopback)
+
+
 async def _resolve(host: str, port: int) -> list[str]:
     try:
         return [str(ipaddress.ip_address(host))]
@@ -98,8 +112,9 @@ async def _resolve(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
 
 
-async def check_fhir_base_url(raw: str, *, allow_loopback: bool) -> CheckedUrl:
-    url = normalise(raw)
+async def _checked(url: str, *, allow_loopback: bool) -> CheckedUrl:
+    """Every address of the URL's host is public (loopback only with the allowance), and
+    plain http only when the allowance is on and every address is loopback."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -114,4 +129,27 @@ async def check_fhir_base_url(raw: str, *, allow_loopback: bool) -> CheckedUrl:
         loopback_only = all(ipaddress.ip_address(a).is_loopback for a in addresses)
         if not (allow_loopback and loopback_only):
             raise InvalidFhirUrl("The URL must use https:// (http is only for local stand-ins).")
-    return CheckedUrl(url=url, host=host, port=port, addresses=tuple(addresses))
+    return CheckedUrl(
+        url=url, host=host, port=port, addresses=tuple(addresses), allow_loopback=allow_loopback
+    )
+
+
+async def check_fhir_base_url(raw: str, *, allow_loopback: bool) -> CheckedUrl:
+    return await _checked(normalise(raw), allow_loopback=allow_loopback)
+
+
+async def check_endpoint_url(url: str, *, allow_loopback: bool) -> CheckedUrl:
+    """An endpoint a SMART server names (authorize, token, JWKS), by the FHIR base's rule.
+    Unlike a base URL it may carry a query; it may not carry credentials."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for an impossible port
+    except ValueError:
+        raise InvalidFhirUrl("The URL is not well-formed.") from None
+    if any(ord(c) < 0x21 or ord(c) > 0x7E for c in url):
+        raise InvalidFhirUrl("The URL contains spaces or characters that are not allowed.")
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise InvalidFhirUrl("The URL is not an absolute https:// URL.")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise InvalidFhirUrl("The URL must not contain a user name or password.")
+    return await _checked(url, allow_loopback=allow_loopback)

@@ -13,7 +13,7 @@ import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.config.fhir_urls import CheckedUrl
+from services.config.fhir_urls import CheckedUrl, InvalidFhirUrl, check_endpoint_url
 
 _Str = Field(max_length=2048)
 
@@ -74,6 +74,20 @@ def _absolute(url: str) -> bool:
     return parts.scheme in ("https", "http") and bool(parts.netloc)
 
 
+async def _check_endpoints(found: SmartConfiguration, allow_loopback: bool) -> None:
+    """The launch gateway sends the client secret to token_endpoint, fetches jwks_uri and
+    sends clinicians to authorization_endpoint: each must pass the FHIR base's own address
+    rule, or a SMART server could point the gateway inside our network."""
+    for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+        url: str | None = getattr(found, name)
+        if url is None:
+            continue
+        try:
+            await check_endpoint_url(url, allow_loopback=allow_loopback)
+        except InvalidFhirUrl as exc:
+            raise SmartProbeFailed(f"The SMART configuration's {name} is refused: {exc}") from None
+
+
 async def probe_smart_configuration(
     checked: CheckedUrl, *, ssl_context: ssl.SSLContext, timeout_s: float, max_bytes: int
 ) -> SmartConfiguration:
@@ -121,4 +135,5 @@ async def probe_smart_configuration(
         ) from None
     if not (_absolute(found.authorization_endpoint) and _absolute(found.token_endpoint)):
         raise SmartProbeFailed("The SMART configuration's endpoints are not absolute URLs.")
+    await _check_endpoints(found, checked.allow_loopback)
     return found
