@@ -1,32 +1,122 @@
-"""One outbound HTTP client for the gateway: timeouts, the trusted CA, no redirects, and a
-cap on how much of a hostile server's answer we read."""
+"""One outbound HTTP client for the gateway: timeouts, the trusted CA, no redirects, a cap
+on how much of a hostile server's answer we read, and connections only to public addresses
+(loopback too while the local stand-ins are allowed), checked on the address connected to."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from aiohttp import web
+import structlog
+from aiohttp import AddrInfoType, SocketFactoryType, web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from libs.common.web import SETTINGS
+from services.config.fhir_urls import address_refusal
+from services.launch.settings import LaunchSettings
 
 HTTP = web.AppKey("outbound_http", aiohttp.ClientSession)
 MAX_RESPONSE_BYTES = 2 * 1024 * 1024
+
+log = structlog.get_logger(__name__)
 
 
 class OutboundError(Exception):
     """A call to the outside world failed; the message is safe to log and to show."""
 
 
+class RefusedAddress(OSError):
+    """A host resolved to, or named, an address the gateway must not connect to (private,
+    link-local, reserved, or loopback without the stand-in allowance)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EACCES, message)
+
+
+class PublicAddressResolver(AbstractResolver):
+    """Wraps a resolver and keeps only the addresses `address_refusal` accepts, so what DNS
+    says at connect time is what is checked: a name that passed the config service's check
+    and now resolves inside our network (DNS rebinding) reaches nothing. aiohttp asks no
+    resolver for a host that is an IP address; `guarded_socket_factory` covers those."""
+
+    def __init__(self, allow_loopback: bool, resolver: AbstractResolver | None = None) -> None:
+        self._allow_loopback = allow_loopback
+        self._resolver = resolver if resolver is not None else aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._resolver.resolve(host, port, family)
+        kept: list[ResolveResult] = []
+        refused = ""
+        for result in found:
+            reason = address_refusal(result["host"], self._allow_loopback)
+            if reason is None:
+                kept.append(result)
+            else:
+                refused = f"{host} resolves to {reason} ({result['host']}), which is refused"
+        if refused:
+            log.warning("outbound address refused", host=host, reason=refused, kept=len(kept))
+        if not kept:
+            raise RefusedAddress(refused or f"{host} has no addresses")
+        return kept
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+def guarded_socket_factory(allow_loopback: bool) -> SocketFactoryType:
+    """The last check, on the very address a socket is about to connect to."""
+
+    def create(addr_info: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, address = addr_info
+        reason = address_refusal(str(address[0]), allow_loopback)
+        if reason is not None:
+            log.warning("outbound connection refused", address=str(address[0]), reason=reason)
+            raise RefusedAddress(f"{address[0]} is {reason}, which is refused")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    return create
+
+
+def outbound_connector(
+    ssl_context: ssl.SSLContext, allow_loopback: bool, resolver: AbstractResolver
+) -> aiohttp.TCPConnector:
+    """The connector of every outbound request of the gateway (SMART discovery, token and
+    JWKS, FHIR reads, Graph): `resolver` is a PublicAddressResolver, the caller closes it."""
+    return aiohttp.TCPConnector(
+        ssl=ssl_context,
+        limit=100,
+        resolver=resolver,
+        socket_factory=guarded_socket_factory(allow_loopback),
+    )
+
+
+def refusal(exc: BaseException) -> str:
+    """How an outbound failure is named in a message: the refused address when that was it,
+    else the exception's type."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(cause, RefusedAddress):
+        return f"refused: {cause.strerror}"
+    return type(exc).__name__
+
+
 async def outbound_http_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    assert isinstance(settings, LaunchSettings)
+    resolver = PublicAddressResolver(settings.allow_loopback_http)
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=settings.external_call_timeout_s),
-        connector=aiohttp.TCPConnector(ssl=settings.ssl_context(), limit=100),
+        connector=outbound_connector(
+            settings.ssl_context(), settings.allow_loopback_http, resolver
+        ),
         # Cookies from outside servers must never follow us to another request.
         cookie_jar=aiohttp.DummyCookieJar(),
         json_serialize=lambda obj: orjson.dumps(obj).decode(),
@@ -34,6 +124,7 @@ async def outbound_http_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = session
     yield
     await session.close()
+    await resolver.close()
 
 
 async def read_json(response: aiohttp.ClientResponse) -> Any:
@@ -66,10 +157,19 @@ def is_loopback_host(host: str) -> bool:
 
 def check_endpoint(url: str, allow_loopback_http: bool) -> str:
     """An endpoint a configured server told us about: https, or http only on loopback when
-    the stand-ins are allowed; never userinfo (credentials in URLs leak)."""
+    the stand-ins are allowed; never userinfo (credentials in URLs leak); an IP address only
+    when public. A host name's addresses are checked when connecting (outbound_connector)."""
     parts = urlsplit(url)
     if parts.username or parts.password or not parts.hostname:
         raise OutboundError("endpoint URL is not acceptable")
+    try:
+        literal = str(ipaddress.ip_address(parts.hostname))
+    except ValueError:
+        pass
+    else:
+        reason = address_refusal(literal, allow_loopback_http)
+        if reason is not None:
+            raise OutboundError(f"endpoint {parts.hostname} is {reason}, which is refused")
     if parts.scheme == "https":
         return url
     if parts.scheme == "http" and allow_loopback_http and is_loopback_host(parts.hostname):

@@ -23,7 +23,7 @@ from yarl import URL
 
 from libs.common.crypto import FieldCipher
 from services.launch.integrations import Integration
-from services.launch.outbound import OutboundError, check_endpoint, read_json
+from services.launch.outbound import OutboundError, check_endpoint, read_json, refusal
 from services.launch.settings import LaunchSettings
 
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "ES384"]
@@ -135,13 +135,23 @@ class SmartClient:
                 config = SmartConfiguration.model_validate(await read_json(response))
         except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
             raise SmartError(
-                f"The EHR's SMART configuration is unreachable ({type(exc).__name__})."
+                f"The EHR's SMART configuration is unreachable ({refusal(exc)})."
             ) from None
         except ValidationError:
             raise SmartError("The EHR's SMART configuration is incomplete.") from None
-        for endpoint in (config.authorization_endpoint, config.token_endpoint, config.jwks_uri):
-            if endpoint:
-                self._endpoint(endpoint)
+        try:
+            for endpoint in (
+                config.authorization_endpoint,
+                config.token_endpoint,
+                config.jwks_uri,
+            ):
+                if endpoint:
+                    self._endpoint(endpoint)
+        except OutboundError as exc:
+            # The callback's discovery catches SmartError only: an OutboundError was a 500.
+            raise SmartError(
+                f"The EHR's SMART configuration names an endpoint we refuse ({exc})."
+            ) from None
         self._discovery[iss] = (time.monotonic() + self._settings.smart_discovery_ttl_s, config)
         return config
 
@@ -265,9 +275,7 @@ class SmartClient:
                     raise SmartError(f"The EHR refused the sign-in ({error or response.status}).")
                 return TokenResponse.model_validate(body)
         except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
-            raise SmartError(
-                f"The EHR's token endpoint is unreachable ({type(exc).__name__})."
-            ) from None
+            raise SmartError(f"The EHR's token endpoint is unreachable ({refusal(exc)}).") from None
         except ValidationError:
             raise SmartError("The EHR's token answer is incomplete.") from None
 
@@ -342,9 +350,7 @@ class SmartClient:
                     async with self._http.get(jwks_uri, allow_redirects=False) as response:
                         keys = await read_json(response)
                 except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
-                    raise SmartError(
-                        f"The EHR's keys are unreachable ({type(exc).__name__})."
-                    ) from None
+                    raise SmartError(f"The EHR's keys are unreachable ({refusal(exc)}).") from None
                 cached = self._jwks[jwks_uri] = _KeySet(time.monotonic() + 3600, keys)
             key = cached.key(kid)
             if key is not None:

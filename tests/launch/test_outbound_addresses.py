@@ -1,0 +1,265 @@
+"""The launch gateway's outbound client connects only to public addresses (loopback too while
+the local stand-ins are allowed), checked on the address it is about to connect to: a FHIR
+base, token endpoint or JWKS URL whose name resolves inside our network at launch time (DNS
+rebinding after the config service's check) reaches nothing, and the launch fails cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from libs.common.web import SETTINGS
+from services.launch.fhir import FhirClient, FhirError
+from services.launch.integrations import Integration
+from services.launch.outbound import (
+    HTTP,
+    PublicAddressResolver,
+    RefusedAddress,
+    outbound_connector,
+    outbound_http_ctx,
+    refusal,
+)
+from services.launch.settings import LaunchSettings
+from services.launch.smart import SmartClient, SmartConfiguration, SmartError
+
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class Listener:
+    """A TCP server on 127.0.0.1 that counts the connections it accepts and answers any
+    request with 204: a connection the gateway should never have made shows as a count."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.port = 0
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(NO_CONTENT)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    listener = Listener()
+    server = await asyncio.start_server(listener._accept, "127.0.0.1", 0)
+    listener.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield listener
+
+
+@asynccontextmanager
+async def gateway_http(allow_loopback_http: bool) -> AsyncIterator[aiohttp.ClientSession]:
+    """The outbound session exactly as the gateway's startup builds it."""
+    app = web.Application()
+    app[SETTINGS] = LaunchSettings(
+        allow_loopback_http=allow_loopback_http, external_call_timeout_s=5
+    )
+    context = outbound_http_ctx(app)
+    await anext(context)
+    try:
+        yield app[HTTP]
+    finally:
+        await anext(context, None)
+
+
+class NamedResolver(AbstractResolver):
+    """Test DNS: each name answers the addresses `answers` holds for it right now."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host not in self.answers:
+            raise OSError(f"{host} is not known")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self.answers[host]
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+@asynccontextmanager
+async def session_with_dns(
+    answers: dict[str, list[str]],
+) -> AsyncIterator[tuple[aiohttp.ClientSession, aiohttp.TCPConnector]]:
+    """The gateway's connector (stand-in allowance on, as in tests and `make run`) over a
+    test resolver, so a name can resolve to a private address."""
+    resolver = PublicAddressResolver(True, NamedResolver(answers))
+    connector = outbound_connector(ssl.create_default_context(), True, resolver)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        yield http, connector
+
+
+def integration() -> Integration:
+    settings = LaunchSettings()
+    integration_id = uuid.uuid4()
+    return Integration(
+        integration_id=integration_id,
+        tenant_id="contoso",
+        fhir_base_url="https://localhost/r4/t",
+        environment="test",
+        department="Cardiology",
+        organisation_name="Contoso Health",
+        ms_tenant_id="contoso",
+        smart_client_id="teams-connector",
+        client_auth_method="client_secret_basic",
+        client_secret_encrypted=settings.field_cipher().encrypt(
+            "s3cret", f"integration-secret:{integration_id}"
+        ),
+        private_key_encrypted=None,
+        pkce_mode="required",
+        teams_organizer_id="dr.lee@contosohealth.onmicrosoft.com",
+        sms_enabled=False,
+    )
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::ffff:127.0.0.1]"])
+async def test_loopback_is_refused_at_connect_time_without_the_allowance(
+    listener: Listener, host: str
+) -> None:
+    """With allow_loopback_http off (production), a name resolving to loopback, a loopback
+    address and its IPv4-mapped spelling are refused before any connection is made."""
+    async with gateway_http(allow_loopback_http=False) as http:
+        with pytest.raises(aiohttp.ClientConnectorError) as refused:
+            await http.get(f"https://{host}:{listener.port}/token")
+    assert isinstance(refused.value.os_error, RefusedAddress)
+    assert "a loopback address" in refusal(refused.value)
+    assert listener.accepted == 0
+
+
+async def test_the_stand_in_allowance_still_reaches_loopback(listener: Listener) -> None:
+    """With allow_loopback_http on (tests, `make run`), the same client reaches a loopback
+    stand-in by name and by address."""
+    async with gateway_http(allow_loopback_http=True) as http:
+        for host in ("localhost", "127.0.0.1"):
+            async with http.get(f"http://{host}:{listener.port}/") as response:
+                assert response.status == 204
+    assert listener.accepted == 2
+
+
+async def test_private_answers_are_dropped_and_a_private_only_name_is_refused(
+    listener: Listener,
+) -> None:
+    """Of a DNS answer only the public (here: allowed loopback) addresses are connected to;
+    a name answering only link-local or private addresses fails at resolution, clearly."""
+    answers = {
+        "mixed.test": ["10.0.0.5", "127.0.0.1"],
+        "metadata.test": ["169.254.169.254"],
+        "intranet.test": ["192.168.1.1", "fd00::5"],
+    }
+    async with session_with_dns(answers) as (http, _):
+        async with http.get(f"http://mixed.test:{listener.port}/") as response:
+            assert response.status == 204
+        for host, says in (("metadata.test", "link-local"), ("intranet.test", "private")):
+            with pytest.raises(aiohttp.ClientConnectorDNSError) as refused:
+                await http.get(f"http://{host}:{listener.port}/")
+            assert isinstance(refused.value.os_error, RefusedAddress)
+            assert says in refusal(refused.value)
+    assert listener.accepted == 1
+
+
+async def test_a_name_rebound_to_a_private_address_is_refused(listener: Listener) -> None:
+    """A FHIR host that resolved to an allowed address for one request and to a private one
+    for the next (DNS rebinding) is refused on the next, without a connection."""
+    answers = {"ehr.rebind.test": ["127.0.0.1"]}
+    async with session_with_dns(answers) as (http, connector):
+        async with http.get(f"http://ehr.rebind.test:{listener.port}/r4/t/metadata") as response:
+            assert response.status == 204
+        answers["ehr.rebind.test"] = ["10.0.0.5"]
+        connector.clear_dns_cache()  # the short TTL a rebinding attacker serves
+        with pytest.raises(aiohttp.ClientConnectorDNSError) as refused:
+            await http.get(f"http://ehr.rebind.test:{listener.port}/r4/t/Appointment/1")
+    assert "a private network address (10.0.0.5)" in refusal(refused.value)
+    assert listener.accepted == 1
+
+
+async def test_launch_calls_to_a_name_resolving_inside_are_refused_without_a_connection(
+    listener: Listener,
+) -> None:
+    """Discovery (`iss`), the token request (with the client secret), the JWKS fetch and FHIR
+    reads whose host resolves to loopback while the allowance is off each fail with a clear
+    "refused" error the launch turns into its error page, and nothing connects."""
+    base = f"https://localhost:{listener.port}"
+    config = SmartConfiguration(
+        authorization_endpoint=f"{base}/authorize",
+        token_endpoint=f"{base}/token",
+        jwks_uri=f"{base}/jwks",
+    )
+    ehr = integration()
+    settings = LaunchSettings()
+    async with gateway_http(allow_loopback_http=False) as http:
+        smart = SmartClient(http, LaunchSettings(allow_loopback_http=False))
+        with pytest.raises(SmartError, match=r"configuration is unreachable \(refused: localhost"):
+            await smart.discover(f"{base}/r4/t")
+        with pytest.raises(SmartError, match=r"token endpoint is unreachable \(refused: localhost"):
+            await smart.exchange_code(
+                ehr, config, settings.field_cipher(), code="c", redirect_uri="r", verifier=None
+            )
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        id_token = jwt.encode({"sub": "1"}, key, algorithm="RS256", headers={"kid": "k1"})
+        with pytest.raises(SmartError, match=r"keys are unreachable \(refused: localhost"):
+            await smart.validate_id_token(ehr, config, id_token, "n")
+        with pytest.raises(FhirError, match="could not be read"):
+            await FhirClient(http, f"{base}/r4/t", "token").read_appointment("1")
+    assert listener.accepted == 0
+
+
+async def test_discovery_naming_internal_endpoints_is_refused_cleanly(
+    serve: Callable[[web.Application], Any],
+) -> None:
+    """A SMART configuration naming a token endpoint or JWKS at a private or link-local
+    address is refused at discovery with a SmartError (the callback shows its error page;
+    it was an unhandled OutboundError there)."""
+    document: dict[str, Any] = {}
+
+    async def smart_configuration(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app = web.Application()
+    app.router.add_get("/r4/t/.well-known/smart-configuration", smart_configuration)
+    async with serve(app) as url, gateway_http(allow_loopback_http=True) as http:
+        for field, endpoint, says in (
+            ("token_endpoint", "https://169.254.169.254/latest/api/token", "link-local"),
+            ("jwks_uri", "https://10.0.0.5/jwks", "private"),
+            ("authorization_endpoint", "https://[::ffff:192.168.1.1]/authorize", "private"),
+        ):
+            document.clear()
+            document.update(
+                authorization_endpoint=f"{url}/authorize",
+                token_endpoint=f"{url}/token",
+                jwks_uri=f"{url}/jwks",
+            )
+            document[field] = endpoint
+            smart = SmartClient(http, LaunchSettings(allow_loopback_http=True))
+            with pytest.raises(SmartError, match=f"names an endpoint we refuse.*{says}"):
+                await smart.discover(f"{url}/r4/t")
