@@ -44,3 +44,6 @@ DEAD_LETTERED = Counter(
 )
 OUTBOX_PUBLISHED = Counter("outbox_published_total", "Outbox events published", ["topic"])
 OUTBOX_RELAY_ERRORS = Counter("outbox_relay_errors_total", "Failed outbox relay rounds")
+OUTBOX_SWEPT = Counter(
+    "outbox_swept_total", "Published outbox rows deleted once older than the retention"
+)

@@ -4,12 +4,18 @@
 it announces committed. `OutboxRelay` publishes pending rows in id order with
 `FOR UPDATE SKIP LOCKED`, so several replicas can relay without publishing a row twice in
 the normal case; a crash between send and mark re-sends, which consumers' inboxes absorb.
+Published rows are kept for a short retention (for operators), then the relay deletes them:
+an event's payload may carry field ciphertext (a patient's phone), which must not outlive its
+use, and the table would otherwise grow without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -17,7 +23,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from libs.common.events import Envelope, encode_event
-from libs.common.metrics import OUTBOX_PUBLISHED, OUTBOX_RELAY_ERRORS
+from libs.common.metrics import OUTBOX_PUBLISHED, OUTBOX_RELAY_ERRORS, OUTBOX_SWEPT
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -46,6 +52,17 @@ _CLAIM = (
     " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
     " RETURNING id, topic, key, payload"
 )
+# Published rows older than the retention, oldest first, a bounded batch at a time; a pending
+# row (published_at NULL) never matches. No index on published_at: the table holds only what
+# was published within the retention plus the pending rows (a few minutes of events), and the
+# oldest rows come first in the primary key's order, which LIMIT stops early on.
+_SWEEP = (
+    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+    " WHERE published_at < now() - $1::interval ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)"
+)
+
+# Called after every round of the running relay with (events published, rows swept).
+RoundObserver = Callable[[int, int], None]
 
 
 class OutboxRelay:
@@ -58,6 +75,9 @@ class OutboxRelay:
         topic_prefix: str = "",
         batch_size: int = 200,
         poll_interval_s: float = 1.0,
+        retention_minutes: float = 10,
+        sweep_interval_s: float = 60.0,
+        sweep_batch_size: int = 5000,
     ) -> None:
         self._pool = pool
         self._producer = producer
@@ -65,9 +85,18 @@ class OutboxRelay:
         self._prefix = topic_prefix
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
+        self._retention = timedelta(minutes=retention_minutes)
+        self._sweep_interval_s = sweep_interval_s
+        self._sweep_batch_size = sweep_batch_size
+        self._next_sweep = 0.0  # monotonic; the first idle round sweeps
+        self._sweep_backoff = 0.2
+        self._observers: list[RoundObserver] = []
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._listener: PoolConnectionProxy[asyncpg.Record] | None = None
+
+    def observe(self, observer: RoundObserver) -> None:
+        self._observers.append(observer)
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
@@ -106,6 +135,39 @@ class OutboxRelay:
             OUTBOX_PUBLISHED.labels(topic=row["topic"]).inc()
         return len(rows)
 
+    async def sweep_published(self) -> int:
+        """Delete one batch of rows published longer than the retention ago; returns how many
+        went. A pending row is never deleted."""
+        async with self._pool.acquire() as conn:
+            status = await conn.execute(_SWEEP, self._retention, self._sweep_batch_size)
+        swept = int(status.split()[-1])
+        OUTBOX_SWEPT.inc(swept)
+        return swept
+
+    async def _sweep_if_due(self) -> tuple[int, bool]:
+        """At most once per sweep interval, one sweep batch: (rows swept, whether more are
+        left, in which case the next round sweeps again after publishing). A failure is
+        logged and retried later, slower each time, without holding up publishing."""
+        if time.monotonic() < self._next_sweep:
+            return 0, False
+        try:
+            swept = await self.sweep_published()
+        except Exception as exc:
+            OUTBOX_RELAY_ERRORS.inc()
+            log.warning(
+                "outbox sweep failed, will retry",
+                error=type(exc).__name__,
+                retry_in_s=self._sweep_backoff,
+            )
+            self._next_sweep = time.monotonic() + self._sweep_backoff
+            self._sweep_backoff = min(self._sweep_backoff * 2, 10.0)
+            return 0, False
+        self._sweep_backoff = 0.2
+        if swept >= self._sweep_batch_size:
+            return swept, True
+        self._next_sweep = time.monotonic() + self._sweep_interval_s
+        return swept, False
+
     async def run(self) -> None:
         backoff = 0.2
         while not self._stopping.is_set():
@@ -124,7 +186,12 @@ class OutboxRelay:
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            if published < self._batch_size:
+            backlog = published >= self._batch_size
+            # Never while a backlog is pending: publishing comes first.
+            swept, more = (0, False) if backlog else await self._sweep_if_due()
+            for observer in self._observers:
+                observer(published, swept)
+            if not backlog and not more:
                 await self._sleep(self._poll_interval_s)
 
     async def _sleep(self, seconds: float) -> None:

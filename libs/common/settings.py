@@ -81,6 +81,8 @@ class ServiceSettings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = "asyncio"
 
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
+    # Minutes a published outbox event is kept (for operators) before the relay deletes it.
+    outbox_retention_minutes: int = Field(default=10, ge=0)
     consumer_batch_size: int = Field(default=100, ge=1)
     # A fetch from Kafka returns once it has this many bytes or has waited this long (Kafka's
     # fetch.min.bytes / fetch.max.wait.ms): 1 byte answers at once, for services whose

@@ -287,6 +287,7 @@ async def outbox_relay_ctx(app: web.Application) -> AsyncIterator[None]:
         schema=settings.database_schema,
         topic_prefix=settings.kafka_topic_prefix,
         poll_interval_s=settings.outbox_poll_interval_s,
+        retention_minutes=settings.outbox_retention_minutes,
     )
     app[OUTBOX_RELAY] = relay
     task = asyncio.create_task(relay.run(), name="outbox-relay")

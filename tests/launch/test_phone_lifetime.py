@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import aiohttp
+import asyncpg
+
+from libs.common.events import AppointmentCreatedV1, decode_event
+from libs.common.web import OUTBOX_RELAY
+from tests.launch.test_visit_end_to_end import book_video_visit
+from tests.support.kafka_reader import read_all
+from tests.support.launch_harness import LaunchSystem
+from tests.support.privacy import scan_schema
+
+
+async def age_outbox_rows(database_url: str, key: str, minutes: int) -> int:
+    """Moves the publication of a visit's outbox rows `minutes` into the past; a row the relay
+    is still marking is updated once its mark commits (the UPDATE waits on its row lock)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        status = await conn.execute(
+            "UPDATE launch.outbox SET published_at = published_at - make_interval(mins => $2)"
+            " WHERE key = $1",
+            key,
+            minutes,
+        )
+    finally:
+        await conn.close()
+    return int(status.split()[-1])
+
+
+async def test_phone_ciphertext_leaves_the_outbox_after_the_retention(
+    launch_system: LaunchSystem, topic_prefix: str, database_url: str
+) -> None:
+    """The encrypted phone in a published appointment-created is kept in launch's outbox for
+    the retention only; after it, the sweep deletes the row and no launch table holds it."""
+    system = launch_system
+    retention = system.settings.outbox_retention_minutes
+    async with aiohttp.ClientSession() as http:
+        await book_video_visit(http, system)
+    [value] = await read_all(topic_prefix + "appointment-created", expect=1)
+    created = decode_event(value)
+    assert isinstance(created.payload, AppointmentCreatedV1)
+    ciphertext = created.payload.patient_phone_encrypted
+    assert ciphertext is not None
+    phone = system.settings.field_cipher().decrypt(ciphertext, f"patient-phone:{created.key}")
+    assert phone.startswith("+1")
+    relay = system.app[OUTBOX_RELAY]
+
+    # Published a minute short of the retention: kept, for operators.
+    assert await age_outbox_rows(database_url, created.key, retention - 1) == 1
+    await relay.sweep_published()
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await scan_schema(conn, "launch", [ciphertext]) == ["outbox.payload: " + ciphertext]
+        # A minute past it: gone.
+        assert await age_outbox_rows(database_url, created.key, 2) == 1
+        assert await relay.sweep_published() == 1
+        assert await scan_schema(conn, "launch", [ciphertext]) == []
+    finally:
+        await conn.close()
