@@ -170,8 +170,11 @@ def _visit_row(
     ehr_user_id: str | None,
     patient_phone_encrypted: str | None,
 ) -> list[object]:
-    """The appointment's columns, then its `appointment-created` event's id, type and bytes."""
+    """The appointment's columns, then its `appointment-created` event's id, type and bytes.
+    The patient's phone (ciphertext) goes out only while the integration's SMS is on."""
     integration = visit.integration
+    if not integration.sms_enabled:
+        patient_phone_encrypted = None
     payload = AppointmentCreatedV1(
         integration_id=integration.integration_id,
         environment="production" if integration.environment == "production" else "test",

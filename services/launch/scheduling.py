@@ -187,7 +187,12 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
 
 async def _book(request: web.Request, event: SchedulingEvent, visit: Visit) -> str:
     settings = launch_settings(request)
-    phone = normalised_phone(event.patient_contact.phone if event.patient_contact else None)
+    # The number is needed only to text the patient: with SMS off it is not even encrypted.
+    phone = (
+        normalised_phone(event.patient_contact.phone if event.patient_contact else None)
+        if visit.integration.sms_enabled
+        else None
+    )
     encrypted = (
         field_cipher(request).encrypt(phone, f"patient-phone:{visit.appointment_key}")
         if phone

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
 
 from libs.common.events import AppointmentCreatedV1, decode_event
 from libs.common.web import OUTBOX_RELAY
+from services.launch.state import INTEGRATIONS
+from tests.conftest import wait_for
 from tests.launch.test_visit_end_to_end import book_video_visit
 from tests.support.kafka_reader import read_all
-from tests.support.launch_harness import LaunchSystem
+from tests.support.launch_harness import LaunchSystem, integration_config, publish_integration
 from tests.support.privacy import scan_schema
 
 
@@ -57,3 +63,39 @@ async def test_phone_ciphertext_leaves_the_outbox_after_the_retention(
         assert await scan_schema(conn, "launch", [ciphertext]) == []
     finally:
         await conn.close()
+
+
+async def test_booking_with_sms_off_carries_no_phone(
+    launch_system: LaunchSystem,
+    producer: AIOKafkaProducer,
+    topic_prefix: str,
+    database_url: str,
+) -> None:
+    """With SMS off for the integration, a booking whose patient has a mobile number carries
+    no phone, not even encrypted: neither in launch's outbox nor on Kafka."""
+    system = launch_system
+    applied = asyncio.Event()
+    system.consumer.observe(lambda outcomes: applied.set() if outcomes else None)
+    config = integration_config(
+        system.settings, system.integration_id, system.fhir_base, version=2, sms_enabled=False
+    )
+    await publish_integration(producer, topic_prefix, "contoso", config)
+    await wait_for(applied, "the gateway to learn that SMS is off")
+    system.app[INTEGRATIONS].invalidate()
+
+    async with aiohttp.ClientSession() as http:
+        await book_video_visit(http, system)
+    [value] = await read_all(topic_prefix + "appointment-created", expect=1)
+    created = decode_event(value)
+    assert isinstance(created.payload, AppointmentCreatedV1)
+    assert created.payload.sms_enabled is False
+    assert created.payload.patient_phone_encrypted is None
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT payload FROM launch.outbox WHERE key = $1", created.key)
+    finally:
+        await conn.close()
+    assert len(rows) == 1
+    stored = orjson.loads(bytes(rows[0]["payload"]))["payload"]
+    assert stored["sms_enabled"] is False
+    assert stored["patient_phone_encrypted"] is None
