@@ -4,7 +4,8 @@ The portal fetches `<url>/.well-known/smart-configuration`, and the launch gatew
 sends tokens there, so a URL pointing inside our network would be an SSRF. Every address the
 host resolves to is checked; the probe then connects only to those addresses (no rebinding).
 The endpoints that document names are checked by the same rule (`check_endpoint_url`), and
-the launch gateway applies `address_refusal` to every address it connects to.
+the launch gateway applies the same rule (`libs.common.addresses`) to every address it
+connects to.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from libs.common.addresses import refused_address
+
 MAX_URL_LENGTH = 2048
 _ALLOWED_PATH_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/%!$&'()*+,;=:@"
 )
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class InvalidFhirUrl(ValueError):
@@ -72,32 +74,6 @@ def normalise(raw: str) -> str:
     return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
 
-def _refused_address(address: IpAddress, allow_loopback: bool) -> str | None:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return _refused_address(address.ipv4_mapped, allow_loopback)
-    if address.is_loopback:
-        return None if allow_loopback else "a loopback address"
-    if address.is_multicast or address.is_reserved or address.is_unspecified:
-        return "a reserved address"
-    if address.is_link_local:
-        return "a link-local address"
-    if address.is_private:
-        return "a private network address"
-    if not address.is_global:
-        return "an address that is not public"
-    return None
-
-
-def address_refusal(address: str, allow_loopback: bool) -> str | None:
-    """Why an IP address may not be connected to ("a private network address"), or None
-    when it is public (or loopback while the local stand-ins are allowed)."""
-    try:
-        parsed = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return "not an IP address"
-    return _refused_address(parsed, allow_loopback)
-
-
 async def _resolve(host: str, port: int) -> list[str]:
     try:
         return [str(ipaddress.ip_address(host))]
@@ -122,7 +98,7 @@ async def _checked(url: str, *, allow_loopback: bool) -> CheckedUrl:
     if not addresses:
         raise InvalidFhirUrl(f"The host name {host} has no addresses.")
     for text in addresses:
-        reason = _refused_address(ipaddress.ip_address(text), allow_loopback)
+        reason = refused_address(ipaddress.ip_address(text), allow_loopback)
         if reason is not None:
             raise InvalidFhirUrl(f"The host {host} points at {reason} ({text}), which is refused.")
     if parts.scheme == "http":

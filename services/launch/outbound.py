@@ -18,8 +18,8 @@ import structlog
 from aiohttp import AddrInfoType, SocketFactoryType, web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from libs.common.addresses import address_refusal
 from libs.common.web import SETTINGS
-from services.config.fhir_urls import address_refusal
 from services.launch.settings import LaunchSettings
 
 HTTP = web.AppKey("outbound_http", aiohttp.ClientSession)
