@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
+from libs.common.addresses import PrivateNetworks
 from libs.common.portal_auth import PortalSettings
 
 # The Microsoft stand-in's fixed, obviously fake ACS key, so local runs sign without setup.
@@ -23,6 +24,10 @@ class ConfigSettings(PortalSettings):
     # Local stand-ins listen on http://127.0.0.1; production must never reach loopback or
     # plain http from an admin-typed URL (SSRF), so this is off unless a local run sets it.
     allow_loopback_http: bool = False
+    # Private networks (CIDRs, comma-separated; RFC 1918 or fc00::/7 only) where an EHR's FHIR
+    # or SMART servers may sit, e.g. a hospital's FHIR proxy; set on launch too, and open them
+    # on 443 in the NetworkPolicy. Empty = only public addresses (docs/deploy.md, Network).
+    outbound_private_networks: PrivateNetworks = ()
     smart_probe_timeout_s: float = Field(default=5.0, gt=0, le=30)
     smart_probe_max_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
 

@@ -4,6 +4,7 @@ from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
+from libs.common.addresses import PrivateNetworks
 from libs.common.settings import ServiceSettings
 
 
@@ -29,6 +30,10 @@ class LaunchSettings(ServiceSettings):
     smart_discovery_ttl_s: float = Field(default=300, ge=0)
     # Stand-ins serve http on loopback; real FHIR and auth servers must be https.
     allow_loopback_http: bool = False
+    # Private networks (CIDRs, comma-separated; RFC 1918 or fc00::/7 only) the gateway may
+    # connect to, e.g. a hospital's FHIR proxy; set on config too, and open them on 443 in the
+    # NetworkPolicy. Empty = only public addresses (docs/deploy.md, Network).
+    outbound_private_networks: PrivateNetworks = ()
     launch_state_ttl_s: int = Field(default=600, ge=60, le=3600)
     provider_session_ttl_s: int = Field(default=8 * 3600, ge=300)
 
