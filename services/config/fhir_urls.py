@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from libs.common.addresses import refused_address
+from libs.common.addresses import IpNetwork, refused_address
 
 MAX_URL_LENGTH = 2048
 _ALLOWED_PATH_CHARS = frozenset(
@@ -36,6 +36,7 @@ class CheckedUrl:
     addresses: tuple[str, ...]
     # The rule the addresses passed, for the endpoints the server names later.
     allow_loopback: bool = False
+    allowed_networks: tuple[IpNetwork, ...] = ()
 
 
 def normalise(raw: str) -> str:
@@ -88,9 +89,12 @@ async def _resolve(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
 
 
-async def _checked(url: str, *, allow_loopback: bool) -> CheckedUrl:
-    """Every address of the URL's host is public (loopback only with the allowance), and
-    plain http only when the allowance is on and every address is loopback."""
+async def _checked(
+    url: str, *, allow_loopback: bool, allowed_networks: tuple[IpNetwork, ...]
+) -> CheckedUrl:
+    """Every address of the URL's host is public (loopback only with the allowance, private
+    only inside a network the operator allowed), and plain http only when the allowance is on
+    and every address is loopback."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -98,7 +102,7 @@ async def _checked(url: str, *, allow_loopback: bool) -> CheckedUrl:
     if not addresses:
         raise InvalidFhirUrl(f"The host name {host} has no addresses.")
     for text in addresses:
-        reason = refused_address(ipaddress.ip_address(text), allow_loopback)
+        reason = refused_address(ipaddress.ip_address(text), allow_loopback, allowed_networks)
         if reason is not None:
             raise InvalidFhirUrl(f"The host {host} points at {reason} ({text}), which is refused.")
     if parts.scheme == "http":
@@ -106,15 +110,26 @@ async def _checked(url: str, *, allow_loopback: bool) -> CheckedUrl:
         if not (allow_loopback and loopback_only):
             raise InvalidFhirUrl("The URL must use https:// (http is only for local stand-ins).")
     return CheckedUrl(
-        url=url, host=host, port=port, addresses=tuple(addresses), allow_loopback=allow_loopback
+        url=url,
+        host=host,
+        port=port,
+        addresses=tuple(addresses),
+        allow_loopback=allow_loopback,
+        allowed_networks=allowed_networks,
     )
 
 
-async def check_fhir_base_url(raw: str, *, allow_loopback: bool) -> CheckedUrl:
-    return await _checked(normalise(raw), allow_loopback=allow_loopback)
+async def check_fhir_base_url(
+    raw: str, *, allow_loopback: bool, allowed_networks: tuple[IpNetwork, ...] = ()
+) -> CheckedUrl:
+    return await _checked(
+        normalise(raw), allow_loopback=allow_loopback, allowed_networks=allowed_networks
+    )
 
 
-async def check_endpoint_url(url: str, *, allow_loopback: bool) -> CheckedUrl:
+async def check_endpoint_url(
+    url: str, *, allow_loopback: bool, allowed_networks: tuple[IpNetwork, ...] = ()
+) -> CheckedUrl:
     """An endpoint a SMART server names (authorize, token, JWKS), by the FHIR base's rule.
     Unlike a base URL it may carry a query; it may not carry credentials."""
     try:
@@ -128,4 +143,4 @@ async def check_endpoint_url(url: str, *, allow_loopback: bool) -> CheckedUrl:
         raise InvalidFhirUrl("The URL is not an absolute https:// URL.")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise InvalidFhirUrl("The URL must not contain a user name or password.")
-    return await _checked(url, allow_loopback=allow_loopback)
+    return await _checked(url, allow_loopback=allow_loopback, allowed_networks=allowed_networks)

@@ -107,7 +107,11 @@ async def checked_smart_configuration(
 ) -> tuple[str, SmartConfiguration]:
     settings = ctx.settings
     try:
-        checked = await check_fhir_base_url(raw_url, allow_loopback=settings.allow_loopback_http)
+        checked = await check_fhir_base_url(
+            raw_url,
+            allow_loopback=settings.allow_loopback_http,
+            allowed_networks=settings.outbound_private_networks,
+        )
     except InvalidFhirUrl as exc:
         raise Refused(422, str(exc), "fhir_base_url") from None
     try:

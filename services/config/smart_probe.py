@@ -74,7 +74,7 @@ def _absolute(url: str) -> bool:
     return parts.scheme in ("https", "http") and bool(parts.netloc)
 
 
-async def _check_endpoints(found: SmartConfiguration, allow_loopback: bool) -> None:
+async def _check_endpoints(found: SmartConfiguration, checked: CheckedUrl) -> None:
     """The launch gateway sends the client secret to token_endpoint, fetches jwks_uri and
     sends clinicians to authorization_endpoint: each must pass the FHIR base's own address
     rule, or a SMART server could point the gateway inside our network."""
@@ -83,7 +83,11 @@ async def _check_endpoints(found: SmartConfiguration, allow_loopback: bool) -> N
         if url is None:
             continue
         try:
-            await check_endpoint_url(url, allow_loopback=allow_loopback)
+            await check_endpoint_url(
+                url,
+                allow_loopback=checked.allow_loopback,
+                allowed_networks=checked.allowed_networks,
+            )
         except InvalidFhirUrl as exc:
             raise SmartProbeFailed(f"The SMART configuration's {name} is refused: {exc}") from None
 
@@ -135,5 +139,5 @@ async def probe_smart_configuration(
         ) from None
     if not (_absolute(found.authorization_endpoint) and _absolute(found.token_endpoint)):
         raise SmartProbeFailed("The SMART configuration's endpoints are not absolute URLs.")
-    await _check_endpoints(found, checked.allow_loopback)
+    await _check_endpoints(found, checked)
     return found
