@@ -1,6 +1,7 @@
 """One outbound HTTP client for the gateway: timeouts, the trusted CA, no redirects, a cap
 on how much of a hostile server's answer we read, and connections only to public addresses
-(loopback too while the local stand-ins are allowed), checked on the address connected to."""
+(loopback too while the local stand-ins are allowed, private ones only inside the networks an
+operator allowed in `outbound_private_networks`), checked on the address connected to."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import structlog
 from aiohttp import AddrInfoType, SocketFactoryType, web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from libs.common.addresses import address_refusal
+from libs.common.addresses import IpNetwork, address_refusal
 from libs.common.web import SETTINGS
 from services.launch.settings import LaunchSettings
 
@@ -34,7 +35,8 @@ class OutboundError(Exception):
 
 class RefusedAddress(OSError):
     """A host resolved to, or named, an address the gateway must not connect to (private,
-    link-local, reserved, or loopback without the stand-in allowance)."""
+    link-local, reserved, loopback without the stand-in allowance, or private outside the
+    operator's allowed networks)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EACCES, message)
@@ -46,8 +48,15 @@ class PublicAddressResolver(AbstractResolver):
     and now resolves inside our network (DNS rebinding) reaches nothing. aiohttp asks no
     resolver for a host that is an IP address; `guarded_socket_factory` covers those."""
 
-    def __init__(self, allow_loopback: bool, resolver: AbstractResolver | None = None) -> None:
+    def __init__(
+        self,
+        allow_loopback: bool,
+        resolver: AbstractResolver | None = None,
+        *,
+        allowed_networks: tuple[IpNetwork, ...] = (),
+    ) -> None:
         self._allow_loopback = allow_loopback
+        self._allowed_networks = allowed_networks
         self._resolver = resolver if resolver is not None else aiohttp.DefaultResolver()
 
     async def resolve(
@@ -57,7 +66,7 @@ class PublicAddressResolver(AbstractResolver):
         kept: list[ResolveResult] = []
         refused = ""
         for result in found:
-            reason = address_refusal(result["host"], self._allow_loopback)
+            reason = address_refusal(result["host"], self._allow_loopback, self._allowed_networks)
             if reason is None:
                 kept.append(result)
             else:
@@ -72,12 +81,14 @@ class PublicAddressResolver(AbstractResolver):
         await self._resolver.close()
 
 
-def guarded_socket_factory(allow_loopback: bool) -> SocketFactoryType:
+def guarded_socket_factory(
+    allow_loopback: bool, allowed_networks: tuple[IpNetwork, ...] = ()
+) -> SocketFactoryType:
     """The last check, on the very address a socket is about to connect to."""
 
     def create(addr_info: AddrInfoType) -> socket.socket:
         family, type_, proto, _, address = addr_info
-        reason = address_refusal(str(address[0]), allow_loopback)
+        reason = address_refusal(str(address[0]), allow_loopback, allowed_networks)
         if reason is not None:
             log.warning("outbound connection refused", address=str(address[0]), reason=reason)
             raise RefusedAddress(f"{address[0]} is {reason}, which is refused")
@@ -87,7 +98,10 @@ def guarded_socket_factory(allow_loopback: bool) -> SocketFactoryType:
 
 
 def outbound_connector(
-    ssl_context: ssl.SSLContext, allow_loopback: bool, resolver: AbstractResolver
+    ssl_context: ssl.SSLContext,
+    allow_loopback: bool,
+    resolver: AbstractResolver,
+    allowed_networks: tuple[IpNetwork, ...] = (),
 ) -> aiohttp.TCPConnector:
     """The connector of every outbound request of the gateway (SMART discovery, token and
     JWKS, FHIR reads, Graph): `resolver` is a PublicAddressResolver, the caller closes it."""
@@ -95,7 +109,7 @@ def outbound_connector(
         ssl=ssl_context,
         limit=100,
         resolver=resolver,
-        socket_factory=guarded_socket_factory(allow_loopback),
+        socket_factory=guarded_socket_factory(allow_loopback, allowed_networks),
     )
 
 
@@ -111,11 +125,12 @@ def refusal(exc: BaseException) -> str:
 async def outbound_http_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     assert isinstance(settings, LaunchSettings)
-    resolver = PublicAddressResolver(settings.allow_loopback_http)
+    allowed = settings.outbound_private_networks
+    resolver = PublicAddressResolver(settings.allow_loopback_http, allowed_networks=allowed)
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=settings.external_call_timeout_s),
         connector=outbound_connector(
-            settings.ssl_context(), settings.allow_loopback_http, resolver
+            settings.ssl_context(), settings.allow_loopback_http, resolver, allowed
         ),
         # Cookies from outside servers must never follow us to another request.
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -155,10 +170,13 @@ def is_loopback_host(host: str) -> bool:
         return host == "localhost"
 
 
-def check_endpoint(url: str, allow_loopback_http: bool) -> str:
+def check_endpoint(
+    url: str, allow_loopback_http: bool, allowed_networks: tuple[IpNetwork, ...] = ()
+) -> str:
     """An endpoint a configured server told us about: https, or http only on loopback when
     the stand-ins are allowed; never userinfo (credentials in URLs leak); an IP address only
-    when public. A host name's addresses are checked when connecting (outbound_connector)."""
+    when public (or private inside an allowed network). A host name's addresses are checked
+    when connecting (outbound_connector)."""
     parts = urlsplit(url)
     if parts.username or parts.password or not parts.hostname:
         raise OutboundError("endpoint URL is not acceptable")
@@ -167,7 +185,7 @@ def check_endpoint(url: str, allow_loopback_http: bool) -> str:
     except ValueError:
         pass
     else:
-        reason = address_refusal(literal, allow_loopback_http)
+        reason = address_refusal(literal, allow_loopback_http, allowed_networks)
         if reason is not None:
             raise OutboundError(f"endpoint {parts.hostname} is {reason}, which is refused")
     if parts.scheme == "https":

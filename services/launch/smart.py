@@ -118,7 +118,9 @@ class SmartClient:
         self._private_keys: dict[tuple[uuid.UUID, str], PrivateKey] = {}
 
     def _endpoint(self, url: str) -> str:
-        return check_endpoint(url, self._settings.allow_loopback_http)
+        return check_endpoint(
+            url, self._settings.allow_loopback_http, self._settings.outbound_private_networks
+        )
 
     async def discover(self, iss: str) -> SmartConfiguration:
         """Only ever called with an `iss` that matched a configured integration."""

@@ -20,13 +20,17 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from libs.common.addresses import private_networks
 from libs.common.web import SETTINGS
 from services.launch.fhir import FhirClient, FhirError
 from services.launch.integrations import Integration
 from services.launch.outbound import (
     HTTP,
+    OutboundError,
     PublicAddressResolver,
     RefusedAddress,
+    check_endpoint,
+    guarded_socket_factory,
     outbound_connector,
     outbound_http_ctx,
     refusal,
@@ -67,11 +71,15 @@ async def listener() -> AsyncIterator[Listener]:
 
 
 @asynccontextmanager
-async def gateway_http(allow_loopback_http: bool) -> AsyncIterator[aiohttp.ClientSession]:
+async def gateway_http(
+    allow_loopback_http: bool, outbound_private_networks: str = ""
+) -> AsyncIterator[aiohttp.ClientSession]:
     """The outbound session exactly as the gateway's startup builds it."""
     app = web.Application()
     app[SETTINGS] = LaunchSettings(
-        allow_loopback_http=allow_loopback_http, external_call_timeout_s=5
+        allow_loopback_http=allow_loopback_http,
+        external_call_timeout_s=5,
+        outbound_private_networks=outbound_private_networks,
     )
     context = outbound_http_ctx(app)
     await anext(context)
@@ -263,3 +271,102 @@ async def test_discovery_naming_internal_endpoints_is_refused_cleanly(
             smart = SmartClient(http, LaunchSettings(allow_loopback_http=True))
             with pytest.raises(SmartError, match=f"names an endpoint we refuse.*{says}"):
                 await smart.discover(f"{url}/r4/t")
+
+
+HOSPITAL = private_networks("10.20.0.0/16")
+
+
+def addr_info(address: str, port: int = 443) -> Any:
+    """What aiohttp hands the socket factory for one resolved address."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+
+
+async def test_an_address_in_an_allowed_network_passes_the_resolver_and_socket_factory() -> None:
+    """With 10.20.0.0/16 allowed (production, no loopback allowance), a hospital name's
+    10.20.x address is kept by the resolver and gets a socket from the factory, its
+    IPv4-mapped spelling too; the other private answer of the same name is dropped."""
+    answers = {"fhir.hospital.test": ["10.20.30.40", "192.168.1.1"]}
+    resolver = PublicAddressResolver(False, NamedResolver(answers), allowed_networks=HOSPITAL)
+    kept = await resolver.resolve("fhir.hospital.test", 443)
+    assert [result["host"] for result in kept] == ["10.20.30.40"]
+    create = guarded_socket_factory(False, HOSPITAL)
+    for address in ("10.20.30.40", "::ffff:10.20.30.40"):
+        create(addr_info(address)).close()
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("10.21.0.1", "a private network address"),
+        ("192.168.1.1", "a private network address"),
+        ("::ffff:172.16.0.9", "a private network address"),
+        ("169.254.169.254", "a link-local address"),
+        ("127.0.0.1", "a loopback address"),
+    ],
+)
+async def test_an_address_outside_the_allowed_networks_is_still_refused(
+    address: str, says: str
+) -> None:
+    """With 10.20.0.0/16 allowed, a name resolving only outside it fails at resolution and
+    the socket factory refuses the address itself, naming why."""
+    resolver = PublicAddressResolver(
+        False, NamedResolver({"intranet.test": [address]}), allowed_networks=HOSPITAL
+    )
+    with pytest.raises(RefusedAddress, match=says):
+        await resolver.resolve("intranet.test", 443)
+    with pytest.raises(RefusedAddress, match=says):
+        guarded_socket_factory(False, HOSPITAL)(addr_info(address))
+
+
+async def test_with_the_setting_the_gateway_still_refuses_other_addresses_unconnected(
+    listener: Listener,
+) -> None:
+    """The gateway's session built with outbound_private_networks set refuses a loopback
+    name and address (no allowance) and a private address outside the allowed network before
+    any connection is made."""
+    async with gateway_http(False, outbound_private_networks="10.20.0.0/16") as http:
+        for host in ("localhost", "127.0.0.1", "192.168.1.1", "[::ffff:10.21.0.1]"):
+            with pytest.raises(aiohttp.ClientConnectorError) as refused:
+                await http.get(f"https://{host}:{listener.port}/token")
+            assert isinstance(refused.value.os_error, RefusedAddress)
+            assert "refused" in refusal(refused.value)
+    assert listener.accepted == 0
+
+
+def test_an_endpoint_in_an_allowed_network_passes_and_https_is_still_required() -> None:
+    """An endpoint URL at an allowed private address passes the gateway's endpoint check;
+    plain http to it, and https to a private address outside it, are refused."""
+    assert check_endpoint("https://10.20.30.40/token", False, HOSPITAL)
+    with pytest.raises(OutboundError, match="must use https"):
+        check_endpoint("http://10.20.30.40/token", True, HOSPITAL)
+    with pytest.raises(OutboundError, match="a private network address"):
+        check_endpoint("https://10.21.0.1/token", False, HOSPITAL)
+    with pytest.raises(OutboundError, match="a private network address"):
+        check_endpoint("https://10.20.30.40/token", False)
+
+
+async def test_discovery_naming_endpoints_in_an_allowed_network_is_accepted(
+    serve: Callable[[web.Application], Any],
+) -> None:
+    """With 10.20.0.0/16 allowed, a SMART configuration naming its token endpoint and JWKS
+    at 10.20.x is accepted at discovery; one naming the metadata address is still refused."""
+    document: dict[str, Any] = {}
+
+    async def smart_configuration(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app = web.Application()
+    app.router.add_get("/r4/t/.well-known/smart-configuration", smart_configuration)
+    settings = LaunchSettings(allow_loopback_http=True, outbound_private_networks="10.20.0.0/16")
+    async with serve(app) as url, gateway_http(True, "10.20.0.0/16") as http:
+        document.update(
+            authorization_endpoint=f"{url}/authorize",
+            token_endpoint="https://10.20.30.40/token",
+            jwks_uri="https://10.20.30.41/jwks",
+        )
+        found = await SmartClient(http, settings).discover(f"{url}/r4/t")
+        assert found.token_endpoint == "https://10.20.30.40/token"
+        document["jwks_uri"] = "https://169.254.169.254/jwks"
+        with pytest.raises(SmartError, match=r"names an endpoint we refuse.*link-local"):
+            await SmartClient(http, settings).discover(f"{url}/r4/t")
