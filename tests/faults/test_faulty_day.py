@@ -102,6 +102,9 @@ async def test_a_faulty_day_loses_nothing_and_leaks_nothing(
     monkeypatch.setenv("EHR_KAFKA_TOPIC_PREFIX", prefix)
     monkeypatch.setenv("EHR_DATABASE_URL", f"{PG}/{database}")
     monkeypatch.setenv("MS_SANDBOX_NUMBERS_STATE_FILE", f"{tmp_path}/acs-numbers.json")
+    # The delivery check reads every outbox row the day wrote: published rows must outlive
+    # the run (a day is longer than the default retention of 10 minutes).
+    monkeypatch.setenv("EHR_OUTBOX_RETENTION_MINUTES", "1440")
     monkeypatch.setattr(run, "DATABASE", database)
     count = int(os.environ.get("FAULTS_APPOINTMENTS", "60"))
     began = time.monotonic()
