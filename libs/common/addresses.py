@@ -43,6 +43,12 @@ def refused_address(
     allowed (only ever an RFC 1918 or unique-local one, whatever `allowed_networks` holds)."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return refused_address(address.ipv4_mapped, allow_loopback, allowed_networks)
+    if isinstance(address, ipaddress.IPv6Address) and (
+        address.sixtofour is not None or address.teredo is not None
+    ):
+        # Tunnelled IPv4 (6to4 2002::/16, Teredo 2001::/32) can carry an inside address, e.g.
+        # 2002:a00:1:: is 10.0.0.1; no FHIR server needs a tunnel, so none is connected to.
+        return "a tunnelled IPv4 address"
     if address.is_loopback:
         return None if allow_loopback else "a loopback address"
     if address.is_multicast or address.is_reserved or address.is_unspecified:

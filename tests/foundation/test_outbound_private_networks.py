@@ -34,6 +34,9 @@ def test_an_address_inside_an_allowed_network_is_accepted(address: str) -> None:
         ("127.0.0.1", "a loopback address"),
         ("0.0.0.0", "a reserved address"),  # noqa: S104 - an address refused, not bound
         ("100.64.0.1", "an address that is not public"),
+        ("2002:a00:1::1", "a tunnelled IPv4 address"),  # 6to4 of 10.0.0.1
+        ("2002:a914:1e28::1", "a tunnelled IPv4 address"),  # 6to4 of a public address too
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "a tunnelled IPv4 address"),  # Teredo
     ],
 )
 def test_an_address_outside_the_allowed_networks_is_still_refused(address: str, says: str) -> None:
