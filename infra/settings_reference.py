@@ -86,7 +86,7 @@ def _default(name: str, field: FieldInfo) -> str:
     if field.annotation is SecretStr or "SecretStr" in str(field.annotation):
         return "*(secret; a development value, set it in production)*"
     value = field.get_default(call_default_factory=True)
-    text = "" if value is None else str(value)
+    text = "" if value is None or value in ((), [], frozenset()) else str(value)
     return f"`{text}`" if text else "*(empty)*"
 
 

@@ -37,7 +37,9 @@ class LaunchSettings(ServiceSettings):
     launch_state_ttl_s: int = Field(default=600, ge=60, le=3600)
     provider_session_ttl_s: int = Field(default=8 * 3600, ge=300)
 
-    # Microsoft Entra ID (app-only) and Graph
+    # Microsoft Entra ID (app-only) and Graph.
+
+    # Microsoft Entra ID authority host the gateway's app-only tokens come from.
     entra_authority_host: str = "https://login.microsoftonline.com"
     entra_client_id: str = "6f1c2d3e-4b5a-4c7d-8e9f-a0b1c2d3e4f5"
     entra_client_secret: SecretStr = SecretStr("sandbox-connector-secret")
