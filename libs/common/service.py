@@ -7,6 +7,7 @@ so consumers drain and commit before the pool and the producer close.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import ssl
 from collections.abc import Callable
@@ -44,6 +45,11 @@ async def serve(
         sites.append(web.TCPSite(runner, settings.http_host, tls.port, ssl_context=context))
     for site in sites:
         await site.start()
+    # What exists now (modules, classes, templates, pools, caches) lives as long as the
+    # process. Frozen, it is left out of every later collection: a full one walked its ~86,000
+    # objects in about 60 ms, a pause for every request and message in flight.
+    gc.collect()
+    gc.freeze()
     # The metrics listener logs its own port when it starts.
     log.info("service started", urls=[site.name for site in sites])
     stopping = asyncio.Event()
