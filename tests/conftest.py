@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
+from infra.ports import free_port as free_port  # tests import it from here
 from libs.common.settings import ServiceSettings
 from libs.common.web import METRICS_PORT, SETTINGS
 
@@ -103,13 +104,6 @@ def make_settings(database_url: str, topic_prefix: str) -> Callable[..., Any]:
         return cls(**values)
 
     return build
-
-
-def free_port() -> int:
-    """A loopback port free right now, for services whose public URL must be known upfront."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @asynccontextmanager
