@@ -171,10 +171,8 @@ def _visit_row(
     patient_phone_encrypted: str | None,
 ) -> list[object]:
     """The appointment's columns, then its `appointment-created` event's id, type and bytes.
-    The patient's phone (ciphertext) goes out only while the integration's SMS is on."""
+    A patient's phone comes only from a booking while the integration's SMS is on (`_book`)."""
     integration = visit.integration
-    if not integration.sms_enabled:
-        patient_phone_encrypted = None
     payload = AppointmentCreatedV1(
         integration_id=integration.integration_id,
         environment="production" if integration.environment == "production" else "test",
