@@ -35,7 +35,8 @@ from libs.common.events import (
     encode_event,
     make_event,
 )
-from libs.common.kafka import ConsumerRunner, create_producer, ensure_topics
+from libs.common.kafka import ConsumerRunner, create_producer
+from libs.common.kafka_topics import ensure_topics
 from libs.common.portal_auth import PORTAL_MIGRATIONS
 from services.analytics import reports, rollup
 from services.analytics.app import MIGRATIONS

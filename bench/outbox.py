@@ -15,7 +15,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from bench.harness import Result, rate
 from libs.common.db import create_pool, migrate
 from libs.common.events import PatientJoinedV1, Topic, encode_event, make_event
-from libs.common.kafka import create_producer, ensure_topics
+from libs.common.kafka import create_producer
+from libs.common.kafka_topics import ensure_topics
 from libs.common.outbox import OutboxRelay, enqueue
 from services.launch.app import MIGRATIONS
 

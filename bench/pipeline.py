@@ -45,7 +45,8 @@ from bench.system import (
     Tenant,
     bench_system,
 )
-from libs.common.kafka import create_producer, ensure_topics
+from libs.common.kafka import create_producer
+from libs.common.kafka_topics import ensure_topics
 from libs.common.keys import appointment_key
 
 GOAL_MS = 500.0

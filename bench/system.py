@@ -201,7 +201,7 @@ async def _start(
     )
 
 
-async def _wait_integrations(dsn: str, schemas: Sequence[str], count: int) -> None:
+async def _wait_integrations(dsn: str, schemas: Sequence[str], count: int, log_dir: Path) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         deadline = time.monotonic() + 90
@@ -216,12 +216,23 @@ async def _wait_integrations(dsn: str, schemas: Sequence[str], count: int) -> No
             if all(c >= count for c in counts):
                 return
             if time.monotonic() > deadline:
+                lagging = [s for s, c in zip(schemas, counts, strict=True) if c < count]
                 raise RuntimeError(
                     f"integrations not applied in time: {dict(zip(schemas, counts, strict=True))}"
+                    + "".join(_log_tail(log_dir / f"{s}.log") for s in lagging)
                 )
             await asyncio.sleep(0.2)
     finally:
         await conn.close()
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    """The end of a service's log, for an error that would otherwise only say "in time"."""
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"\n--- {path}: {exc}"
+    return f"\n--- last {len(tail)} lines of {path}:\n" + "\n".join(tail)
 
 
 @contextlib.asynccontextmanager
@@ -349,7 +360,9 @@ async def bench_system(
             await producer.flush()
         finally:
             await producer.stop()
-        await _wait_integrations(dsn, [s for s in services if s in ("launch", "notify")], len(ours))
+        await _wait_integrations(
+            dsn, [s for s in services if s in ("launch", "notify")], len(ours), log_dir
+        )
         yield system
     finally:
         for child in system.children.values():

@@ -40,7 +40,10 @@ WHAT_IT_DOES = {
     "kafka_sasl_username": "Kafka user (the service's KafkaUser) when SASL is on.",
     "kafka_sasl_password": "Its password (a Secret file in Kubernetes).",
     "kafka_ssl_cafile": "CA that signs the brokers' TLS certificates; empty = system CAs.",
-    "kafka_create_topics": "Create missing topics at start; off where Strimzi owns them.",
+    "kafka_create_topics": (
+        "Create missing topics at start and wait until every partition has a leader;"
+        " off where Strimzi owns them."
+    ),
     "kafka_topic_partitions": "Partitions for topics the service creates itself.",
     "field_encryption_active_key": "Key id in the key ring that encrypts new values.",
     "log_level": "DEBUG, INFO, WARNING or ERROR.",

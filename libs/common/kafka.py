@@ -9,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Histogram
 
@@ -75,47 +74,6 @@ def create_producer(
         request_timeout_ms=15_000,
         compression_type=None,
     )
-
-
-async def ensure_topics(
-    bootstrap_servers: str,
-    names: Iterable[str],
-    partitions: int,
-    replication_factor: int = 1,
-    compacted: Iterable[str] = (),
-    security: Mapping[str, Any] | None = None,
-) -> None:
-    """Create missing topics with explicit partition counts; existing ones are left alone."""
-    compact = set(compacted)
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=15_000, **(security or {})
-    )
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(
-                name=name,
-                num_partitions=partitions,
-                replication_factor=replication_factor,
-                topic_configs={"cleanup.policy": "compact"} if name in compact else {},
-            )
-            for name in sorted(set(names))
-            if name not in existing
-        ]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(missing)
-            log.info("kafka topics created", topics=[t.name for t in missing])
-    finally:
-        await admin.close()
-
-
-def topics_with_dead_letters(names: Iterable[str]) -> list[str]:
-    result: list[str] = []
-    for name in names:
-        result += [name, dead_letter_topic(name)]
-    return result
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -25,9 +25,8 @@ from libs.common.kafka import (
     ConsumerRunner,
     EventHandler,
     create_producer,
-    ensure_topics,
-    topics_with_dead_letters,
 )
+from libs.common.kafka_topics import ensure_topics, topics_with_dead_letters
 from libs.common.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from libs.common.outbox import OutboxRelay
 from libs.common.settings import ServiceSettings

@@ -9,7 +9,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from libs.common.kafka import create_producer, ensure_topics
+from libs.common.kafka import create_producer
+from libs.common.kafka_topics import ensure_topics
 from services.notify.settings import NotifySettings
 
 SASL_BOOTSTRAP = os.environ.get("EHR_TEST_KAFKA_SASL", "127.0.0.1:19094")

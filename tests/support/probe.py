@@ -19,9 +19,8 @@ from libs.common.kafka import (
     ConsumerRunner,
     EventHandler,
     create_producer,
-    ensure_topics,
-    topics_with_dead_letters,
 )
+from libs.common.kafka_topics import ensure_topics, topics_with_dead_letters
 
 if TYPE_CHECKING:
     from libs.common.db import Connection
