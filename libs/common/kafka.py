@@ -111,8 +111,10 @@ class ConsumerRunner:
         security: Mapping[str, Any] | None = None,
         parallel_partitions: int = 1,
         batch_handler: BatchHandler | None = None,
+        topics_wait_s: float = 10.0,
     ) -> None:
         self.name = name
+        self._topics_wait_s = topics_wait_s
         # With a batch handler a whole poll goes through it; `handlers` remain the per-event
         # path a failed poll falls back to, and must have the same effect.
         self._batch_handler = batch_handler
@@ -138,6 +140,10 @@ class ConsumerRunner:
             fetch_min_bytes=fetch_min_bytes,
             fetch_max_wait_ms=fetch_max_wait_ms,
             isolation_level="read_committed",
+            # A subscribed topic missing from metadata when the group formed (not yet
+            # created by Strimzi's operator, or not yet led) is assigned at the next refresh:
+            # 30 s instead of the default 5 min, for one metadata request per 30 s.
+            metadata_max_age_ms=30_000,
             **(security or {}),
         )
         self._pending: dict[TopicPartition, int] = {}
@@ -159,11 +165,17 @@ class ConsumerRunner:
 
     async def start(self) -> None:
         await self._consumer.start()
-        # A group joined before the broker's metadata lists a fresh topic is assigned nothing
-        # until the next metadata refresh (minutes); wait for the topics first.
+        # A group joined before the broker's metadata lists a topic is assigned none of it
+        # until the next metadata refresh (metadata_max_age_ms); wait for the topics first.
         wanted = set(self._handlers)
-        for _ in range(100):
-            if wanted <= await self._consumer.topics():
+        deadline = time.monotonic() + self._topics_wait_s
+        while missing := sorted(wanted - await self._consumer.topics()):
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "subscribing before these topics exist; they are consumed once they do",
+                    consumer=self.name,
+                    missing=missing,
+                )
                 break
             await asyncio.sleep(0.1)
         self._consumer.subscribe(topics=list(self._handlers), listener=_CommitOnRevoke(self))

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from libs.common.events import Envelope, Topic
+from libs.common.kafka import ConsumerRunner
 from libs.common.kafka_topics import TopicSetupError, _unready, ensure_topics
-from tests.conftest import KAFKA
+from tests.conftest import KAFKA, wait_for
+from tests.support.probe import (
+    effects_count,
+    patient_joined,
+    probe_pool,
+    probe_topics,
+    publish,
+    record_effect,
+    started_producer,
+)
+
+if TYPE_CHECKING:
+    from libs.common.db import Connection
 
 
 async def _described(names: list[str]) -> list[dict[str, object]]:
@@ -53,3 +68,38 @@ def test_a_partition_without_a_leader_is_not_ready() -> None:
         {"topic": "d", "error_code": 0, "partitions": [{"error_code": 9, "leader": 2}]},
     ]
     assert _unready(described) == ["b", "c"]
+
+
+async def test_a_topic_created_after_the_consumer_started_is_consumed(
+    topic_prefix: str, database_url: str
+) -> None:
+    """A consumer that subscribed before its topic existed consumes it once it does."""
+    handled = asyncio.Event()
+
+    async def record(conn: Connection, event: Envelope[Any]) -> None:
+        await record_effect(conn, event)
+        handled.set()
+
+    pool = await probe_pool(database_url)
+    producer = await started_producer(KAFKA)
+    runner = ConsumerRunner(
+        name=topic_prefix + "late-topic",
+        handlers={Topic.PATIENT_JOINED: record},
+        pool=pool,
+        producer=producer,
+        bootstrap_servers=KAFKA,
+        topic_prefix=topic_prefix,
+        max_poll_interval_ms=30_000,
+        topics_wait_s=0,
+    )
+    try:
+        await runner.start()
+        await probe_topics(KAFKA, topic_prefix)
+        await publish(producer, topic_prefix, patient_joined())
+        # Within one metadata refresh (30 s) and a rebalance.
+        await wait_for(handled, "the event on the late topic", within_s=60)
+        assert await effects_count(pool) == 1
+    finally:
+        await runner.stop()
+        await producer.stop()
+        await pool.close()
