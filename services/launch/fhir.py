@@ -47,6 +47,17 @@ class Meta(BaseModel):
     versionId: str | None = Field(default=None, max_length=64)  # noqa: N815 - FHIR's name
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _usable_time(at: datetime) -> bool:
+    try:
+        return EARLIEST <= at.astimezone(UTC) < LATEST
+    except OverflowError:  # 0001-01-01T00:00+01:00 is year 0 in UTC
+        return False
+
+
 class Appointment(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -58,6 +69,18 @@ class Appointment(BaseModel):
     meta: Meta = Meta()
     serviceType: list[CodeableConcept] = Field(default_factory=list, max_length=20)  # noqa: N815
     participant: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
+
+    @property
+    def times(self) -> tuple[datetime, datetime] | None:
+        """Start and end, or None unless both are given, in order, within the years every
+        later use can compute with: the join link expires at the end plus a grace period,
+        reminders fall before the start and reports bucket by day, and times near the
+        calendar's ends overflow them (checked before anything is made for the visit, a
+        Teams meeting included)."""
+        start, end = self.start, self.end
+        if start is None or end is None or not (_usable_time(start) and _usable_time(end)):
+            return None
+        return (start, end) if start < end else None
 
     @property
     def is_video_visit(self) -> bool:
@@ -155,6 +178,8 @@ class FhirClient:
         ]
         bundle = await self._get("Appointment", params)
         entries = bundle.get("entry", []) if isinstance(bundle, dict) else []
+        if not isinstance(entries, list):
+            raise FhirError("The EHR's search answer is not a valid FHIR Bundle.")
         found = []
         for entry in entries[:100]:
             resource = entry.get("resource") if isinstance(entry, dict) else None

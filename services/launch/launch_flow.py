@@ -226,14 +226,15 @@ async def open_visit(
             raise VisitUnavailable("Microsoft Teams could not prepare the meeting yet.")
         known = has_meeting is not None
     if not known:
-        if appointment.start is None or appointment.end is None:
-            raise VisitUnavailable("The appointment has no start or end time in the EHR.")
+        times = appointment.times
+        if times is None:
+            raise VisitUnavailable("The appointment's start or end time in the EHR is not valid.")
         visit = Visit(
             appointment_key=key,
             integration=integration,
             department=appointment.department(integration.department),
-            starts_at=appointment.start,
-            ends_at=appointment.end,
+            starts_at=times[0],
+            ends_at=times[1],
             time_zone=settings.default_time_zone,
             schedule_version=appointment.schedule_version,
         )

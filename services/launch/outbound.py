@@ -177,7 +177,11 @@ def check_endpoint(
     the stand-ins are allowed; never userinfo (credentials in URLs leak); an IP address only
     when public (or private inside an allowed network). A host name's addresses are checked
     when connecting (outbound_connector)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # parsed lazily: a port out of range raises here, not in a later use
+    except ValueError:  # also "https://[not-an-ipv6/x"
+        raise OutboundError("endpoint URL is not a valid URL") from None
     if parts.username or parts.password or not parts.hostname:
         raise OutboundError("endpoint URL is not acceptable")
     try:

@@ -55,10 +55,9 @@ def todays_visit(
         if a.reference_to("Patient") == patient
         and a.is_video_visit
         and a.status != "cancelled"
-        and a.start is not None
-        and a.end is not None
-        and a.end + grace > now
-        and (a.start.astimezone(zone).date() == today or a.start <= now + SOON)
+        and a.times is not None
+        and a.times[1] + grace > now
+        and (a.times[0].astimezone(zone).date() == today or a.times[0] <= now + SOON)
     ]
     return min(usable, key=lambda a: (a.start or now, a.id)) if usable else None
 

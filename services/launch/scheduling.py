@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal
 
 import orjson
 import phonenumbers
@@ -37,10 +37,6 @@ log = structlog.get_logger(__name__)
 
 _SIGNATURE = re.compile(r"^t=(\d{1,12})((?:,v1=[0-9a-f]{64})+)$")
 _TENANT = re.compile(r"^[A-Za-z0-9-]{1,64}$")
-# The join link expires at the end plus a grace period, reminders fall before the start and
-# reports bucket by day: times near the calendar's ends would overflow all of them.
-EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class PatientContact(BaseModel):
@@ -97,13 +93,6 @@ def normalised_phone(raw: str | None) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def _bookable(at: datetime | None) -> TypeGuard[datetime]:
-    try:
-        return at is not None and EARLIEST <= at.astimezone(UTC) < LATEST
-    except OverflowError:  # 0001-01-01T00:00+01:00 is year 0 in UTC
-        return False
-
-
 def _problem(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -155,11 +144,8 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
             if status != "INSERT 0 1":
                 return web.json_response({"status": "duplicate"})
             return web.json_response({"status": "ignored: not a video visit"})
-        if (
-            not _bookable(appointment.start)
-            or not _bookable(appointment.end)
-            or appointment.end <= appointment.start
-        ):
+        times = appointment.times
+        if times is None:
             return _problem(422, "invalid scheduling event: appointment start/end")
         key = appointment_key(
             settings.appointment_key_secret.get_secret_value(),
@@ -170,8 +156,8 @@ async def receive_scheduling_event(request: web.Request) -> web.Response:
             appointment_key=key,
             integration=integration,
             department=appointment.department(integration.department),
-            starts_at=appointment.start,
-            ends_at=appointment.end,
+            starts_at=times[0],
+            ends_at=times[1],
             time_zone=settings.default_time_zone,
             schedule_version=appointment.schedule_version,
         )

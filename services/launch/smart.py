@@ -353,6 +353,8 @@ class SmartClient:
                         keys = await read_json(response)
                 except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
                     raise SmartError(f"The EHR's keys are unreachable ({refusal(exc)}).") from None
+                if not isinstance(keys, dict) or not isinstance(keys.get("keys"), list):
+                    raise SmartError("The EHR's keys are not a valid JSON Web Key Set.")
                 cached = self._jwks[jwks_uri] = _KeySet(time.monotonic() + 3600, keys)
             key = cached.key(kid)
             if key is not None:
@@ -372,8 +374,11 @@ class _KeySet:
     def key(self, kid: str) -> Any:
         if kid in self.built:
             return self.built[kid]
-        for jwk in self.jwks.get("keys", []):
-            if jwk.get("kid") == kid or (not kid and len(self.jwks["keys"]) == 1):
+        keys = self.jwks["keys"]
+        for jwk in keys:
+            if not isinstance(jwk, dict):  # not a key: the others may still be good
+                continue
+            if jwk.get("kid") == kid or (not kid and len(keys) == 1):
                 try:
                     key = jwt.PyJWK(jwk).key
                 except jwt.PyJWTError:

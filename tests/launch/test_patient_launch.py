@@ -221,6 +221,15 @@ def test_gateway_drops_appointments_of_other_patients_whatever_the_ehr_returns()
     assert todays_visit(settings, [_appointment("me", soon)], "me", now) is not None
 
 
+def test_a_visit_whose_times_cannot_be_used_is_not_todays_visit() -> None:
+    """An end near year 9999 (or before the start) is dropped, not an overflow (a 500)."""
+    now = datetime.now(UTC)
+    soon = now + timedelta(minutes=5)
+    for end in ("9999-12-31T23:59:00+00:00", (soon - timedelta(minutes=1)).isoformat()):
+        odd = _appointment("me", soon).model_copy(update={"end": datetime.fromisoformat(end)})
+        assert todays_visit(LaunchSettings(), [odd], "me", now) is None
+
+
 def test_patient_context_must_be_the_patient_who_signed_in() -> None:
     """The token's patient must be the id_token's fhirUser Patient; errors never name it."""
     iss = "https://fhir.example/r4/t"
