@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import ssl
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -69,15 +68,24 @@ class _PinnedResolver(AbstractResolver):
         return None
 
 
-def _absolute(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("https", "http") and bool(parts.netloc)
+async def _read_capped(content: aiohttp.StreamReader, max_bytes: int) -> bytes:
+    """The body to its end, or its first max_bytes + 1 bytes when it is longer. `read(n)`
+    returns what has arrived so far, not n bytes: one read cut a document sent in two
+    pieces, which was then refused as not JSON."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= max_bytes and (chunk := await content.read(max_bytes + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 async def _check_endpoints(found: SmartConfiguration, checked: CheckedUrl) -> None:
     """The launch gateway sends the client secret to token_endpoint, fetches jwks_uri and
     sends clinicians to authorization_endpoint: each must pass the FHIR base's own address
-    rule, or a SMART server could point the gateway inside our network."""
+    rule, or a SMART server could point the gateway inside our network. That rule is also
+    the only parse of these URLs, so a relative or malformed one (an unclosed `[`, which
+    urlsplit raises on) is a refusal naming the field, never an exception."""
     for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
         url: str | None = getattr(found, name)
         if url is None:
@@ -115,7 +123,7 @@ async def probe_smart_configuration(
                     f"{discovery} answered HTTP {response.status}: this does not look like a"
                     " SMART on FHIR server."
                 )
-            body = await response.content.read(max_bytes + 1)
+            body = await _read_capped(response.content, max_bytes)
     except SmartProbeFailed:
         raise
     except TimeoutError:
@@ -137,7 +145,5 @@ async def probe_smart_configuration(
         raise SmartProbeFailed(
             f"{discovery} is not a usable SMART configuration (problem with: {missing})."
         ) from None
-    if not (_absolute(found.authorization_endpoint) and _absolute(found.token_endpoint)):
-        raise SmartProbeFailed("The SMART configuration's endpoints are not absolute URLs.")
     await _check_endpoints(found, checked)
     return found

@@ -100,6 +100,37 @@ async def test_internal_endpoint_is_refused_and_nothing_is_stored(
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize(
+    ("endpoint", "says"),
+    [
+        ("https://[not-an-ipv6/{field}", "not well-formed"),
+        ("https://[::1/{field}", "not well-formed"),
+        ("/{field}", "not an absolute https:// URL"),
+    ],
+)
+async def test_malformed_or_relative_endpoint_is_a_422_on_the_fhir_base_url(
+    config_portal: ConfigPortal, smart_server: SmartServer, field: str, endpoint: str, says: str
+) -> None:
+    """An endpoint urlsplit cannot parse (an unclosed IPv6 bracket) or a relative one gets 422
+    on fhir_base_url naming the field, not a 500, and nothing is written."""
+    p = config_portal
+    smart_server.name(field, endpoint.format(field=field))
+    status, body = await p.call(
+        CONTOSO_ADMIN,
+        "POST",
+        "/api/integrations",
+        p.integration(fhir_base_url=smart_server.fhir_base),
+    )
+    assert status == 422, body
+    assert body["field"] == "fhir_base_url"
+    assert f"SMART configuration's {field} is refused" in body["error"]
+    assert says in body["error"]
+    assert await table_counts(p.settings) == {
+        "integrations": 0, "outbox": 0, "audit_log": 0, "phone_numbers": 0,
+    }  # fmt: skip
+
+
 async def test_update_to_a_server_naming_an_internal_token_endpoint_changes_nothing(
     config_portal: ConfigPortal, smart_server: SmartServer
 ) -> None:
