@@ -5,18 +5,21 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
 import jwt
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sandbox.ehr.settings import ClientSpec
 from sandbox.ehr.state import TenantState
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGS = ("RS384", "ES384")
+_KEY_KINDS: dict[str, type] = {"RS384": rsa.RSAPublicKey, "ES384": ec.EllipticCurvePublicKey}
 MAX_ASSERTION_LIFETIME = 300
 
 
@@ -74,13 +77,28 @@ def _basic(tenant: TenantState, encoded: str, form: Mapping[str, str]) -> Client
 
 
 def _client_key(client: ClientSpec, kid: str | None, alg: str) -> Any:
+    key: Any
     if client.public_key_pem:
-        return serialization.load_pem_public_key(client.public_key_pem.encode())
-    keys: list[dict[str, Any]] = list((client.jwks or {}).get("keys", []))  # type: ignore[call-overload]
-    candidates = [k for k in keys if kid is None or k.get("kid") == kid]
-    if not candidates:
-        raise _invalid_client("no registered key matches the assertion kid")
-    return jwt.PyJWK(candidates[0], algorithm=alg).key
+        key = serialization.load_pem_public_key(client.public_key_pem.encode())
+    else:
+        keys: list[dict[str, Any]] = list((client.jwks or {}).get("keys", []))  # type: ignore[call-overload]
+        candidates = [k for k in keys if kid is None or k.get("kid") == kid]
+        if not candidates:
+            raise _invalid_client("no registered key matches the assertion kid")
+        key = jwt.PyJWK(candidates[0]).key
+    # The alg comes from the assertion's unverified header, so anyone can name one that does
+    # not fit the key (RS384 for an EC key); PyJWT then raises outside its own error types.
+    if not isinstance(key, _KEY_KINDS[alg]):
+        raise _invalid_client(f"client_assertion alg {alg} does not fit the registered key")
+    return key
+
+
+def _numeric_date(value: object) -> bool:
+    # JSON numbers only: float() would take "123" and raise on "soon" or 10**400, and NaN
+    # (which PyJWT's JSON parser accepts) passes every comparison with the clock.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _private_key_jwt(tenant: TenantState, form: Mapping[str, str], now: float) -> ClientSpec:
@@ -119,7 +137,10 @@ def _private_key_jwt(tenant: TenantState, form: Mapping[str, str], now: float) -
         raise _invalid_client("client_assertion iss and sub must both be the client_id")
     if form.get("client_id", client_id) != client_id:
         raise _invalid_client("client_id does not match the client_assertion")
-    exp = float(claims["exp"])
+    # verify_exp is off (the stand-in's clock decides), so PyJWT has not checked exp's type.
+    exp = claims["exp"]
+    if not _numeric_date(exp):
+        raise _invalid_client("client_assertion exp is not a NumericDate")
     if exp <= now:
         raise _invalid_client("client_assertion has expired")
     if exp > now + MAX_ASSERTION_LIFETIME:

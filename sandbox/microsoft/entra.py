@@ -323,7 +323,9 @@ class Entra:
                 "The request body must contain the following parameter: 'client_assertion' "
                 "or 'client_secret'.",
             )
-        if not any(secrets.compare_digest(secret, s) for s in app.secrets):
+        # compare_digest takes str only when ASCII (TypeError otherwise), and the secret is
+        # whatever the caller sent.
+        if not any(secrets.compare_digest(secret.encode(), s.encode()) for s in app.secrets):
             raise EntraError(
                 401,
                 "invalid_client",
@@ -435,7 +437,9 @@ class Entra:
                 if code.challenge_method == "S256"
                 else verifier
             )
-            if not verifier or not secrets.compare_digest(expected, code.challenge):
+            if not verifier or not secrets.compare_digest(
+                expected.encode(), code.challenge.encode()
+            ):
                 raise EntraError(
                     400,
                     "invalid_grant",

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
@@ -288,13 +289,20 @@ def _jwk(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[
 
 
 def _assertion(
-    key: Any, alg: str, kid: str, client_id: str, aud: str, now: float, jti: str | None = None
+    key: Any,
+    alg: str,
+    kid: str,
+    client_id: str,
+    aud: str,
+    now: float,
+    jti: str | None = None,
+    exp: Any = None,
 ) -> str:
     claims = {
         "iss": client_id,
         "sub": client_id,
         "aud": aud,
-        "exp": int(now) + 240,
+        "exp": int(now) + 240 if exp is None else exp,
         "jti": jti or str(uuid.uuid4()),
     }
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
@@ -374,6 +382,72 @@ async def test_private_key_jwt_refusals(smart: Smart, ehr_clock: FakeClock) -> N
     status, body = await _jwt_exchange(smart, "app-pkj-r", reused, code, verifier)
     assert status == 401
     assert body["error"] == "invalid_client"
+
+
+def _public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@pytest.mark.parametrize("registered_as", ["jwks", "public_key_pem"])
+@pytest.mark.parametrize(
+    ("kind", "alg"), [("ec", "RS384"), ("rsa", "ES384")], ids=["ec-key-RS384", "rsa-key-ES384"]
+)
+async def test_private_key_jwt_with_alg_not_fitting_the_registered_key_is_401(
+    smart: Smart, ehr_clock: FakeClock, registered_as: str, kind: str, alg: str
+) -> None:
+    """An assertion whose header alg names another kind of key than the registered one (RS384
+    for an EC key) is 401 invalid_client, not a 500; anyone can send one, unsigned."""
+    key: Any = (
+        ec.generate_private_key(ec.SECP384R1())
+        if kind == "ec"
+        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    client_id = f"app-pkj-{kind}-{registered_as}"
+    registered = (
+        {"jwks": {"keys": [_jwk(key, "k1")]}}
+        if registered_as == "jwks"
+        else {"public_key_pem": _public_pem(key)}
+    )
+    await smart.register(client_id, auth_method="private_key_jwt", **registered)
+    code, verifier = await smart.code_for(client_id)
+    aud = (await smart.config())["token_endpoint"]
+    claims = {"iss": client_id, "sub": client_id, "aud": aud, "exp": int(ehr_clock()) + 240}
+    forged = ".".join(
+        jwt.utils.base64url_encode(json.dumps(part).encode()).decode()
+        for part in ({"alg": alg, "kid": "k1"}, claims)
+    )
+    status, body = await _jwt_exchange(smart, client_id, f"{forged}.c2ln", code, verifier)
+    assert status == 401, body
+    assert body["error"] == "invalid_client"
+
+
+@pytest.mark.parametrize(
+    "exp",
+    ["soon", "in-240s", [1], True, float("nan")],
+    ids=["word", "numeric-string", "list", "bool", "NaN"],
+)
+async def test_private_key_jwt_with_exp_not_a_number_is_401(
+    smart: Smart, ehr_clock: FakeClock, exp: Any
+) -> None:
+    """A signed assertion whose exp is not a JSON number (a string, a list, true, NaN) is 401
+    invalid_client: not a 500, and a NaN exp no longer passes every clock check."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    await smart.register(
+        "app-pkj-exp", auth_method="private_key_jwt", jwks={"keys": [_jwk(key, "k1")]}
+    )
+    code, verifier = await smart.code_for("app-pkj-exp")
+    aud = (await smart.config())["token_endpoint"]
+    now = ehr_clock()
+    sent = str(int(now) + 240) if exp == "in-240s" else exp
+    assertion = _assertion(key, "ES384", "k1", "app-pkj-exp", aud, now, exp=sent)
+    status, body = await _jwt_exchange(smart, "app-pkj-exp", assertion, code, verifier)
+    assert status == 401, body
+    assert body["error"] == "invalid_client"
+    assert "NumericDate" in body["error_description"]
 
 
 # --- refresh tokens -------------------------------------------------------------------------

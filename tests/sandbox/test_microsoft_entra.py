@@ -57,6 +57,7 @@ async def _authorize(
     challenge: str,
     login_hint: str,
     tenant: str = CONTOSO_TENANT,
+    method: str = "S256",
 ) -> dict[str, list[str]]:
     params = {
         "client_id": CONNECTOR_CLIENT_ID,
@@ -66,7 +67,7 @@ async def _authorize(
         "state": "st-1",
         "nonce": "n-1",
         "code_challenge": challenge,
-        "code_challenge_method": "S256",
+        "code_challenge_method": method,
         "login_hint": login_hint,
     }
     url = f"{ms.base_url}/{tenant}/oauth2/v2.0/authorize"
@@ -137,6 +138,27 @@ async def test_msal_with_unknown_tenant_is_refused(ms: RunningSandbox, ms_tls: T
         await asyncio.to_thread(
             _msal_app, ms, ms_tls, "00000000-0000-0000-0000-00000000dead", CONNECTOR_CLIENT_SECRET
         )
+
+
+@pytest.mark.parametrize("sent_in", ["form", "basic"])
+async def test_client_secret_with_non_ascii_characters_is_invalid_client(
+    ms: RunningSandbox, ms_http: aiohttp.ClientSession, sent_in: str
+) -> None:
+    """A client secret with non-ASCII characters, in the form or in Basic, is 401
+    invalid_client (AADSTS7000215) like any wrong secret, not a 500."""
+    form = {"grant_type": "client_credentials", "scope": GRAPH_DEFAULT[0]}
+    headers: dict[str, str] = {}
+    if sent_in == "form":
+        form |= {"client_id": CONNECTOR_CLIENT_ID, "client_secret": "s\u00e9cret"}
+    else:
+        basic = base64.b64encode(f"{CONNECTOR_CLIENT_ID}:s\u00e9cret".encode()).decode()
+        headers["Authorization"] = f"Basic {basic}"
+    url = f"{ms.base_url}/{CONTOSO_TENANT}/oauth2/v2.0/token"
+    async with ms_http.post(url, data=form, headers=headers) as r:
+        assert r.status == 401, await r.text()
+        body = await r.json()
+    assert body["error"] == "invalid_client"
+    assert body["error_codes"] == [7000215]
 
 
 async def test_client_credentials_with_wrong_scope_is_refused(
@@ -213,6 +235,21 @@ async def test_bad_pkce_verifier_is_refused(
     other_verifier, _ = _pkce()
     status, body = await _redeem(ms, ms_http, query["code"][0], other_verifier)
     assert status == 400
+    assert body["error"] == "invalid_grant"
+    assert body["error_codes"] == [501481]
+
+
+async def test_plain_pkce_verifier_with_non_ascii_characters_is_refused(
+    ms: RunningSandbox, ms_http: aiohttp.ClientSession
+) -> None:
+    """With the plain method, a code_verifier with non-ASCII characters is invalid_grant
+    (AADSTS501481) like any other mismatch, not a 500."""
+    challenge = "plain-challenge-" + "x" * 32
+    query = await _authorize(
+        ms, ms_http, challenge, "user@contosohealth.onmicrosoft.com", method="plain"
+    )
+    status, body = await _redeem(ms, ms_http, query["code"][0], challenge + "\u00e9")
+    assert status == 400, body
     assert body["error"] == "invalid_grant"
     assert body["error_codes"] == [501481]
 
