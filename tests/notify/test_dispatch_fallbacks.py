@@ -88,12 +88,13 @@ class Fault:
 
 
 class OutcomeRoundAnswerLost:
-    """The dispatcher's pool, losing the answer of the first statement that records more than
-    one outcome: the statement runs and commits, then the call fails as if the connection had
-    dropped before the answer came back. Counts the outcomes of every recording statement."""
+    """The dispatcher's pool, losing the answer of the first statement that records at least
+    `size` outcomes: the statement runs and commits, then the call fails as if the connection
+    had dropped before the answer came back. Counts the outcomes of every recording statement."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, size: int = 2) -> None:
         self._pool = pool
+        self._size = size
         self.lost = False
         self.writes: list[int] = []
 
@@ -102,7 +103,7 @@ class OutcomeRoundAnswerLost:
         if recording:
             self.writes.append(len(args[0]))
         answer = list(await self._pool.fetch(query, *args))
-        if recording and len(args[0]) > 1 and not self.lost:
+        if recording and len(args[0]) >= self._size and not self.lost:
             self.lost = True
             raise connection_lost()
         return answer
@@ -503,6 +504,29 @@ async def test_a_round_of_sends_committed_but_unanswered_is_reported_sent_once_n
     await assert_sent_once_each(kit, keys)
     assert len(kit.outbound()) == 2
     assert "UniqueViolation" not in repr(logs)
+    assert [entry["event"] for entry in logs if entry["log_level"] != "info"] == [
+        "recording outcomes failed; recording one at a time"
+    ]
+
+
+async def test_a_lone_send_committed_but_unanswered_is_reported_sent_not_as_an_error(
+    make_kit: MakeKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone outcome whose write committed unanswered is written again and reported sent."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    await kit.book("apt_lone_unanswered")
+    pool = OutcomeRoundAnswerLost(kit.pool, size=1)
+    monkeypatch.setattr(kit.dispatcher, "_pool", pool)
+    counted = outcomes_counted("confirmation", "sent")
+
+    with structlog.testing.capture_logs(processors=[structlog.processors.format_exc_info]) as logs:
+        async with dispatching(kit):
+            await until_handled(kit, 1)
+    assert pool.writes == [1, 1]
+    assert kit.results("confirmation") == ["sent"]
+    assert outcomes_counted("confirmation", "sent") - counted == 1
+    await assert_sent_once_each(kit, {"apt_lone_unanswered"})
     assert [entry["event"] for entry in logs if entry["log_level"] != "info"] == [
         "recording outcomes failed; recording one at a time"
     ]
