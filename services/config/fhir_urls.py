@@ -86,6 +86,8 @@ async def _resolve(host: str, port: int) -> list[str]:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError):
         raise InvalidFhirUrl(f"The host name {host} cannot be resolved.") from None
+    except UnicodeError:  # the IDNA codec refuses an empty or over-long label ("a..b")
+        raise InvalidFhirUrl(f"The host name {host} is not a valid host name.") from None
     return sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
 
 

@@ -62,7 +62,12 @@ class PublicAddressResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        found = await self._resolver.resolve(host, port, family)
+        try:
+            found = await self._resolver.resolve(host, port, family)
+        except UnicodeError:
+            # The IDNA codec refuses an empty or over-long label ("a..b"); aiohttp turns only
+            # an OSError into a client error, anything else would be a 500.
+            raise RefusedAddress(f"{host} is not a valid host name") from None
         kept: list[ResolveResult] = []
         refused = ""
         for result in found:

@@ -27,6 +27,13 @@ async def test_loopback_http_is_allowed_for_stand_ins() -> None:
     assert checked.addresses == ("127.0.0.1",)
 
 
+@pytest.mark.parametrize("url", ["https://a..b/r4", f"https://{'x' * 64}.example/r4"])
+async def test_a_host_name_the_resolver_cannot_encode_is_refused_clearly(url: str) -> None:
+    """An empty or over-long host label is an InvalidFhirUrl (a 422), not a UnicodeError."""
+    with pytest.raises(InvalidFhirUrl, match="not a valid host name"):
+        await check_fhir_base_url(url, allow_loopback=False)
+
+
 def test_normalise_keeps_path_case_and_drops_the_trailing_slash() -> None:
     """Scheme and host are lower-cased, the tenant path is kept as typed."""
     assert (

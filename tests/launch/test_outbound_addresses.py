@@ -196,6 +196,19 @@ async def test_private_answers_are_dropped_and_a_private_only_name_is_refused(
     assert listener.accepted == 1
 
 
+async def test_a_host_name_the_resolver_cannot_encode_is_a_client_error() -> None:
+    """An endpoint host with an empty label ("a..b") fails as a refused address, not a 500."""
+    resolver = PublicAddressResolver(False)
+    connector = outbound_connector(ssl.create_default_context(), False, resolver)
+    try:
+        async with aiohttp.ClientSession(connector=connector) as http:
+            with pytest.raises(aiohttp.ClientConnectorDNSError) as refused:
+                await http.post("https://a..b/token")
+    finally:
+        await resolver.close()
+    assert "not a valid host name" in refusal(refused.value)
+
+
 async def test_a_name_rebound_to_a_private_address_is_refused(listener: Listener) -> None:
     """A FHIR host that resolved to an allowed address for one request and to a private one
     for the next (DNS rebinding) is refused on the next, without a connection."""
