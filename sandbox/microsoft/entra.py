@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from sandbox.microsoft.clock import graph_time
 from sandbox.microsoft.core import Sandbox
 from sandbox.microsoft.directory import GRAPH_APP_ID, GRAPH_RESOURCE, App, Tenant, User
+from sandbox.microsoft.keys import numeric_date
 
 MULTI_TENANT = ("common", "organizations")
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -355,7 +356,8 @@ class Entra:
                 continue
             if claims.get("iss") != app.client_id or claims.get("sub") != app.client_id:
                 break
-            if float(claims.get("exp", 0)) <= self.sb.clock.now().timestamp():
+            expires = numeric_date(claims, "exp")
+            if expires is None or expires <= self.sb.clock.now().timestamp():
                 raise EntraError(401, "invalid_client", 700024, "Client assertion is expired.")
             return
         raise EntraError(

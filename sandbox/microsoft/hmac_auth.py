@@ -60,7 +60,8 @@ def verify(request: web.Request, body: bytes, access_key: str, now: datetime,
     if abs((now - sent).total_seconds()) > max_skew_s:
         raise HmacError("x-ms-date outside the allowed clock skew")
     claimed = request.headers.get("x-ms-content-sha256", "")
-    if not hmac.compare_digest(claimed, content_hash(body)):
+    # As bytes: compare_digest refuses str with non-ASCII characters (a 500, not a 401).
+    if not hmac.compare_digest(claimed.encode(), content_hash(body).encode()):
         raise HmacError("x-ms-content-sha256 does not match the body")
     auth = request.headers.get("Authorization", "")
     scheme, _, params = auth.partition(" ")
@@ -70,7 +71,7 @@ def verify(request: web.Request, body: bytes, access_key: str, now: datetime,
     if fields.get("SignedHeaders", "").lower() != SIGNED_HEADERS:
         raise HmacError("SignedHeaders must be x-ms-date;host;x-ms-content-sha256")
     expected = signature(access_key, request.method, request.raw_path, date, request.host, claimed)
-    if not hmac.compare_digest(fields.get("Signature", ""), expected):
+    if not hmac.compare_digest(fields.get("Signature", "").encode(), expected.encode()):
         raise HmacError("signature mismatch")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from datetime import datetime
 from typing import Any
@@ -56,11 +57,26 @@ class KeySet:
             options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
         )
         ts = now.timestamp()
-        if float(claims.get("exp", 0)) <= ts:
+        expires, not_before = numeric_date(claims, "exp"), numeric_date(claims, "nbf", 0)
+        if expires is None or not_before is None:
+            raise jwt.InvalidTokenError("exp and nbf must be numbers")
+        if expires <= ts:
             raise jwt.ExpiredSignatureError("token expired")
-        if float(claims.get("nbf", 0)) > ts + 300:
+        if not_before > ts + 300:
             raise jwt.ImmatureSignatureError("token not yet valid")
         return claims
+
+
+def numeric_date(claims: dict[str, Any], name: str, absent: float | None = None) -> float | None:
+    """A JWT NumericDate claim (RFC 7519: a JSON number), `absent` when missing, None when it
+    is anything else: a string, a boolean, NaN or infinity would otherwise slip past a clock
+    comparison (NaN compares false both ways) or crash it."""
+    value = claims.get(name)
+    if value is None:
+        return absent
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def new_id() -> str:

@@ -106,6 +106,17 @@ async def test_bad_content_hash_is_401(
     assert status == 401
 
 
+async def test_non_ascii_content_hash_is_401_not_500(
+    ms: RunningSandbox, ms_http: aiohttp.ClientSession, ms_clock: ManualClock
+) -> None:
+    """A content hash with non-ASCII characters is refused like any other wrong hash."""
+    status, body, _ = await acs(
+        ms, ms_http, ms_clock, "POST", SMS_PATH, sms([PATIENT]), claimed_hash="é" * 44
+    )
+    assert status == 401
+    assert body["error"]["code"] == "Denied"
+
+
 async def test_stale_date_is_401(
     ms: RunningSandbox, ms_http: aiohttp.ClientSession, ms_clock: ManualClock
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,6 +15,8 @@ import jwt
 import msal
 import pytest
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sandbox.microsoft.app import RunningSandbox
 from sandbox.microsoft.clock import ManualClock
@@ -290,3 +293,45 @@ async def test_unregistered_redirect_uri_is_not_redirected_to(
     async with ms_http.get(url, params=params, allow_redirects=False) as resp:
         assert resp.status == 400
         assert "AADSTS50011" in await resp.text()
+
+
+@pytest.mark.parametrize("exp", ["in-an-hour", "4102444800", True, float("nan"), None])
+async def test_client_assertion_whose_exp_is_not_a_number_is_invalid_client(
+    ms: RunningSandbox, ms_http: aiohttp.ClientSession, ms_clock: ManualClock, exp: Any
+) -> None:
+    """A signed client assertion must carry exp as a JSON number: anything else is 401
+    invalid_client (a string crashed the stand-in; NaN passed every clock check)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    client_id = str(uuid.uuid4())
+    async with ms_http.post(
+        f"{ms.base_url}/_sandbox/entra/apps",
+        json={"clientId": client_id, "displayName": "assertion", "certificatePems": [pem.decode()]},
+    ) as r:
+        assert r.status == 201, await r.text()
+    url = f"{ms.base_url}/{CONTOSO_TENANT}/oauth2/v2.0/token"
+
+    async def token_status(exp: Any) -> tuple[int, dict[str, Any]]:
+        claims: dict[str, Any] = {"iss": client_id, "sub": client_id, "aud": url}
+        if exp is not None:
+            claims["exp"] = exp
+        form = {
+            "grant_type": "client_credentials",
+            "scope": GRAPH_DEFAULT[0],
+            "client_id": client_id,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": jwt.encode(claims, key, algorithm="RS256"),
+        }
+        async with ms_http.post(url, data=form) as r:
+            return r.status, await r.json()
+
+    control, _ = await token_status(int(ms_clock.now().timestamp()) + 3600)
+    status, body = await token_status(exp)
+    assert (control, status, body["error"], body["error_codes"]) == (
+        200,
+        401,
+        "invalid_client",
+        [700024],
+    )
