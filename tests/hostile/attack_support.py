@@ -426,6 +426,24 @@ class ForgingEhr:
         return token
 
 
+async def launch_through(
+    http: aiohttp.ClientSession, gw: Gateway, ehr: ForgingEhr, integration_id: uuid.UUID
+) -> aiohttp.ClientResponse:
+    """A provider launch through `ehr`'s authorize; the callback's answer (body read)."""
+    async with http.get(
+        f"{gw.url}/launch/provider/{integration_id}",
+        params={"iss": ehr.fhir_base, "launch": f"launch-{uuid.uuid4()}"},
+        allow_redirects=False,
+    ) as r:
+        assert r.status == 302, await r.text()
+        authorize = r.headers["Location"]
+    async with http.get(authorize, allow_redirects=False) as r:
+        callback = r.headers["Location"]
+    async with http.get(callback, allow_redirects=False) as r:
+        await r.read()
+        return r
+
+
 @pytest.fixture
 async def forging_ehr(trap_url: str) -> AsyncIterator[ForgingEhr]:
     server = ForgingEhr(trap_url)

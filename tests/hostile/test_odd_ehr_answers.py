@@ -17,6 +17,7 @@ from tests.hostile.attack_support import (
     ForgingEhr,
     Gateway,
     gateway,
+    launch_through,
     module_infra,
     trap,
     trap_url,
@@ -74,19 +75,9 @@ async def _configured(gateway: Gateway, ehr: OddEhr) -> uuid.UUID:
 
 
 async def _launch(gateway: Gateway, ehr: OddEhr, integration_id: uuid.UUID) -> tuple[int, str]:
-    """A provider launch through the EHR's authorize; the callback's status and page."""
     async with aiohttp.ClientSession() as http:
-        async with http.get(
-            f"{gateway.url}/launch/provider/{integration_id}",
-            params={"iss": ehr.fhir_base, "launch": f"l-{uuid.uuid4()}"},
-            allow_redirects=False,
-        ) as r:
-            assert r.status == 302, await r.text()
-            authorize = r.headers["Location"]
-        async with http.get(authorize, allow_redirects=False) as r:
-            callback = r.headers["Location"]
-        async with http.get(callback, allow_redirects=False) as r:
-            return r.status, await r.text()
+        r = await launch_through(http, gateway, ehr, integration_id)
+        return r.status, await r.text()
 
 
 def _video_visit(start: datetime, end: str) -> dict[str, Any]:

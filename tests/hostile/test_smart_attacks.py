@@ -27,6 +27,7 @@ from tests.hostile.attack_support import (
     Trap,
     forging_ehr,
     gateway,
+    launch_through,
     mint_launch,
     module_infra,
     off_site,
@@ -354,18 +355,8 @@ async def test_forged_id_tokens_are_refused_through_the_real_callback(
     async with aiohttp.ClientSession() as http:
         for mode in ForgingEhr.MODES:
             forging_ehr.mode = mode
-            async with http.get(
-                f"{gateway.url}/launch/provider/{integration_id}",
-                params={"iss": forging_ehr.fhir_base, "launch": f"launch-{mode}"},
-                allow_redirects=False,
-            ) as r:
-                assert r.status == 302, await r.text()
-                authorize = r.headers["Location"]
-            async with http.get(authorize, allow_redirects=False) as r:
-                callback = r.headers["Location"]
-            async with http.get(callback, allow_redirects=False) as r:
-                body = await r.text()
-                outcomes[mode] = (r.status, SIGN_IN_REFUSED in body, "Location" in r.headers)
+            r = await launch_through(http, gateway, forging_ehr, integration_id)
+            outcomes[mode] = (r.status, SIGN_IN_REFUSED in await r.text(), "Location" in r.headers)
     assert outcomes.pop("valid") == (404, False, False)
     assert outcomes == {mode: (400, True, False) for mode in ForgingEhr.MODES[1:]}
     assert gateway.outbound.origins() == {origin(forging_ehr.url)}
