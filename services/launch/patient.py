@@ -1,8 +1,10 @@
 """Patient join: `/join/<token>` from the SMS. No account, no sign-in, no provider details.
 Opening the link, and pressing Join, record the patient's arrival in the lobby once per
-device and publish `patient-joined`. The link's signature is checked before any database work;
-whether it still opens the visit (not cancelled, not past its current end plus grace) comes
-from the visit's row, read once per open anyway."""
+device and publish `patient-joined`, from `lobby_opens_minutes` before the start: earlier, the
+page says when to come back and records nothing (the confirmation carries the link days
+ahead; a patient checking it then is not waiting). The link's signature is checked before any
+database work; whether it still opens the visit (not cancelled, not past its current end plus
+grace) comes from the visit's row, read once per open anyway."""
 
 from __future__ import annotations
 
@@ -83,6 +85,10 @@ def _arrival(key: str, tenant_id: str, participant: str) -> Arrival:
     return Arrival(key, participant, now, event.event_id, event.type, encode_event(event))
 
 
+def lobby_opens_at(settings: LaunchSettings, starts_at: datetime) -> datetime:
+    return starts_at - timedelta(minutes=settings.lobby_opens_minutes)
+
+
 async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | web.Response:
     """Checks the link, finds the visit and records this device's arrival (first open only):
     the visit's row, the device and whether it is new. One read per open of the link, the
@@ -101,7 +107,7 @@ async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | we
     row = _visit(await lobby.visit(key, participant), grace)
     if isinstance(row, web.Response):
         return row
-    if not row["arrived"]:
+    if not row["arrived"] and datetime.now(UTC) >= lobby_opens_at(settings, row["starts_at"]):
         await lobby.arrive(_arrival(key, row["tenant_id"], participant))
     return row, device, fresh
 
@@ -142,11 +148,15 @@ async def join_page(request: web.Request) -> web.StreamResponse:
         return arrived
     row, device, fresh = arrived
     zone = ZoneInfo(row["time_zone"])
+    opens_at = lobby_opens_at(launch_settings(request), row["starts_at"])
     response = page(
         "prejoin.html",
         organisation=row["organisation_name"] or "your clinic",
         when=f"{row['starts_at'].astimezone(zone):%A %d %B, %H:%M} ({row['time_zone']})",
         token=request.match_info["token"],
+        opens=(
+            f"{opens_at.astimezone(zone):%A %d %B, %H:%M}" if datetime.now(UTC) < opens_at else None
+        ),
     )
     _remember(response, device, fresh)
     return response
@@ -157,6 +167,11 @@ async def join_enter(request: web.Request) -> web.StreamResponse:
     if isinstance(arrived, web.Response):
         return arrived
     row, device, fresh = arrived
+    if datetime.now(UTC) < lobby_opens_at(launch_settings(request), row["starts_at"]):
+        # Too early to wait in the lobby: back to the page, which says from when.
+        early = web.HTTPSeeOther(f"/join/{request.match_info['token']}")
+        _remember(early, device, fresh)
+        raise early
     meeting_url = row["patient_join_url"] or await _prepared_meeting_url(
         request, row["appointment_key"]
     )

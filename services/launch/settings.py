@@ -66,8 +66,13 @@ class LaunchSettings(ServiceSettings):
     # Patient join links
     join_token_secret: SecretStr = SecretStr("dev-only-join-token-secret-change-me")
     join_grace_minutes: int = Field(default=60, ge=0, le=24 * 60)
+    # From this many minutes before the start, opening the link is a lobby arrival
+    # (patient-joined) and Join enters the meeting. Earlier, the page says when to come back:
+    # the confirmation carries the link days ahead, and a patient checking it is not waiting.
+    lobby_opens_minutes: int = Field(default=30, ge=0, le=24 * 60)
     default_time_zone: str = "America/Chicago"
 
-    # Scheduling feed: JSON {fhir_base_url: secret}; "*" is the fallback for every base.
+    # Scheduling feed: JSON {tenant_guid: secret}, the EHR tenant of X-EHR-Tenant; "*" is the
+    # fallback for every tenant.
     scheduling_webhook_secrets: SecretStr = SecretStr('{"*": "dev-only-scheduling-secret"}')
     scheduling_max_skew_s: int = Field(default=300, ge=30)

@@ -132,7 +132,8 @@ async def test_concurrent_opens_of_many_visits_each_get_their_own_page_and_one_a
     writes; each page shows its own visit's time, and each (visit, device) has one arrival
     and one patient-joined."""
     system = launch_system
-    base = (datetime.now(UTC) + timedelta(hours=1)).replace(second=0, microsecond=0)
+    # Starting from 30 minutes ago to 29 minutes ahead: every lobby is open.
+    base = (datetime.now(UTC) - timedelta(minutes=30)).replace(second=0, microsecond=0)
     booked = await _visits(system, [base + timedelta(minutes=i) for i in range(60)])
     opens = [(i, token, _device(d)) for i, (_, token) in enumerate(booked) for d in (1, 2)] * 2
     lobby = system.app[LOBBY]
@@ -161,7 +162,7 @@ async def test_one_batch_of_good_cancelled_over_and_unknown_visits_answers_each(
     system = launch_system
     now = datetime.now(UTC).replace(microsecond=0)
     (good, good_token), (cancelled, cancelled_token), (_, over_token) = await _visits(
-        system, [now + timedelta(hours=1), now + timedelta(hours=2), now - timedelta(hours=4)]
+        system, [now + timedelta(minutes=10), now + timedelta(hours=2), now - timedelta(hours=4)]
     )
     await system.app[DB_POOL].execute(
         "UPDATE appointments SET status = 'cancelled' WHERE appointment_key = $1", cancelled
@@ -194,7 +195,7 @@ async def test_concurrent_opens_from_one_device_record_one_arrival(
     """Twenty opens of one link from one device at once all read `not arrived` (one batch);
     they record one arrival and one patient-joined."""
     system = launch_system
-    ((key, token),) = await _visits(system, [datetime.now(UTC) + timedelta(hours=1)])
+    ((key, token),) = await _visits(system, [datetime.now(UTC) + timedelta(minutes=10)])
     hold_first(monkeypatch, system.app[LOBBY].visits, 20)
     async with _session() as http:
         answers = await asyncio.gather(*(_open(http, system, token, _device(7)) for _ in range(20)))
@@ -217,7 +218,9 @@ async def test_one_write_batch_with_the_same_device_twice_writes_one_row_each(
     """A write batch holding the same (visit, device) five times writes one arrival and one
     outbox row for it (the batch's first), whatever the statement's join would multiply."""
     system = launch_system
-    ((first, _), (second, _)) = await _visits(system, [datetime.now(UTC) + timedelta(hours=1)] * 2)
+    ((first, _), (second, _)) = await _visits(
+        system, [datetime.now(UTC) + timedelta(minutes=10)] * 2
+    )
     lobby = system.app[LOBBY]
     # Called together: the first is sent at once, the other five wait and go in one batch.
     await asyncio.gather(
@@ -235,7 +238,7 @@ async def test_a_refused_write_batch_is_sent_item_by_item(launch_system: LaunchS
     each item sent alone: the others are recorded once each, the bad one fails with its own
     error and leaves no arrival; sent again, nothing is written twice."""
     system = launch_system
-    ((key, _),) = await _visits(system, [datetime.now(UTC) + timedelta(hours=1)])
+    ((key, _),) = await _visits(system, [datetime.now(UTC) + timedelta(minutes=10)])
     lobby, pool = system.app[LOBBY], system.app[DB_POOL]
     taken = uuid.uuid4()
     good = [_arrival(key, f"pt_good{n}") for n in range(4)]
@@ -268,7 +271,7 @@ async def test_a_write_batch_whose_connection_dies_fails_each_page_and_loses_not
     """When the backend of a batched arrival write is terminated, every page of the batch is
     a 500 and nothing was written; opened again, each device records one arrival."""
     system = launch_system
-    booked = await _visits(system, [datetime.now(UTC) + timedelta(hours=1)] * 8)
+    booked = await _visits(system, [datetime.now(UTC) + timedelta(minutes=10)] * 8)
     lobby, pool = system.app[LOBBY], system.app[DB_POOL]
     write = lobby.arrivals.statement
 

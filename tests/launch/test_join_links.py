@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-from libs.common.events import AppointmentCreatedV1, decode_event
+from libs.common.events import AppointmentCreatedV1, PatientJoinedV1, decode_event
 from libs.common.web import DB_POOL
 from sandbox.ehr import TENANT_A
 from services.launch import join_tokens
@@ -24,7 +24,7 @@ statements = test_launch_statements.statements
 JOIN = "/join/{token}"
 ENTER = "/join/{token}/enter"
 OVER = "This visit is over"
-PREJOIN = "Join the visit"
+PREJOIN = "Your video visit with"
 
 
 def _grace(system: LaunchSystem) -> timedelta:
@@ -184,3 +184,41 @@ async def test_a_visit_that_is_over_is_refused_with_one_read_and_no_arrival(
     pool = system.app[DB_POOL]
     assert await pool.fetchval("SELECT count(*) FROM lobby_arrivals") == 0
     assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic = 'patient-joined'") == 0
+
+
+async def test_an_open_days_ahead_is_no_arrival_and_says_when_the_waiting_room_opens(
+    launch_system: LaunchSystem, topic_prefix: str
+) -> None:
+    """Opening the link two days early shows the visit and when its waiting room opens,
+    offers no Join, records no arrival or patient-joined, and Join leads back to the page."""
+    system = launch_system
+    async with aiohttp.ClientSession() as http:
+        _, created = await _booked(http, system, topic_prefix, timedelta(days=2))
+        assert created.join_url is not None
+        status, body = await _open(http, created.join_url)
+        assert status == 200
+        assert "The waiting room opens" in body
+        assert "Join the visit" not in body
+        async with http.get(f"{created.join_url}/enter", allow_redirects=False) as r:
+            assert r.status == 303
+            assert created.join_url.endswith(r.headers["Location"])
+    pool = system.app[DB_POOL]
+    assert await pool.fetchval("SELECT count(*) FROM lobby_arrivals") == 0
+    assert await pool.fetchval("SELECT count(*) FROM outbox WHERE topic = 'patient-joined'") == 0
+
+
+async def test_the_lobby_opens_its_set_minutes_before_the_start(
+    launch_system: LaunchSystem, topic_prefix: str
+) -> None:
+    """Inside lobby_opens_minutes of the start, the first open is the arrival, with Join."""
+    system = launch_system
+    opens = timedelta(minutes=system.settings.lobby_opens_minutes)
+    async with aiohttp.ClientSession() as http:
+        _, created = await _booked(http, system, topic_prefix, opens - timedelta(minutes=2))
+        assert created.join_url is not None
+        status, body = await _open(http, created.join_url)
+        assert (status, "Join the visit" in body) == (200, True)
+        (raw,) = await read_all(topic_prefix + "patient-joined", expect=1)
+    joined = decode_event(raw).payload
+    assert isinstance(joined, PatientJoinedV1)
+    assert created.starts_at - joined.lobby_entered_at < opens
