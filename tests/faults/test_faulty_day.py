@@ -105,6 +105,9 @@ async def test_a_faulty_day_loses_nothing_and_leaks_nothing(
     # The delivery check reads every outbox row the day wrote: published rows must outlive
     # the run (a day is longer than the default retention of 10 minutes).
     monkeypatch.setenv("EHR_OUTBOX_RETENTION_MINUTES", "1440")
+    # The day is compressed: visits booked two hours ahead are held within seconds, so their
+    # waiting rooms are open from the booking (the lobby check times the patient's open).
+    monkeypatch.setenv("EHR_LOBBY_OPENS_MINUTES", "1440")
     monkeypatch.setattr(run, "DATABASE", database)
     count = int(os.environ.get("FAULTS_APPOINTMENTS", "60"))
     began = time.monotonic()
