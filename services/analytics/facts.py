@@ -217,11 +217,14 @@ class FactsProjector:
             meeting_ended_at=row["meeting_ended_at"],
         )
         result = figures(observed)
+        # Filed under when it happened; an appointment that never became a visit (its SMS
+        # still count, see rollup.contribution) under when it was booked for.
+        filed_at = result.report_at or row["scheduled_start"]
         row.update(
             status=result.status,
             started_at=result.started_at,
             report_at=result.report_at,
-            report_day=result.report_at.astimezone(UTC).date() if result.report_at else None,
+            report_day=filed_at.astimezone(UTC).date() if filed_at else None,
             duration_ms=result.duration_ms,
             lobby_wait_ms=result.lobby_wait_ms,
             attendees=result.attendees,
@@ -233,7 +236,7 @@ class FactsProjector:
         (they are observed once the poll commits)."""
         old, new = appointment.before, appointment.row
         event_id = str(appointment.events[-1].event_id)
-        first = rollup.contribution(old) is None and rollup.contribution(new) is not None
+        first = not rollup.counts_as_visit(old) and rollup.counts_as_visit(new)
         if first or any(old[c] != new[c] for c in _FIGURES):
             # One observation per appointment and poll, from the earliest event of the poll
             # that bears on the figures (a reschedule or cancellation does not).

@@ -2,7 +2,8 @@
 department, integration) row and to the histograms of its lobby wait and duration, per day,
 per ISO week (the weekly tier lets a long report read weeks instead of days) and per tenant
 and day (a per-day report reads one histogram per day). A histogram is one row whose array
-holds the count of every bucket.
+holds the count of every bucket. An appointment that never became a visit (cancelled, not yet
+held, nobody from staff came) contributes only the SMS sent for it.
 
 A recomputed visit subtracts its previous contribution and adds the new one in the same
 transaction, so the rollup always equals a fresh aggregation of the facts; `check` proves it.
@@ -19,6 +20,7 @@ from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from services.analytics.histogram import THRESHOLDS_MS, bucket_of
+from services.analytics.visit import VISIT_STATUSES
 
 if TYPE_CHECKING:
     from libs.common.db import Connection
@@ -30,6 +32,7 @@ FIGURES = ("lobby_wait", "duration")
 @dataclass(frozen=True)
 class Contribution:
     key: RollupKey
+    visit: bool
     completed: bool
     sms_sent: int
     lobby_wait_ms: int | None
@@ -37,10 +40,20 @@ class Contribution:
 
 
 def contribution(fact: Any) -> Contribution | None:
-    """What a fact row adds to the rollup: nothing until it is a visit with known dimensions."""
-    if fact["status"] not in ("completed", "no_show") or fact["report_day"] is None:
+    """What a fact row adds to the rollup: nothing until its dimensions and day are known; a
+    visit with its figures; any other appointment with only the SMS sent for it.
+
+    The brief's "SMS sent" is how many were sent for the appointment, whatever became of it,
+    so they are filed with the appointment, under its report day (facts.py: when it happened,
+    or when it was booked for), like every other column of the report, rather than under the
+    day each message went out. A day's row then describes one set of appointments, and the
+    per-meeting list's SMS add up to it for the visits among them."""
+    if fact["report_day"] is None:
         return None
     if fact["environment"] is None or fact["department"] is None or not fact["integration_id"]:
+        return None
+    visit = fact["status"] in VISIT_STATUSES
+    if not visit and not fact["sms_sent"]:
         return None
     return Contribution(
         key=(
@@ -50,18 +63,25 @@ def contribution(fact: Any) -> Contribution | None:
             fact["department"],
             fact["integration_id"],
         ),
+        visit=visit,
         completed=fact["status"] == "completed",
         sms_sent=int(fact["sms_sent"]),
-        lobby_wait_ms=fact["lobby_wait_ms"],
-        duration_ms=fact["duration_ms"],
+        # A lobby wait measured for a meeting that was no visit is no figure of the report.
+        lobby_wait_ms=fact["lobby_wait_ms"] if visit else None,
+        duration_ms=fact["duration_ms"] if visit else None,
     )
+
+
+def counts_as_visit(fact: Any) -> bool:
+    c = contribution(fact)
+    return c is not None and c.visit
 
 
 def _usage_row(c: Contribution, sign: int) -> list[int]:
     return [
-        sign,
+        sign if c.visit else 0,
         sign if c.completed else 0,
-        0 if c.completed else sign,
+        sign if c.visit and not c.completed else 0,
         sign * c.sms_sent,
         sign if c.lobby_wait_ms is not None else 0,
         sign * (c.lobby_wait_ms or 0),
@@ -195,16 +215,16 @@ async def _add_histograms(conn: Connection, buckets: dict[tuple[RollupKey, str, 
 _EXPECTED_USAGE = """
 WITH expected AS (
     SELECT tenant_id, report_day AS day, environment, department, integration_id,
-        count(*) AS visits,
+        count(*) FILTER (WHERE visit) AS visits,
         count(*) FILTER (WHERE status = 'completed') AS completed,
         count(*) FILTER (WHERE status = 'no_show') AS no_show,
         coalesce(sum(sms_sent), 0) AS sms_sent,
-        count(lobby_wait_ms) AS lobby_wait_count,
-        coalesce(sum(lobby_wait_ms), 0) AS lobby_wait_sum_ms,
-        count(duration_ms) AS duration_count,
-        coalesce(sum(duration_ms), 0) AS duration_sum_ms
-    FROM appointment_facts
-    WHERE tenant_id = $1 AND status IN ('completed', 'no_show') AND report_day IS NOT NULL
+        count(lobby_wait_ms) FILTER (WHERE visit) AS lobby_wait_count,
+        coalesce(sum(lobby_wait_ms) FILTER (WHERE visit), 0) AS lobby_wait_sum_ms,
+        count(duration_ms) FILTER (WHERE visit) AS duration_count,
+        coalesce(sum(duration_ms) FILTER (WHERE visit), 0) AS duration_sum_ms
+    FROM appointment_facts, LATERAL (SELECT status IN ('completed', 'no_show') AS visit) AS v
+    WHERE tenant_id = $1 AND (visit OR sms_sent <> 0) AND report_day IS NOT NULL
         AND environment IS NOT NULL AND department IS NOT NULL AND integration_id IS NOT NULL
     GROUP BY 1, 2, 3, 4, 5
 )
@@ -212,7 +232,9 @@ WITH expected AS (
 _CHECK_USAGE = (
     _EXPECTED_USAGE
     + """, actual AS (
-    SELECT * FROM daily_usage WHERE tenant_id = $1 AND visits <> 0
+    SELECT * FROM daily_usage WHERE tenant_id = $1 AND (visits, completed, no_show, sms_sent,
+        lobby_wait_count, lobby_wait_sum_ms, duration_count, duration_sum_ms)
+        <> (0, 0, 0, 0, 0, 0, 0, 0)
 )
 SELECT coalesce(e.day, a.day) AS day, coalesce(e.department, a.department) AS department
 FROM expected e FULL JOIN actual a USING (tenant_id, day, environment, department, integration_id)

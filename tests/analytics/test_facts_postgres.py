@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from libs.common.events import (
+    AppointmentCancelledV1,
     AppointmentCreatedV1,
     Envelope,
     MeetingEndedV1,
@@ -54,12 +55,12 @@ async def _assert_reference(facts: Facts, visit: Visit, stream: list[Envelope[An
     await _assert_facts(facts, visit, stream)
     want = expected(visit)
     sms = len({e.event_id for e in stream if e.type == "sms-sent"})
-    day = want.report_day or BASE.date()
+    day = want.report_day
     usage = await reports.usage(facts.pool, visit.tenant_id, day, day, "department")
     counted = want.status in ("completed", "no_show")
     assert usage.totals.appointments == (1 if counted else 0)
     assert usage.totals.completed == (1 if want.status == "completed" else 0)
-    assert usage.totals.sms_sent == (sms if counted else 0)
+    assert usage.totals.sms_sent == sms
     if counted:
         assert usage.totals.duration.sum_ms == want.duration_ms
         assert usage.totals.lobby_wait.sum_ms == (want.lobby_wait_ms or 0)
@@ -129,7 +130,7 @@ def test_polls_of_any_size_give_the_reference_figures(database_url: str) -> None
         tenant = cases[0][0].tenant_id
         wanted = [expected(v) for v, _ in cases]
         counted = [w for w in wanted if w.status in ("completed", "no_show")]
-        days = [w.report_day for w in counted if w.report_day]
+        days = [w.report_day for w in counted]
         if days:
             usage = await reports.usage(facts.pool, tenant, min(days), max(days), "department")
             assert usage.totals.appointments == len(counted)
@@ -439,3 +440,52 @@ async def test_sms_metric_labels_do_not_depend_on_where_polls_are_cut(
         runs.append({(env, dept.split("-")[0]): n for (env, dept), n in counted.items()})
     assert runs[0] == runs[1]
     assert sum(runs[0].values()) == script.count("sms")
+
+
+async def test_sms_of_a_cancelled_appointment_reach_the_usage_report(facts: Facts) -> None:
+    """SMS sent for an appointment cancelled before its visit count on its booked day."""
+    key, department = f"apt-{uuid.uuid4().hex}", f"Dept {uuid.uuid4().hex[:6]}"
+    booked = BASE + timedelta(days=1)
+    created = make_event(
+        Topic.APPOINTMENT_CREATED,
+        "tenant-cancelled",
+        key,
+        AppointmentCreatedV1(
+            integration_id=uuid.UUID(int=1),
+            environment="production",
+            department=department,
+            starts_at=booked,
+            ends_at=booked + timedelta(minutes=30),
+            time_zone="UTC",
+            sms_enabled=True,
+        ),
+    )
+    sent = [
+        make_event(
+            Topic.SMS_SENT,
+            "tenant-cancelled",
+            key,
+            SmsSentV1(
+                integration_id=uuid.UUID(int=1), kind=kind, outcome="sent", segments=1, at=BASE
+            ),
+        )
+        for kind in ("confirmation", "cancellation")
+    ]
+    cancelled = make_event(
+        Topic.APPOINTMENT_CANCELLED,
+        "tenant-cancelled",
+        key,
+        AppointmentCancelledV1(
+            integration_id=uuid.UUID(int=1), reason_code="patient", schedule_version=1
+        ),
+    )
+    stream = [created, *sent, cancelled]
+    await _apply_all(facts, stream)
+    facts.projector.metrics.on_batch([(e.type, str(e.event_id), True) for e in stream])
+    metric = REGISTRY.get_sample_value(
+        "appointment_sms_sent_total", {"environment": "production", "department": department}
+    )
+    usage = await reports.usage(facts.pool, "tenant-cancelled", booked.date(), booked.date(), "day")
+    assert (usage.totals.sms_sent, usage.totals.appointments, metric) == (2, 0, 2)
+    async with facts.pool.acquire() as conn:
+        assert await rollup.check(conn, "tenant-cancelled") == []

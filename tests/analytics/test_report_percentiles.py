@@ -74,7 +74,7 @@ async def _check(
             )
             async with conn.transaction():
                 await rollup.apply(
-                    conn, [(None, rollup.Contribution(key, True, 1, wait, duration))]
+                    conn, [(None, rollup.Contribution(key, True, True, 1, wait, duration))]
                 )
             if not start <= day <= end:
                 continue

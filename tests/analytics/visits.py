@@ -105,10 +105,15 @@ def visits(draw: st.DrawFn, tenant_id: str = "tenant-prop") -> Visit:
     return visit
 
 
+def scheduled_start(visit: Visit) -> datetime:
+    """What the booking says the visit starts at: its first join (or its end, if nobody came)."""
+    return min((a for p in visit.people for a, _ in p.intervals), default=visit.ended_at)
+
+
 def events(visit: Visit) -> list[Envelope[Any]]:
     """Everything launch and notify publish for the visit, each once, in causal order."""
     t, k = visit.tenant_id, visit.key
-    first = min((a for p in visit.people for a, _ in p.intervals), default=visit.ended_at)
+    first = scheduled_start(visit)
     out: list[Envelope[Any]] = [
         make_event(
             Topic.APPOINTMENT_CREATED,
@@ -232,12 +237,13 @@ def expected(visit: Visit) -> Expected:
         wait = (min(later) - first) // timedelta(milliseconds=1) if later else None
     staff_joins = [a for p in visit.people if p.role in STAFF for a, _ in p.intervals]
     staff_first = min(staff_joins, default=None)
-    reported = start or staff_first
+    # Filed under when it happened, or, never a visit, under when it was booked for.
+    reported = start or staff_first or scheduled_start(visit)
     return Expected(
         status=status,
         started_at=start,
         duration_ms=duration,
         lobby_wait_ms=wait,
         attendees=attendees,
-        report_day=reported.astimezone(UTC).date() if reported else None,
+        report_day=reported.astimezone(UTC).date(),
     )

@@ -1,0 +1,98 @@
+"""The analytics migrations that refile existing facts, run on a schema left as the code
+before them left it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from libs.common.db import migrate
+from libs.common.events import (
+    AppointmentCancelledV1,
+    AppointmentCreatedV1,
+    Envelope,
+    SmsSentV1,
+    Topic,
+    make_event,
+)
+from libs.common.portal_auth import PORTAL_MIGRATIONS
+from services.analytics import reports, rollup
+from services.analytics.app import MIGRATIONS
+from tests.analytics.support import Facts
+from tests.analytics.visits import Person, Visit, events
+
+TENANT = "tenant-migrated"
+BOOKED = datetime(2026, 3, 11, 15, 0, tzinfo=UTC)
+
+
+def _cancelled_with_sms(key: str) -> list[Envelope[Any]]:
+    integration = uuid.UUID(int=1)
+    created = AppointmentCreatedV1(
+        integration_id=integration,
+        environment="production",
+        department="Cardiology",
+        starts_at=BOOKED,
+        ends_at=BOOKED + timedelta(minutes=30),
+        time_zone="UTC",
+    )
+    sms = SmsSentV1(integration_id=integration, kind="link", outcome="sent", segments=1, at=BOOKED)
+    cancelled = AppointmentCancelledV1(
+        integration_id=integration, reason_code="patient", schedule_version=1
+    )
+    return [
+        make_event(Topic.APPOINTMENT_CREATED, TENANT, key, created),
+        make_event(Topic.SMS_SENT, TENANT, key, sms),
+        make_event(Topic.SMS_SENT, TENANT, key, sms.model_copy(update={"kind": "cancellation"})),
+        make_event(Topic.APPOINTMENT_CANCELLED, TENANT, key, cancelled),
+    ]
+
+
+async def _seed(facts: Facts) -> None:
+    start = datetime(2026, 3, 10, 14, 0, tzinfo=UTC)
+    visit = Visit(
+        key="apt-visit",
+        tenant_id=TENANT,
+        department="Cardiology",
+        environment="production",
+        people=[
+            Person("dr", "organizer", None, [(start, start + timedelta(minutes=20))]),
+            Person("pt", "patient", start, [(start, start + timedelta(minutes=20))]),
+        ],
+        ended_at=start + timedelta(minutes=20),
+        sms_sent=1,
+    )
+    for event in [*events(visit), *_cancelled_with_sms("apt-cancelled")]:
+        await facts.apply(event)
+
+
+async def _rerun(facts: Facts, version: str) -> None:
+    await facts.pool.execute("DELETE FROM schema_migrations WHERE version = $1", version)
+    await migrate(facts.pool, "analytics", MIGRATIONS, [PORTAL_MIGRATIONS])
+
+
+async def test_sms_of_appointments_that_were_no_visit_are_added_to_the_rollup(
+    database_url: str,
+) -> None:
+    """0006 files the facts that never became a visit and adds their SMS to daily_usage."""
+    facts = await Facts.open(database_url)
+    try:
+        await _seed(facts)
+        # As before 0006: such facts had no report day and the rollup held visits only.
+        await facts.pool.execute(
+            "UPDATE appointment_facts SET report_day = NULL WHERE report_at IS NULL"
+        )
+        async with facts.pool.acquire() as conn, conn.transaction():
+            await rollup.rebuild(conn, TENANT)
+        await _rerun(facts, "analytics:0006_sms_of_every_appointment")
+        usage = await reports.usage(
+            facts.pool, TENANT, BOOKED.date() - timedelta(days=1), BOOKED.date(), "day"
+        )
+        assert [(r.group, r.appointments, r.sms_sent) for r in usage.rows] == [
+            ("2026-03-10", 1, 1),
+            ("2026-03-11", 0, 2),
+        ]
+        async with facts.pool.acquire() as conn:
+            assert await rollup.check(conn, TENANT) == []
+    finally:
+        await facts.close()
