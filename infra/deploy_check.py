@@ -3,7 +3,8 @@
 Offline. Built-in kinds are validated against the Kubernetes JSON schemas that the
 `kubernetes-validate` package ships (strict: unknown fields are errors); custom resources
 whose schemas no reachable registry ships are listed as skipped, by kind. Then the
-project's own rules: every Deployment has probes, limits and a non-root securityContext;
+project's own rules: every Deployment has probes, limits and a non-root securityContext, and
+the field-encryption key ring among its secret files when its ConfigMaps name an active key;
 every topic in `libs.common.events.Topic` (and its `.dlq`) has a KafkaTopic; each KafkaUser's
 ACLs are what the service's code consumes and produces; every metric named in an alert or a
 dashboard is exported by the code; no Secret values are committed; the Dockerfile passes
@@ -31,6 +32,7 @@ import yaml
 from referencing import Registry, Resource
 
 from libs.common.events import COMPACTED_TOPICS, Topic, dead_letter_topic
+from libs.common.settings import DEFAULT_SECRETS_DIR as DEFAULT_SECRETS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -167,6 +169,52 @@ def _env(objects: list[Obj], container: Obj) -> dict[str, str]:
     return values
 
 
+def secret_keys(objects: list[Obj], name: str) -> set[str] | None:
+    """The keys the Secret `name` will hold, from the ExternalSecret that makes it: its
+    template's data (plus its data's keys when the template merges), else its data's keys.
+    None when that cannot be known here (no ExternalSecret makes it, or it uses dataFrom)."""
+    for es in by_kind(objects, "ExternalSecret"):
+        spec = es.get("spec") or {}
+        if (dig(spec, "target", "name") or dig(es, "metadata", "name")) != name:
+            continue
+        if spec.get("dataFrom"):
+            return None
+        keys = {str(d.get("secretKey")) for d in spec.get("data") or []}
+        template = dig(spec, "target", "template") or {}
+        if template.get("data") is not None:
+            merged = template.get("mergePolicy") == "Merge"
+            return set(map(str, template["data"])) | (keys if merged else set())
+        return keys
+    return None
+
+
+def secret_files(objects: list[Obj], pod: Obj, container: Obj, directory: str) -> set[str] | None:
+    """The files that Secrets put into `directory` of the container (pydantic-settings reads one
+    setting per file there); None if a Secret's keys cannot be known from the manifests."""
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    files: set[str] = set()
+    for mount in container.get("volumeMounts") or []:
+        if mount.get("mountPath") != directory or mount.get("subPath"):
+            continue
+        volume = volumes.get(mount.get("name")) or {}
+        if "projected" in volume:
+            projected = dig(volume, "projected", "sources") or []
+            sources = [s["secret"] for s in projected if "secret" in s]
+        elif "secret" in volume:
+            sources = [{**volume["secret"], "name": dig(volume, "secret", "secretName")}]
+        else:
+            continue
+        for source in sources:
+            if source.get("items"):
+                files |= {str(item.get("path")) for item in source["items"]}
+                continue
+            keys = secret_keys(objects, str(source.get("name")))
+            if keys is None:
+                return None
+            files |= keys
+    return files
+
+
 def check_deployments(objects: list[Obj], where: str, report: Report) -> None:
     deployments = by_kind(objects, "Deployment")
     if not deployments:
@@ -221,6 +269,18 @@ def check_deployments(objects: list[Obj], where: str, report: Report) -> None:
             env = _env(objects, c)
             if env.get("EHR_KAFKA_CREATE_TOPICS", "true").lower() != "false":
                 report.fail(cat, "EHR_KAFKA_CREATE_TOPICS must be false (Strimzi owns topics)")
+            # An active key id with no key ring leaves the service on the built-in dev ring,
+            # which lacks that id: its first encryption (a portal sign-in, a launch) is a 500.
+            if "EHR_FIELD_ENCRYPTION_ACTIVE_KEY" in env and "EHR_FIELD_ENCRYPTION_KEYS" not in env:
+                directory = env.get("EHR_SECRETS_DIR", DEFAULT_SECRETS_DIR)
+                files = secret_files(objects, pod, c, directory)
+                if files is not None and "ehr_field_encryption_keys" not in files:
+                    report.fail(
+                        cat,
+                        "EHR_FIELD_ENCRYPTION_ACTIVE_KEY is set but no Secret puts"
+                        f" ehr_field_encryption_keys into {directory} (the key ring must hold"
+                        " the active key)",
+                    )
             drain = float(env.get("EHR_SHUTDOWN_DRAIN_TIMEOUT_S", "20"))
             pre_stop = float(dig(c, "lifecycle", "preStop", "sleep", "seconds") or 0)
             grace = float(pod.get("terminationGracePeriodSeconds", 30))

@@ -121,6 +121,40 @@ def test_catches_weak_security_limits_and_drain() -> None:
         assert expected in problems
 
 
+@pytest.mark.parametrize("service", deploy_check.SERVICES)
+def test_catches_a_service_without_the_field_encryption_key_ring(service: str) -> None:
+    """ehr-common sets EHR_FIELD_ENCRYPTION_ACTIVE_KEY for every service; one whose secrets
+    lack ehr_field_encryption_keys keeps the dev key ring, which has no such key, and its first
+    encryption fails (analytics' portal sign-in was a 500 that way). The check catches it."""
+    objects = service_objects(service)
+    secret = next(o for o in objects if o["kind"] == "ExternalSecret")
+    del secret["spec"]["target"]["template"]["data"]["ehr_field_encryption_keys"]
+    secret["spec"]["data"] = [
+        d for d in secret["spec"]["data"] if d["secretKey"] != "ehr_field_encryption_keys"
+    ]
+    assert deployment_problems(objects) == [
+        f"fixture Deployment/ehr-{service} container {service}: EHR_FIELD_ENCRYPTION_ACTIVE_KEY"
+        " is set but no Secret puts ehr_field_encryption_keys into /run/secrets/ehr-connector"
+        " (the key ring must hold the active key)"
+    ]
+
+
+def test_secret_files_follow_the_projected_volume() -> None:
+    """The secret files a service sees are its ExternalSecret's template keys plus the KafkaUser
+    password projected by item, and nothing from a Secret mounted elsewhere."""
+    objects = service_objects("analytics")
+    pod = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    files = deploy_check.secret_files(
+        objects, pod, pod["containers"][0], deploy_check.DEFAULT_SECRETS_DIR
+    )
+    assert files == {
+        "ehr_database_url",
+        "ehr_field_encryption_keys",
+        "ehr_entra_client_secret",
+        "ehr_kafka_sasl_password",
+    }
+
+
 def test_catches_topics_and_acls_that_drift_from_the_code() -> None:
     """A missing KafkaTopic, a non-compacted config topic and an extra ACL are caught."""
     objects = load(BASE / "kafka" / "topics.yaml") + load(BASE / "kafka" / "users.yaml")
