@@ -435,6 +435,66 @@ def check_kafka(objects: list[Obj], where: str, production: bool, report: Report
             report.fail(at, f"ACL the code needs is missing: {missing}")
 
 
+# --- Strimzi pods under the `restricted` Pod Security Standard --------------------------------
+
+# Strimzi's default (baseline) security provider gives its containers no security context, which
+# the namespaces' `restricted` enforcement refuses; these templates must carry one. Per
+# component: where its pod template and its containers' templates sit in `spec`.
+_STRIMZI_PODS = {
+    "entityOperator": ("pod", {"topicOperator": "topicOperatorContainer",
+                               "userOperator": "userOperatorContainer"}),
+    "cruiseControl": ("pod", {"": "cruiseControlContainer"}),
+    "kafkaExporter": ("pod", {"": "container"}),
+}  # fmt: skip
+
+
+def restricted_problems(pod: Obj | None, containers: dict[str, Obj | None]) -> list[str]:
+    """What the `restricted` Pod Security Standard would refuse in a Strimzi pod template
+    (PodTemplate.securityContext) and its container templates (ContainerTemplate)."""
+    problems: list[str] = []
+    pod_sc = dig(pod, "securityContext") or {}
+    for name, template in containers.items():
+        sc = dig(template, "securityContext") or {}
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            problems.append(f"{name}: runAsNonRoot must be true (pod or container)")
+        if 0 in (sc.get("runAsUser"), pod_sc.get("runAsUser")):
+            problems.append(f"{name}: runAsUser must not be 0")
+        seccomp = dig(sc, "seccompProfile", "type") or dig(pod_sc, "seccompProfile", "type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile must be RuntimeDefault (pod or container)")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation must be false")
+        if sc.get("privileged"):
+            problems.append(f"{name}: must not be privileged")
+        if "ALL" not in (dig(sc, "capabilities", "drop") or []):
+            problems.append(f"{name}: capabilities must drop ALL")
+    return problems
+
+
+def check_strimzi_pod_security(objects: list[Obj], where: str, report: Report) -> None:
+    kafkas = {dig(k, "metadata", "name"): k for k in by_kind(objects, "Kafka")}
+    broker = ("kafkaContainer", "initContainer")  # the init container: rack awareness
+    for pool in by_kind(objects, "KafkaNodePool"):
+        kafka = kafkas.get(dig(pool, "metadata", "labels", "strimzi.io/cluster"))
+        # Strimzi does not merge the two templates: a pool's own template replaces the Kafka's.
+        template = dig(pool, "spec", "template") or dig(kafka, "spec", "kafka", "template")
+        for problem in restricted_problems(
+            dig(template, "pod"), {c: dig(template, c) for c in broker}
+        ):
+            report.fail(f"{where} {ident(pool)}", f"template {problem}")
+    for kafka in kafkas.values():
+        for component, (pod_key, containers) in _STRIMZI_PODS.items():
+            spec = dig(kafka, "spec", component)
+            if spec is None:
+                continue
+            template = spec.get("template") or {}
+            wanted = {
+                c: template.get(c) for part, c in containers.items() if not part or part in spec
+            }
+            for problem in restricted_problems(template.get(pod_key), wanted):
+                report.fail(f"{where} {ident(kafka)}", f"{component}.template {problem}")
+
+
 # --- Postgres connection budget ---------------------------------------------------------------
 
 
@@ -666,6 +726,7 @@ def check_rendered(objects: list[Obj], overlay: str, schemas: Schemas, report: R
     check_deployments(objects, where, report)
     check_no_secret_values(objects, where, report)
     check_kafka(objects, where, overlay == "production", report)
+    check_strimzi_pod_security(objects, where, report)
     check_postgres(objects, where, report)
     check_metrics(objects, where, report)
 

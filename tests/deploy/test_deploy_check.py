@@ -174,6 +174,38 @@ def test_catches_topics_and_acls_that_drift_from_the_code() -> None:
     assert problems.count("\n") == 2, problems
 
 
+def strimzi_problems(objects: list[dict[str, Any]]) -> list[str]:
+    report = deploy_check.Report()
+    deploy_check.check_strimzi_pod_security(objects, "fixture", report)
+    return report.problems
+
+
+def test_catches_strimzi_pods_the_restricted_pod_security_level_refuses() -> None:
+    """The namespaces enforce `restricted`; Strimzi's default provider sets no container
+    security context, so brokers and the entity operator need one in their templates. The
+    committed Kafka passes; a pool without a template inherits the Kafka's; without both, or
+    with a weakened entity operator container, the check fails."""
+    objects = load(BASE / "kafka" / "kafka.yaml")
+    assert strimzi_problems(objects) == []
+    pool = next(o for o in objects if o["kind"] == "KafkaNodePool")
+    kafka = next(o for o in objects if o["kind"] == "Kafka")
+    del pool["spec"]["template"]
+    assert strimzi_problems(objects) == []
+    del kafka["spec"]["kafka"]["template"]
+    sc = kafka["spec"]["entityOperator"]["template"]["userOperatorContainer"]["securityContext"]
+    sc["allowPrivilegeEscalation"] = True
+    problems = "\n".join(strimzi_problems(objects))
+    for expected in (
+        "KafkaNodePool/dual-role: template kafkaContainer: runAsNonRoot must be true",
+        "KafkaNodePool/dual-role: template kafkaContainer: seccompProfile must be RuntimeDefault",
+        "KafkaNodePool/dual-role: template initContainer: capabilities must drop ALL",
+        "Kafka/ehr-kafka: entityOperator.template userOperatorContainer:"
+        " allowPrivilegeEscalation must be false",
+    ):
+        assert expected in problems, problems
+    assert "topicOperatorContainer" not in problems
+
+
 def test_catches_a_metric_the_code_does_not_export() -> None:
     """An alert on a misspelt metric fails; suffixes of real metrics pass."""
     rule = copy.deepcopy(load(BASE / "monitoring" / "prometheusrule.yaml")[0])
