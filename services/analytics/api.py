@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, cast, get_args
 
 import orjson
@@ -42,8 +42,10 @@ def bad_request(message: str) -> web.HTTPBadRequest:
     )
 
 
-def today() -> date:
-    return datetime.now(UTC).date()
+def today(request: web.Request) -> date:
+    """Today where the hospital is: a range "ending today" or "this month" must not move to
+    tomorrow at 18:00 in Chicago (visits are filed on their local days, facts.py)."""
+    return datetime.now(settings_of(request).report_zone).date()
 
 
 def _parse_day(request: web.Request, name: str) -> date | None:
@@ -67,14 +69,15 @@ def days_of(request: web.Request) -> int:
 
 
 def date_range(request: web.Request) -> tuple[date, date]:
-    """`from`/`to` (inclusive UTC days), or `days` (7, 30 or 90) ending today."""
+    """`from`/`to` (inclusive days, each visit's local day), or `days` (7, 30 or 90) ending
+    today."""
     start, end = _parse_day(request, "from"), _parse_day(request, "to")
     if start is None or end is None:
         span = timedelta(days=days_of(request) - 1)
         if start is not None:
             end = start + span
         else:
-            end = end or today()
+            end = end or today(request)
             start = end - span
     if start > end:
         raise bad_request("from must not be after to")
@@ -244,7 +247,7 @@ async def allocation_report(request: web.Request) -> web.Response:
     principal = await require_principal(request, "view_reports")
     month_text = request.query.get("month")
     try:
-        month = date.fromisoformat(f"{month_text}-01") if month_text else today()
+        month = date.fromisoformat(f"{month_text}-01") if month_text else today(request)
     except ValueError:
         raise bad_request("month must look like 2026-01") from None
     if not EARLIEST_DAY <= month <= LATEST_DAY:

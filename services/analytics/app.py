@@ -54,7 +54,9 @@ def create_app(settings: ServiceSettings) -> web.Application:
         settings, migrations_dir=MIGRATIONS, shared_migrations=[PORTAL_MIGRATIONS]
     )
     app.middlewares.append(security_headers)
-    projector = FactsProjector(MetricsRecorder(settings.metrics_department_limit))
+    projector = FactsProjector(
+        MetricsRecorder(settings.metrics_department_limit), settings.report_zone
+    )
     app[PROJECTOR] = projector
     app.cleanup_ctx.append(
         consumer_ctx(CONSUMER_GROUP, projector.handlers(), batch_handler=projector.apply)

@@ -41,7 +41,7 @@ def _minutes(figure: reports.Figure) -> float | None:
 async def dashboard(request: web.Request) -> web.Response:
     principal = await require_principal(request, "view_reports")
     days = days_of(request)
-    end = today()
+    end = today(request)
     start = end - timedelta(days=days - 1)
     pool = request.app[DB_POOL]
     usage = await reports.usage(pool, principal.tenant_id, start, end, "day")

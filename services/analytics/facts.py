@@ -13,19 +13,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from datetime import UTC
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from libs.common.events import Envelope, TenantSettingsV1, Topic
 from services.analytics import rollup
 from services.analytics.fold import Appointment, fold
 from services.analytics.metrics import MetricsRecorder
+from services.analytics.settings import DEFAULT_REPORT_TIME_ZONE, known_zone
 from services.analytics.visit import Observations, PresenceChange, figures
 
 if TYPE_CHECKING:
     from libs.common.db import Connection
 
 Handler = Callable[["Connection", Envelope[Any]], Awaitable[None]]
+DEFAULT_REPORT_ZONE = ZoneInfo(DEFAULT_REPORT_TIME_ZONE)
 
 # Sorted keys: every transaction locks fact rows in the same order.
 _LOCK = (
@@ -81,6 +83,7 @@ _WRITTEN = (
     ("department", "text"),
     ("scheduled_start", "timestamptz"),
     ("scheduled_end", "timestamptz"),
+    ("time_zone", "text"),
     ("schedule_version", "int"),
     ("cancelled_at", "timestamptz"),
     ("cancel_reason", "text"),
@@ -108,8 +111,12 @@ _SCHEDULE_ONLY = frozenset({Topic.APPOINTMENT_RESCHEDULED, Topic.APPOINTMENT_CAN
 
 
 class FactsProjector:
-    def __init__(self, metrics: MetricsRecorder) -> None:
+    def __init__(
+        self, metrics: MetricsRecorder, report_zone: ZoneInfo = DEFAULT_REPORT_ZONE
+    ) -> None:
         self.metrics = metrics
+        # The day of a visit whose booking gave no usable zone (or has not arrived yet).
+        self.report_zone = report_zone
 
     def handlers(self) -> dict[str, Handler]:
         """The per-event path: each event is a poll of one."""
@@ -218,13 +225,17 @@ class FactsProjector:
         )
         result = figures(observed)
         # Filed under when it happened; an appointment that never became a visit (its SMS
-        # still count, see rollup.contribution) under when it was booked for.
+        # still count, see rollup.contribution) under when it was booked for. The day is the
+        # visit's own local day, as the hospital counts it: a 19:30 visit in Chicago on 31
+        # January is a January visit, though it is 1 February in UTC. A zone that arrives
+        # after the figures (topics are not ordered) refiles the visit; the rollup moves it.
         filed_at = result.report_at or row["scheduled_start"]
+        zone = known_zone(row["time_zone"]) or self.report_zone
         row.update(
             status=result.status,
             started_at=result.started_at,
             report_at=result.report_at,
-            report_day=filed_at.astimezone(UTC).date() if filed_at else None,
+            report_day=filed_at.astimezone(zone).date() if filed_at else None,
             duration_ms=result.duration_ms,
             lobby_wait_ms=result.lobby_wait_ms,
             attendees=result.attendees,

@@ -23,6 +23,7 @@ from libs.common.events import (
     PatientJoinedV1,
     SmsSentV1,
 )
+from services.analytics.settings import known_zone
 from services.analytics.visit import STAFF_ROLES
 
 
@@ -75,14 +76,14 @@ def fold(appointment: Appointment, event: Envelope[Any]) -> None:
         row.update(integration_id=p.integration_id, environment=p.environment)
         row["department"] = p.department
         if p.schedule_version >= row["schedule_version"]:
-            row.update(scheduled_start=p.starts_at, scheduled_end=p.ends_at)
+            _schedule(row, p)
         row["schedule_version"] = max(row["schedule_version"], p.schedule_version)
     elif isinstance(p, AppointmentRescheduledV1):
         row["integration_id"] = row["integration_id"] or p.integration_id
         # The report files a visit under when it happened, not when it was booked for, so a
-        # new schedule changes no figure.
+        # new schedule changes no figure (though a new zone may change its day).
         if row["schedule_version"] < p.schedule_version:
-            row.update(scheduled_start=p.starts_at, scheduled_end=p.ends_at)
+            _schedule(row, p)
             row["schedule_version"] = p.schedule_version
     elif isinstance(p, AppointmentCancelledV1):
         row["integration_id"] = row["integration_id"] or p.integration_id
@@ -117,6 +118,17 @@ def fold(appointment: Appointment, event: Envelope[Any]) -> None:
         )
     else:
         raise TypeError(f"no fact is kept for {type(p).__name__}")
+
+
+def _schedule(row: dict[str, Any], p: AppointmentCreatedV1 | AppointmentRescheduledV1) -> None:
+    # The zone travels with the schedule (the newest version wins, in any order). One that is
+    # no IANA zone is kept as unknown: the report time zone stands in (facts.py).
+    zone = known_zone(p.time_zone)
+    row.update(
+        scheduled_start=p.starts_at,
+        scheduled_end=p.ends_at,
+        time_zone=None if zone is None else zone.key,
+    )
 
 
 def _fold_meeting_ended(appointment: Appointment, p: MeetingEndedV1) -> None:

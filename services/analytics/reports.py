@@ -239,9 +239,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def day_bounds(start: date, end: date) -> tuple[datetime, datetime]:
+    """Instants holding every visit filed on start..end: a visit's day is its local day, and
+    local days run from 14 h before to 12 h after the UTC day (UTC+14 to UTC-12). They let the
+    index on report_at bound the scan; report_day decides."""
     return (
-        datetime.combine(start, time(), UTC),
-        datetime.combine(end + timedelta(days=1), time(), UTC),
+        datetime.combine(start - timedelta(days=1), time(), UTC),
+        datetime.combine(end + timedelta(days=2), time(), UTC),
     )
 
 
@@ -261,7 +264,7 @@ async def meetings(
         "SELECT appointment_key, started_at, report_at, lobby_wait_ms, duration_ms, status,"
         " attendees, department, environment, sms_sent FROM appointment_facts"
         " WHERE tenant_id = $1 AND status IN ('completed', 'no_show')"
-        " AND report_at >= $2 AND report_at < $3"
+        " AND report_at >= $2 AND report_at < $3 AND report_day BETWEEN $7 AND $8"
         " AND (report_at, appointment_key) < ($4, $5)"
         " ORDER BY report_at DESC, appointment_key DESC LIMIT $6",
         tenant_id,
@@ -270,6 +273,8 @@ async def meetings(
         top_at,
         top_key,
         limit + 1,
+        start,
+        end,
     )
     page = [
         Meeting(

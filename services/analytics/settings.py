@@ -1,10 +1,26 @@
 from __future__ import annotations
 
 from typing import ClassVar
+from zoneinfo import ZoneInfo
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from libs.common.portal_auth import PortalSettings
+
+DEFAULT_REPORT_TIME_ZONE = "America/Chicago"
+
+
+def known_zone(name: str | None) -> ZoneInfo | None:
+    """The IANA time zone of that name, or None when there is none (a booking's zone is a
+    free string)."""
+    if not name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (KeyError, ValueError, OSError):
+        # ZoneInfoNotFoundError is a KeyError; a malformed key is a ValueError, a directory
+        # of the tz database (e.g. "America") an OSError.
+        return None
 
 
 class AnalyticsSettings(PortalSettings):
@@ -29,3 +45,20 @@ class AnalyticsSettings(PortalSettings):
     consumer_fetch_max_wait_ms: int = Field(default=500, ge=0, le=5_000)
     # Distinct department label values per process before the rest share "other".
     metrics_department_limit: int = Field(default=100, ge=1, le=1000)
+    # IANA time zone of the reports' "today" (the end of a 7-, 30- or 90-day range and the
+    # allocation's current month), and of the days of visits whose booking gave no usable zone;
+    # every other visit counts on its own local day. Like launch's default_time_zone.
+    report_time_zone: str = DEFAULT_REPORT_TIME_ZONE
+
+    @field_validator("report_time_zone")
+    @classmethod
+    def _a_known_zone(cls, value: str) -> str:
+        if known_zone(value) is None:
+            raise ValueError(f"{value!r} is not an IANA time zone")
+        return value
+
+    @property
+    def report_zone(self) -> ZoneInfo:
+        zone = known_zone(self.report_time_zone)
+        assert zone is not None
+        return zone

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from datetime import datetime, time
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from libs.common.web import SETTINGS
 from sandbox.microsoft.app import RunningSandbox
 from services.analytics.app import create_app
 from services.analytics.settings import AnalyticsSettings
@@ -34,6 +36,14 @@ class Analytics:
     facts: Facts
     http: aiohttp.ClientSession
     sessions: dict[str, PortalSession] = field(default_factory=dict)
+
+    def local_noon(self) -> datetime:
+        """Noon today in the report time zone: the reports' today, and the same date in UTC
+        (where the seeded visits' bookings are)."""
+        settings = self.app[SETTINGS]
+        assert isinstance(settings, AnalyticsSettings)
+        zone = settings.report_zone
+        return datetime.combine(datetime.now(zone).date(), time(12), zone)
 
     async def session(self, upn: str) -> PortalSession:
         if upn not in self.sessions:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from tests.analytics.conftest import CONTOSO_REPORTS, Analytics
 from tests.analytics.test_reports_api import seed, visit
@@ -12,7 +12,7 @@ from tests.support.browser import chromium
 async def test_dashboard_shows_seeded_figures_in_charts_and_table(analytics: Analytics) -> None:
     """Seven-day view: per-day bars, average duration and lobby-wait points, totals, the
     meeting table and CSV links match what was seeded; a screenshot is saved."""
-    today = datetime.now(UTC).replace(hour=0, minute=10, second=0, microsecond=0)
+    today = analytics.local_noon()
     two_days_ago = today - timedelta(days=2)
     seeded = [
         visit(today, wait_min=2, minutes=21),

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +20,7 @@ from prometheus_client import REGISTRY
 from libs.common.events import (
     AppointmentCancelledV1,
     AppointmentCreatedV1,
+    AppointmentRescheduledV1,
     Envelope,
     MeetingEndedV1,
     SmsSentV1,
@@ -489,3 +491,105 @@ async def test_sms_of_a_cancelled_appointment_reach_the_usage_report(facts: Fact
     assert (usage.totals.sms_sent, usage.totals.appointments, metric) == (2, 0, 2)
     async with facts.pool.acquire() as conn:
         assert await rollup.check(conn, "tenant-cancelled") == []
+
+
+CHICAGO_EVENING = datetime(2026, 1, 31, 19, 30, tzinfo=ZoneInfo("America/Chicago"))
+
+
+def _booking(key: str, zone: str, version: int = 1) -> Envelope[Any]:
+    start = CHICAGO_EVENING.astimezone(UTC)
+    if version == 1:
+        payload: Any = AppointmentCreatedV1(
+            integration_id=uuid.UUID(int=1),
+            environment="production",
+            department="Cardiology",
+            starts_at=start,
+            ends_at=start + timedelta(minutes=30),
+            time_zone=zone,
+        )
+        return make_event(Topic.APPOINTMENT_CREATED, "tenant-zones", key, payload)
+    payload = AppointmentRescheduledV1(
+        integration_id=uuid.UUID(int=1),
+        starts_at=start,
+        ends_at=start + timedelta(minutes=30),
+        time_zone=zone,
+        schedule_version=version,
+    )
+    return make_event(Topic.APPOINTMENT_RESCHEDULED, "tenant-zones", key, payload)
+
+
+def _held_at_chicago_evening(key: str) -> list[Envelope[Any]]:
+    start = CHICAGO_EVENING.astimezone(UTC)
+    visit = Visit(
+        key=key,
+        tenant_id="tenant-zones",
+        department="Cardiology",
+        environment="production",
+        people=[
+            Person("dr", "organizer", None, [(start, start + timedelta(minutes=20))]),
+            Person("pt", "patient", start, [(start, start + timedelta(minutes=20))]),
+        ],
+        ended_at=start + timedelta(minutes=20),
+    )
+    return events(visit)[1:]  # all but the booking
+
+
+async def _filed(facts: Facts, key: str) -> tuple[date, int, int, int]:
+    """The visit's report day, its January and February allocation counts, and its count in
+    the meeting list of 31 January."""
+    january = await reports.allocation(facts.pool, "tenant-zones", date(2026, 1, 15))
+    february = await reports.allocation(facts.pool, "tenant-zones", date(2026, 2, 1))
+    day = date(2026, 1, 31)
+    listed, _ = await reports.meetings(facts.pool, "tenant-zones", day, day, 10)
+    async with facts.pool.acquire() as conn:
+        assert await rollup.check(conn, "tenant-zones") == []
+    fact = await facts.fact(key)
+    return fact["report_day"], january.completed, february.completed, len(listed)
+
+
+async def test_an_evening_visit_in_chicago_counts_on_its_local_day_and_month(
+    facts: Facts,
+) -> None:
+    """A 19:30 visit in Chicago on 31 January (1 February in UTC) is a January visit."""
+    key = f"apt-{uuid.uuid4().hex}"
+    await _apply_all(facts, [_booking(key, "America/Chicago"), *_held_at_chicago_evening(key)])
+    assert await _filed(facts, key) == (date(2026, 1, 31), 1, 0, 1)
+    usage = await reports.usage(
+        facts.pool, "tenant-zones", date(2026, 1, 31), date(2026, 2, 1), "day"
+    )
+    assert [(r.group, r.appointments) for r in usage.rows] == [
+        ("2026-01-31", 1),
+        ("2026-02-01", 0),
+    ]
+
+
+@pytest.mark.parametrize("order", ["rescheduled last", "rescheduled first", "one poll"])
+async def test_a_zone_that_arrives_late_refiles_the_visit(facts: Facts, order: str) -> None:
+    """A reschedule naming the Chicago zone moves a visit filed in UTC to its local day, in
+    any order; the zone of the newest schedule wins and the rollup stays exact."""
+    key = f"apt-{uuid.uuid4().hex}"
+    held, utc, chicago = (
+        _held_at_chicago_evening(key),
+        _booking(key, "UTC"),
+        _booking(key, "America/Chicago", version=2),
+    )
+    if order == "rescheduled last":
+        await _apply_all(facts, [utc, *held])
+        assert await _filed(facts, key) == (date(2026, 2, 1), 0, 1, 0)
+        await facts.apply(chicago)
+    elif order == "rescheduled first":
+        await _apply_all(facts, [chicago, *held, utc])
+    else:
+        await facts.apply_poll([*held, utc, chicago])
+    assert await _filed(facts, key) == (date(2026, 1, 31), 1, 0, 1)
+
+
+async def test_a_booking_without_a_known_zone_counts_in_the_report_time_zone(
+    facts: Facts,
+) -> None:
+    """A booking whose time zone is no IANA zone is filed on the report time zone's day."""
+    key = f"apt-{uuid.uuid4().hex}"
+    await _apply_all(facts, [_booking(key, "Central Time"), *_held_at_chicago_evening(key)])
+    assert facts.projector.report_zone.key == "America/Chicago"
+    assert await _filed(facts, key) == (date(2026, 1, 31), 1, 0, 1)
+    assert (await facts.fact(key))["time_zone"] is None

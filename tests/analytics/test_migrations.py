@@ -4,8 +4,9 @@ before them left it."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from libs.common.db import migrate
 from libs.common.events import (
@@ -26,17 +27,17 @@ TENANT = "tenant-migrated"
 BOOKED = datetime(2026, 3, 11, 15, 0, tzinfo=UTC)
 
 
-def _cancelled_with_sms(key: str) -> list[Envelope[Any]]:
+def _cancelled_with_sms(key: str, booked: datetime) -> list[Envelope[Any]]:
     integration = uuid.UUID(int=1)
     created = AppointmentCreatedV1(
         integration_id=integration,
         environment="production",
         department="Cardiology",
-        starts_at=BOOKED,
-        ends_at=BOOKED + timedelta(minutes=30),
+        starts_at=booked,
+        ends_at=booked + timedelta(minutes=30),
         time_zone="UTC",
     )
-    sms = SmsSentV1(integration_id=integration, kind="link", outcome="sent", segments=1, at=BOOKED)
+    sms = SmsSentV1(integration_id=integration, kind="link", outcome="sent", segments=1, at=booked)
     cancelled = AppointmentCancelledV1(
         integration_id=integration, reason_code="patient", schedule_version=1
     )
@@ -48,8 +49,7 @@ def _cancelled_with_sms(key: str) -> list[Envelope[Any]]:
     ]
 
 
-async def _seed(facts: Facts) -> None:
-    start = datetime(2026, 3, 10, 14, 0, tzinfo=UTC)
+async def _seed(facts: Facts, start: datetime, booked: datetime) -> None:
     visit = Visit(
         key="apt-visit",
         tenant_id=TENANT,
@@ -62,7 +62,7 @@ async def _seed(facts: Facts) -> None:
         ended_at=start + timedelta(minutes=20),
         sms_sent=1,
     )
-    for event in [*events(visit), *_cancelled_with_sms("apt-cancelled")]:
+    for event in [*events(visit), *_cancelled_with_sms("apt-cancelled", booked)]:
         await facts.apply(event)
 
 
@@ -77,7 +77,7 @@ async def test_sms_of_appointments_that_were_no_visit_are_added_to_the_rollup(
     """0006 files the facts that never became a visit and adds their SMS to daily_usage."""
     facts = await Facts.open(database_url)
     try:
-        await _seed(facts)
+        await _seed(facts, datetime(2026, 3, 10, 14, 0, tzinfo=UTC), BOOKED)
         # As before 0006: such facts had no report day and the rollup held visits only.
         await facts.pool.execute(
             "UPDATE appointment_facts SET report_day = NULL WHERE report_at IS NULL"
@@ -92,6 +92,40 @@ async def test_sms_of_appointments_that_were_no_visit_are_added_to_the_rollup(
             ("2026-03-10", 1, 1),
             ("2026-03-11", 0, 2),
         ]
+        async with facts.pool.acquire() as conn:
+            assert await rollup.check(conn, TENANT) == []
+    finally:
+        await facts.close()
+
+
+async def test_facts_filed_under_utc_days_move_to_their_local_days(database_url: str) -> None:
+    """0007 refiles past facts on their day in the default report zone and rebuilds the rollup."""
+    facts = await Facts.open(database_url)
+    evening = datetime(2026, 1, 31, 19, 30, tzinfo=ZoneInfo("America/Chicago")).astimezone(UTC)
+    try:
+        await _seed(facts, evening, evening)
+        # As before 0007: no zone kept, facts and the rollup on UTC days.
+        await facts.pool.execute(
+            "ALTER TABLE appointment_facts DROP COLUMN time_zone;"
+            " UPDATE appointment_facts"
+            " SET report_day = (coalesce(report_at, scheduled_start) AT TIME ZONE 'UTC')::date"
+        )
+        async with facts.pool.acquire() as conn, conn.transaction():
+            await rollup.rebuild(conn, TENANT)
+        assert (await reports.allocation(facts.pool, TENANT, date(2026, 1, 1))).completed == 0
+        await _rerun(facts, "analytics:0007_local_report_days")
+        rows = await facts.pool.fetch(
+            "SELECT DISTINCT report_day, time_zone FROM appointment_facts"
+        )
+        assert [tuple(r) for r in rows] == [(date(2026, 1, 31), "America/Chicago")]
+        day = date(2026, 1, 31)
+        usage = await reports.usage(facts.pool, TENANT, day, day + timedelta(days=1), "day")
+        assert [(r.group, r.appointments, r.sms_sent) for r in usage.rows] == [
+            ("2026-01-31", 1, 3),
+            ("2026-02-01", 0, 0),
+        ]
+        assert usage.totals.duration.median_bucket is not None
+        assert (await reports.allocation(facts.pool, TENANT, date(2026, 1, 1))).completed == 1
         async with facts.pool.acquire() as conn:
             assert await rollup.check(conn, TENANT) == []
     finally:

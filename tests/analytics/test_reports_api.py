@@ -172,7 +172,7 @@ async def test_meetings_page_through_every_visit_once(analytics: Analytics) -> N
 async def test_allocation_follows_tenant_settings(analytics: Analytics) -> None:
     """Without settings the allocation is "not set"; with them, remaining and exceeded follow,
     and an older config version replayed never wins."""
-    now = datetime.now(UTC).replace(hour=0, minute=5)
+    now = analytics.local_noon()
     await seed(analytics, visit(now), visit(now + timedelta(minutes=40)))
     _, body, _ = await analytics.get(CONTOSO_REPORTS, "/reports/allocation")
     assert body["completed_appointments"] == 2
