@@ -9,15 +9,24 @@ TOOLS := .local/tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-export EHR_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
-# kustomize for make deploy-check, built from the Go module proxy (the newest release that
-# Go 1.26 builds); installed once into .local/tools/bin, offline afterwards.
+# Ports of the local Kafka and Postgres (infra/kafka.sh, infra/postgres.sh); set KAFKA_PORT /
+# PG_PORT when one is taken. The services, tests and benchmarks reach them through
+# EHR_KAFKA_BOOTSTRAP_SERVERS and PG_ADMIN_DSN, derived from these unless set explicitly.
+export KAFKA_PORT ?= 19092
+export KAFKA_SASL_PORT ?= 19094
+export PG_PORT ?= 15432
+export EHR_KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:$(KAFKA_PORT)
+export EHR_TEST_KAFKA_SASL ?= 127.0.0.1:$(KAFKA_SASL_PORT)
+export PG_ADMIN_DSN ?= postgresql://postgres@127.0.0.1:$(PG_PORT)/postgres
+# kustomize for make deploy-check, built from the Go module proxy with the installed Go as is
+# (GOTOOLCHAIN=local: no newer toolchain is fetched); its go.mod needs Go 1.24 or newer.
+# Installed once into .local/tools/bin, offline afterwards.
 KUSTOMIZE_VERSION := v5.8.1
+GO_MIN_MINOR := 24
 KUSTOMIZE := $(TOOLS)/bin/kustomize
-PG_ADMIN_DSN ?= postgresql://postgres@127.0.0.1:15432/postgres
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv infra infra-down run demo test test-only test-faults lint format bench bench-smoke clean deploy-check
+.PHONY: help setup chromium venv infra infra-down run demo test test-only test-faults lint format bench bench-smoke clean deploy-check
 
 help:
 	@echo "make run    - set up and start Kafka, Postgres, the stand-ins and the four services; Ctrl-C stops"
@@ -44,8 +53,11 @@ venv: $(VENV)/.synced
 setup: venv
 	@infra/kafka.sh install
 	@infra/postgres.sh install
-	@infra/chromium.sh install
 	@$(PY) -m sandbox.tls .local/tls >/dev/null
+
+# Only the browser tests need Chromium (make test); make run and make demo do not.
+chromium:
+	@infra/chromium.sh install
 
 infra: setup
 	@infra/postgres.sh start
@@ -61,7 +73,7 @@ run: infra
 demo: infra
 	@$(PY) -m infra.demo
 
-test: infra lint deploy-check
+test: infra chromium lint deploy-check
 	@$(PY) -m bench --smoke >/dev/null && echo "bench-smoke: every benchmark ran"
 	@$(MAKE) --no-print-directory test-only
 
@@ -96,7 +108,8 @@ clean: infra-down
 	rm -rf .local $(VENV)
 
 $(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION):
-	@command -v go >/dev/null || { echo "Go is required to build kustomize (apt-get install golang-go)."; exit 1; }
+	@command -v go >/dev/null || { echo "Go 1.$(GO_MIN_MINOR) or newer is required to build kustomize $(KUSTOMIZE_VERSION) for make deploy-check: install it from https://go.dev/dl (Debian 12's golang-go is Go 1.19, too old)."; exit 1; }
+	@minor=$$(go env GOVERSION | sed -nE 's/^go1\.([0-9]+).*/\1/p'); [ "$${minor:-0}" -ge $(GO_MIN_MINOR) ] || { echo "kustomize $(KUSTOMIZE_VERSION) needs Go 1.$(GO_MIN_MINOR) or newer, found $$(go env GOVERSION) (the build uses GOTOOLCHAIN=local, so it will not fetch a newer one): install it from https://go.dev/dl (Debian 12's golang-go is Go 1.19)."; exit 1; }
 	@echo "setup: installing kustomize $(KUSTOMIZE_VERSION) into $(TOOLS)/bin (Go module proxy)"
 	@mkdir -p $(TOOLS)/bin
 	@GOBIN=$(abspath $(TOOLS)/bin) GOTOOLCHAIN=local GOFLAGS=-mod=mod go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)

@@ -25,7 +25,14 @@ from infra.sample_data import ADMIN, TENANT_A, Seeded, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".local" / "logs"
-PG_ADMIN_DSN = os.environ.get("PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:15432/postgres")
+# The Makefile derives both from KAFKA_PORT / PG_PORT (an explicit value wins); the same here
+# when this runs without it.
+PG_ADMIN_DSN = os.environ.get(
+    "PG_ADMIN_DSN", f"postgresql://postgres@127.0.0.1:{os.environ.get('PG_PORT', '15432')}/postgres"
+)
+KAFKA_BOOTSTRAP = os.environ.get(
+    "EHR_KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{os.environ.get('KAFKA_PORT', '19092')}"
+)
 DATABASE = os.environ.get("EHR_DATABASE_NAME", "ehr_connector")
 
 
@@ -78,6 +85,7 @@ def service_environment() -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # The server ensure_database() created the database on, not the settings' default.
         "EHR_DATABASE_URL": PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + DATABASE,
+        "EHR_KAFKA_BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
         "EHR_TLS_CA_BUNDLE": ca,
         "EHR_ALLOW_LOOPBACK_HTTP": "true",
         "EHR_ENTRA_AUTHORITY_HOST": "https://127.0.0.1:9443",
@@ -250,7 +258,8 @@ def print_urls(system: RunningSystem) -> None:
         f"\n\n  sign in to the portal as {ADMIN} (any seeded account works);"
         f" {seeded.booked} video visits were just booked; logs in {LOGS}"
     )
-    print("  Kafka 127.0.0.1:19092, Postgres 127.0.0.1:15432. Ctrl-C stops the services.\n")
+    postgres = PG_ADMIN_DSN.split("@", 1)[-1].split("/", 1)[0]
+    print(f"  Kafka {KAFKA_BOOTSTRAP}, Postgres {postgres}. Ctrl-C stops the services.\n")
 
 
 async def main() -> int:
