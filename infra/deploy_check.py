@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 import json
 import re
 import subprocess
@@ -435,6 +436,42 @@ def check_kafka(objects: list[Obj], where: str, production: bool, report: Report
             report.fail(at, f"ACL the code needs is missing: {missing}")
 
 
+# --- public egress ----------------------------------------------------------------------------
+
+# What an egress rule open to the internet must keep out: private, shared (CGNAT), link-local
+# (the cloud metadata endpoints) and loopback ranges; for IPv6 unique-local (fc00::/7, also where
+# the clouds' IPv6 metadata endpoints are), link-local and loopback.
+_PUBLIC_EXCEPT = {
+    "0.0.0.0/0": ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                  "169.254.0.0/16", "127.0.0.0/8"),
+    "::/0": ("fc00::/7", "fe80::/10", "::1/128"),
+}  # fmt: skip
+
+
+def check_public_egress(objects: list[Obj], where: str, report: Report) -> None:
+    """An egress rule to 0.0.0.0/0 excludes the private ranges and has the IPv6 twin ::/0
+    (same rule, so same ports) excluding their IPv6 counterparts; a ::/0 block excludes them."""
+    for policy in by_kind(objects, "NetworkPolicy"):
+        at = f"{where} {ident(policy)}"
+        for number, rule in enumerate(dig(policy, "spec", "egress") or []):
+            blocks = {
+                str(dig(peer, "ipBlock", "cidr")): dig(peer, "ipBlock", "except") or []
+                for peer in rule.get("to") or []
+                if dig(peer, "ipBlock", "cidr") in _PUBLIC_EXCEPT
+            }
+            if "0.0.0.0/0" in blocks and "::/0" not in blocks:
+                report.fail(at, f"egress rule {number} opens 0.0.0.0/0 but not ::/0 (IPv6)")
+            for cidr, excepted in blocks.items():
+                nets = [ipaddress.ip_network(str(e), strict=False) for e in excepted]
+                for required in _PUBLIC_EXCEPT[cidr]:
+                    net = ipaddress.ip_network(required)
+                    if not any(
+                        net.version == e.version and net.subnet_of(e)  # type: ignore[arg-type]
+                        for e in nets
+                    ):
+                        report.fail(at, f"egress rule {number} to {cidr} must except {required}")
+
+
 # --- Strimzi pods under the `restricted` Pod Security Standard --------------------------------
 
 # Strimzi's default (baseline) security provider gives its containers no security context, which
@@ -727,6 +764,7 @@ def check_rendered(objects: list[Obj], overlay: str, schemas: Schemas, report: R
     check_no_secret_values(objects, where, report)
     check_kafka(objects, where, overlay == "production", report)
     check_strimzi_pod_security(objects, where, report)
+    check_public_egress(objects, where, report)
     check_postgres(objects, where, report)
     check_metrics(objects, where, report)
 

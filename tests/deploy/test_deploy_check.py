@@ -206,6 +206,30 @@ def test_catches_strimzi_pods_the_restricted_pod_security_level_refuses() -> Non
     assert "topicOperatorContainer" not in problems
 
 
+def egress_problems(objects: list[dict[str, Any]]) -> list[str]:
+    report = deploy_check.Report()
+    deploy_check.check_public_egress(objects, "fixture", report)
+    return report.problems
+
+
+def test_catches_public_egress_without_ipv6_or_with_private_ranges() -> None:
+    """Each service's HTTPS egress opens 0.0.0.0/0 and ::/0 minus the private, link-local and
+    loopback ranges. An IPv4-only rule, or an IPv6 block that lets unique-local addresses
+    (where the clouds' IPv6 metadata endpoints are) through, fails the check."""
+    policies = {s: load(BASE / s / "networkpolicy.yaml")[0] for s in deploy_check.SERVICES}
+    assert egress_problems(list(policies.values())) == []
+    launch_peers = policies["launch"]["spec"]["egress"][-1]["to"]
+    launch_peers[:] = [p for p in launch_peers if p["ipBlock"]["cidr"] != "::/0"]
+    notify_v6 = next(
+        p for p in policies["notify"]["spec"]["egress"][-1]["to"] if p["ipBlock"]["cidr"] == "::/0"
+    )
+    notify_v6["ipBlock"]["except"].remove("fc00::/7")
+    assert egress_problems(list(policies.values())) == [
+        "fixture NetworkPolicy/ehr-launch: egress rule 3 opens 0.0.0.0/0 but not ::/0 (IPv6)",
+        "fixture NetworkPolicy/ehr-notify: egress rule 3 to ::/0 must except fc00::/7",
+    ]
+
+
 def test_catches_a_metric_the_code_does_not_export() -> None:
     """An alert on a misspelt metric fails; suffixes of real metrics pass."""
     rule = copy.deepcopy(load(BASE / "monitoring" / "prometheusrule.yaml")[0])
