@@ -1,5 +1,6 @@
-# Two commands matter: `make run` and `make test`. Both set up whatever is missing first
-# (Python env, Kafka jars, PostgreSQL) and both can be run again safely.
+# Two commands matter: `make run` and `make test`. Both set up what they can first (uv and the
+# Python env, the Kafka jars; PostgreSQL, and for `make test` Chromium, with apt when root), name
+# any other prerequisite that is missing (README.md), and can be run again safely.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 

@@ -5,6 +5,8 @@ Offline. Built-in kinds are validated against the Kubernetes JSON schemas that t
 whose schemas no reachable registry ships are listed as skipped, by kind. Then the
 project's own rules: every Deployment has probes, limits and a non-root securityContext, and
 the field-encryption key ring among its secret files when its ConfigMaps name an active key;
+Strimzi's broker and entity operator templates meet the `restricted` Pod Security level; public
+egress is IPv4 and IPv6 without private ranges;
 every topic in `libs.common.events.Topic` (and its `.dlq`) has a KafkaTopic; each KafkaUser's
 ACLs are what the service's code consumes and produces; every metric named in an alert or a
 dashboard is exported by the code; no Secret values are committed; the Dockerfile passes
@@ -801,7 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     outcome = "failed" if report.problems else "passed"
     print(
         f"deploy-check: {outcome} ({len(report.problems)} problems;"
-        f" rules: probes, limits, securityContext, topics, ACLs, metrics, secrets, image;"
+        f" rules: probes, limits, securityContext, key ring, Strimzi pod security, egress,"
+        f" topics, ACLs, metrics, secrets, image;"
         f" {time.monotonic() - started:.1f} s)"
     )
     return 1 if report.problems else 0
