@@ -32,7 +32,9 @@ SCHEDULER_LAG = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 DELIVERY_REPORTS = Counter(
-    "sms_delivery_reports_total", "Delivery reports received, by status", ["status"]
+    "sms_delivery_reports_total",
+    "Delivery reports recorded (not redelivered or stale), by status",
+    ["status"],
 )
 OPT_OUT_CHANGES = Counter(
     "sms_opt_out_changes_total", "Inbound STOP / START keywords applied", ["action"]

@@ -169,14 +169,17 @@ class AcsEventsWebhook:
         if len(parsed) == 1 and isinstance(first_data, DeliveryReportData):
             # Event Grid mostly delivers one report per request: one statement is atomic on
             # its own, so no BEGIN and COMMIT round trips around it.
-            await self._report(self._pool, first_event, first_data)
+            _count_reports([await self._report(self._pool, first_event, first_data)])
             return web.json_response({"accepted": 1})
+        recorded: list[str | None] = []
         async with self._pool.acquire() as conn, conn.transaction():
             for (event, data), pair in zip(parsed, numbers, strict=True):
                 if isinstance(data, SmsReceivedData) and pair is not None:
                     await self._received(conn, data, *pair)
                 elif isinstance(data, DeliveryReportData):
-                    await self._report(conn, event, data)
+                    recorded.append(await self._report(conn, event, data))
+        # Counted once committed: a batch that rolls back recorded nothing.
+        _count_reports(recorded)
         return web.json_response({"accepted": len(parsed)})
 
     def _numbers(self, parsed: list[Parsed]) -> list[tuple[str, str] | None] | web.Response:
@@ -208,14 +211,23 @@ class AcsEventsWebhook:
         metrics.OPT_OUT_CHANGES.labels(action).inc()
         log.info("sms keyword applied", action=action)
 
-    async def _report(self, conn: Any, event: EventGridEvent, data: DeliveryReportData) -> None:
-        await conn.execute(
+    async def _report(
+        self, conn: Any, event: EventGridEvent, data: DeliveryReportData
+    ) -> str | None:
+        """Records the report; its status if that changed the row, None if the row already
+        said so (a redelivery) or knows better (an older report)."""
+        changed = await conn.fetchval(
             "INSERT INTO delivery_reports (provider_message_id, delivery_status, details,"
             " received_at, event_id) VALUES ($1, $2, $3, $4, $5)"
             " ON CONFLICT (provider_message_id) DO UPDATE SET"
             " delivery_status = excluded.delivery_status, details = excluded.details,"
             " received_at = excluded.received_at, event_id = excluded.event_id"
-            " WHERE delivery_reports.received_at <= excluded.received_at",
+            " WHERE delivery_reports.received_at <= excluded.received_at"
+            # Event Grid delivers at least once: the same report again is no news.
+            " AND (delivery_reports.delivery_status, delivery_reports.details,"
+            " delivery_reports.received_at) IS DISTINCT FROM"
+            " (excluded.delivery_status, excluded.details, excluded.received_at)"
+            " RETURNING true",
             data.MessageId,
             data.DeliveryStatus,
             # Carrier details are free text; keep them, minus anything that looks personal.
@@ -223,8 +235,14 @@ class AcsEventsWebhook:
             data.ReceivedTimestamp,
             event.id,
         )
-        status = data.DeliveryStatus if data.DeliveryStatus in KNOWN_DELIVERY_STATUSES else "other"
-        metrics.DELIVERY_REPORTS.labels(status).inc()
+        return data.DeliveryStatus if changed else None
+
+
+def _count_reports(recorded: list[str | None]) -> None:
+    for status in recorded:
+        if status is not None:
+            label = status if status in KNOWN_DELIVERY_STATUSES else "other"
+            metrics.DELIVERY_REPORTS.labels(label).inc()
 
 
 def _plus(number: str) -> str:

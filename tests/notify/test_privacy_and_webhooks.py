@@ -5,6 +5,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.common.events import AppointmentCancelledV1, Topic
 from tests.notify.conftest import INTEGRATION, PATIENT, SENDER, WEBHOOK_SECRET, Kit
@@ -169,3 +170,28 @@ async def test_delivery_report_is_recorded_per_message_and_only_newer_wins(kit: 
                 assert r.status == 200
     [row] = await kit.query("SELECT * FROM delivery_reports")
     assert (row["provider_message_id"], row["delivery_status"]) == ("Outgoing_42", "Delivered")
+
+
+async def test_a_redelivered_or_stale_delivery_report_is_counted_once(kit: Kit) -> None:
+    """The delivery-report metric counts a report once, not its redeliveries nor a stale one."""
+
+    def counted(status: str) -> float:
+        return REGISTRY.get_sample_value("sms_delivery_reports_total", {"status": status}) or 0.0
+
+    delivered, failed = counted("Delivered"), counted("Failed")
+    report = _delivery_report("Outgoing_dup")
+    older = _delivery_report("Outgoing_dup")
+    older[0]["id"] = "c5f4a1e2-0000-4000-8000-000000000002"
+    older[0]["data"] = {
+        **older[0]["data"],
+        "DeliveryStatus": "Failed",
+        "ReceivedTimestamp": "2030-01-07T13:59:00Z",
+    }
+    # Event Grid redelivers the report alone, then with the stale one in one batch.
+    async with aiohttp.ClientSession() as http:
+        for body in (report, report, report + older):
+            async with http.post(f"{kit.url}/acs/events?code={WEBHOOK_SECRET}", json=body) as r:
+                assert r.status == 200
+    [row] = await kit.query("SELECT delivery_status FROM delivery_reports")
+    assert row["delivery_status"] == "Delivered"
+    assert (counted("Delivered") - delivered, counted("Failed") - failed) == (1.0, 0.0)
