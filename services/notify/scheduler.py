@@ -132,7 +132,7 @@ _CARRIED = (
 
 @dataclass(frozen=True)
 class Finish:
-    status: str  # sent | refused | failed | cancelled
+    status: str  # sent | refused | failed | cancelled | superseded
     outcome: SmsOutcome | None
     reason: str | None = None
     segments: int = 0
@@ -408,6 +408,10 @@ class Dispatcher:
             return _Wait("appointment not booked yet")
         if row["cancelled"] and kind != "cancellation":
             return Finish("cancelled", None, "appointment cancelled")
+        # Planning leaves out a reminder whose moment has passed (consumers.due_reminders); one
+        # reached late (a stalled dispatcher, retries) is as out of place once the visit is on.
+        if kind == "reminder" and self._clock.now() >= row["starts_at"]:
+            return Finish("superseded", None, "the visit has started")
         if row["organisation_name"] is None:
             return _Wait("integration configuration not received yet")
         sender = row["sms_from_number"]

@@ -70,3 +70,19 @@ async def test_reminders_go_at_their_offsets_by_the_injected_clock(kit: Kit) -> 
         ("60", timedelta(minutes=60)),
         ("15", timedelta(minutes=15)),
     ]
+
+
+async def test_no_reminder_goes_once_the_visit_has_started(kit: Kit) -> None:
+    """A reminder the dispatcher reaches only after the visit started is superseded, not sent."""
+    await kit.configure()
+    booking = await kit.book("apt_late01", starts_in=timedelta(minutes=30))
+    await kit.until_result("confirmation", "sent")
+
+    # The dispatcher stalled past the reminder's moment and the start.
+    kit.clock.set(booking.starts_at + timedelta(minutes=5))
+    kit.dispatcher.wake()
+    await kit.until(lambda: bool(kit.results("reminder")), "the reminder handled")
+    assert kit.results("reminder") == ["superseded"]
+    assert [m.tag for m in kit.outbound()] == ["notify:confirmation"]
+    [row] = await kit.query("SELECT status, reason FROM sms_messages WHERE kind = 'reminder'")
+    assert (row["status"], row["reason"]) == ("superseded", "the visit has started")
