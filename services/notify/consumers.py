@@ -307,13 +307,16 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         await drop_pending(
             conn, event.key, ("confirmation", "reschedule", "reminder", "link"), "cancelled"
         )
-        if row["booked"] and row["sms_enabled"]:
+        now = clock.now()
+        # An EHR tidying up after the visit cancels it once over: the patient is not told a
+        # visit that took place "has been cancelled".
+        if row["booked"] and row["sms_enabled"] and now < row["ends_at"]:
             await plan(
                 conn,
                 event.key,
                 "cancellation",
                 max(p.schedule_version, row["schedule_version"]),
-                clock.now(),
+                now,
             )
 
     async def sms_requested(conn: Connection, event: Envelope[Any]) -> None:

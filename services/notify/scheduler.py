@@ -58,7 +58,7 @@ WITH due AS (
     RETURNING m.id, m.appointment_key, m.kind, m.claims, m.attempts, m.send_at,
               m.repeatability_request_id
 )
-SELECT c.*, a.tenant_id, a.integration_id, a.starts_at, a.time_zone, a.join_url,
+SELECT c.*, a.tenant_id, a.integration_id, a.starts_at, a.ends_at, a.time_zone, a.join_url,
        a.phone_encrypted, a.sms_enabled AS appointment_sms, a.booked, a.cancelled,
        i.organisation_name, i.sms_enabled AS integration_sms, i.sms_from_number, i.sms_templates,
        n.next_due
@@ -412,6 +412,9 @@ class Dispatcher:
         # reached late (a stalled dispatcher, retries) is as out of place once the visit is on.
         if kind == "reminder" and self._clock.now() >= row["starts_at"]:
             return Finish("superseded", None, "the visit has started")
+        # Likewise a cancellation notice planned in time but reached late: the visit is over.
+        if kind == "cancellation" and self._clock.now() >= row["ends_at"]:
+            return Finish("superseded", None, "the visit has ended")
         if row["organisation_name"] is None:
             return _Wait("integration configuration not received yet")
         sender = row["sms_from_number"]

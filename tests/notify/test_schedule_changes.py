@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from libs.common.events import AppointmentCancelledV1, AppointmentRescheduledV1, Topic
-from tests.notify.conftest import INTEGRATION, Kit
+from tests.notify.conftest import INTEGRATION, Kit, MakeKit
 
 
 async def test_reschedule_moves_the_pending_reminder(kit: Kit) -> None:
@@ -60,3 +60,47 @@ async def test_cancel_drops_the_reminder_and_sends_a_cancellation(kit: Kit) -> N
     assert [m.tag for m in kit.outbound()] == ["notify:confirmation", "notify:cancellation"]
     statuses = await kit.query("SELECT status FROM sms_messages WHERE kind = 'reminder'")
     assert {r["status"] for r in statuses} == {"cancelled"}
+
+
+def _cancel(reason: str = "cancelled-in-ehr") -> AppointmentCancelledV1:
+    return AppointmentCancelledV1(
+        integration_id=INTEGRATION, reason_code=reason, schedule_version=1
+    )
+
+
+async def test_a_cancel_after_the_visit_ended_plans_no_cancellation_notice(kit: Kit) -> None:
+    """The EHR cancelling a visit that is over (tidying up) plans no cancellation notice."""
+    await kit.configure()
+    booking = await kit.book("apt_past01", starts_in=timedelta(hours=1))
+    await kit.until_result("confirmation", "sent")
+
+    kit.clock.set(booking.ends_at + timedelta(minutes=10))
+    before = kit.applied
+    await kit.publish(Topic.APPOINTMENT_CANCELLED, "apt_past01", _cancel())
+    await kit.until_applied(before + 1)
+    assert await kit.dispatcher.dispatch_due() == 0
+    assert [m.tag for m in kit.outbound()] == ["notify:confirmation"]
+    assert await kit.query("SELECT * FROM sms_messages WHERE kind = 'cancellation'") == []
+    [appointment] = await kit.query("SELECT cancelled FROM appointments")
+    assert appointment["cancelled"]
+
+
+async def test_a_cancellation_notice_reached_after_the_visit_ended_is_not_sent(
+    make_kit: MakeKit,
+) -> None:
+    """A cancellation notice planned in time but reached by the dispatcher only after the
+    visit's end is superseded, not sent."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    booking = await kit.book("apt_past02", starts_in=timedelta(hours=1))
+    assert await kit.dispatcher.dispatch_due() == 1
+    before = kit.applied
+    await kit.publish(Topic.APPOINTMENT_CANCELLED, "apt_past02", _cancel())
+    await kit.until_applied(before + 1)
+
+    kit.clock.set(booking.ends_at)
+    assert await kit.dispatcher.dispatch_due() == 1
+    assert kit.results("cancellation") == ["superseded"]
+    assert [m.tag for m in kit.outbound()] == ["notify:confirmation"]
+    [row] = await kit.query("SELECT status, reason FROM sms_messages WHERE kind = 'cancellation'")
+    assert (row["status"], row["reason"]) == ("superseded", "the visit has ended")
