@@ -132,14 +132,17 @@ async def plan_reminders(
 
 async def drop_pending(
     conn: Connection, appointment_key: str, kinds: tuple[SmsKind, ...], status: str
-) -> None:
-    await conn.execute(
+) -> set[str]:
+    """The kinds of the messages dropped."""
+    dropped = await conn.fetch(
         "UPDATE sms_messages SET status = $3, finished_at = now()"
-        " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])",
+        " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])"
+        " RETURNING kind",
         appointment_key,
         list(kinds),
         status,
     )
+    return {row["kind"] for row in dropped}
 
 
 async def _locked(conn: Connection, key: str) -> asyncpg.Record | None:
@@ -276,9 +279,14 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         if not (row["booked"] and row["sms_enabled"]) or row["cancelled"]:
             return
         # Reminders move: the old ones are superseded, new ones planned for the new start.
-        await drop_pending(conn, event.key, ("reminder", "reschedule"), "superseded")
+        # A confirmation not sent yet is replanned rather than followed by a notice of the
+        # move: the patient gets one message, with the new time (it renders the current start).
+        dropped = await drop_pending(
+            conn, event.key, ("confirmation", "reminder", "reschedule"), "superseded"
+        )
         now = clock.now()
-        await plan(conn, event.key, "reschedule", p.schedule_version, now)
+        notice: SmsKind = "confirmation" if "confirmation" in dropped else "reschedule"
+        await plan(conn, event.key, notice, p.schedule_version, now)
         await plan_reminders(
             conn, event.key, row["integration_id"], p.starts_at, p.schedule_version, now
         )

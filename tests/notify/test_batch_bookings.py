@@ -212,6 +212,8 @@ async def test_a_poll_of_mixed_events_leaves_the_rows_of_the_events_applied_one_
         booking("apt_cancel_first"),
         moved("apt_move_first", timedelta(hours=3), 2),
         booking("apt_move_first"),
+        booking("apt_move_after"),
+        moved("apt_move_after", timedelta(hours=3), 2),
         booking("apt_all_at_once"),
         moved("apt_all_at_once", timedelta(hours=4), 2),
         cancelled("apt_all_at_once", 2),
@@ -256,6 +258,17 @@ async def test_a_poll_of_mixed_events_leaves_the_rows_of_the_events_applied_one_
     assert reminders["apt_third"] == ["30"]
     assert reminders["apt_unconfigured"] == ["15"]
     assert reminders["apt_custom_after"] == ["60"]
+    # Moved before its confirmation went out: the confirmation carries the new time, no notice.
+    assert [
+        (m["kind"], m["schedule_version"], m["status"])
+        for m in messages
+        if m["appointment_key"] == "apt_move_after"
+    ] == [
+        ("confirmation", 1, "superseded"),
+        ("confirmation", 2, "pending"),
+        ("reminder", 1, "superseded"),
+        ("reminder", 2, "pending"),
+    ]
     assert [m["kind"] for m in messages if m["appointment_key"] == "apt_twice"] == [
         "confirmation",
         "reminder",

@@ -104,3 +104,41 @@ async def test_a_cancellation_notice_reached_after_the_visit_ended_is_not_sent(
     assert [m.tag for m in kit.outbound()] == ["notify:confirmation"]
     [row] = await kit.query("SELECT status, reason FROM sms_messages WHERE kind = 'cancellation'")
     assert (row["status"], row["reason"]) == ("superseded", "the visit has ended")
+
+
+async def test_a_move_before_the_confirmation_went_out_sends_one_confirmation_at_the_new_time(
+    make_kit: MakeKit,
+) -> None:
+    """A visit moved before its confirmation went out gets one confirmation, at the new time,
+    and no notice of the move."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    booking = await kit.book("apt_early_move", starts_in=timedelta(hours=2))
+    new_start = booking.starts_at + timedelta(hours=1)
+    before = kit.applied
+    await kit.publish(
+        Topic.APPOINTMENT_RESCHEDULED,
+        "apt_early_move",
+        AppointmentRescheduledV1(
+            integration_id=INTEGRATION,
+            starts_at=new_start,
+            ends_at=new_start + timedelta(minutes=30),
+            time_zone="America/Chicago",
+            schedule_version=2,
+        ),
+    )
+    await kit.until_applied(before + 1)
+
+    assert await kit.dispatcher.dispatch_due() == 1
+    [sms] = kit.outbound()
+    assert sms.tag == "notify:confirmation"
+    assert "11:00 AM CST" in sms.message
+    rows = await kit.query(
+        "SELECT kind, schedule_version, status FROM sms_messages ORDER BY kind, schedule_version"
+    )
+    assert [(r["kind"], r["schedule_version"], r["status"]) for r in rows] == [
+        ("confirmation", 1, "superseded"),
+        ("confirmation", 2, "sent"),
+        ("reminder", 1, "superseded"),
+        ("reminder", 2, "pending"),
+    ]
