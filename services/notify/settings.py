@@ -19,7 +19,6 @@ class NotifySettings(ServiceSettings):
     # Azure Communication Services: the resource endpoint and its HMAC access key.
     acs_endpoint: str = "https://127.0.0.1:9443"
     acs_access_key: SecretStr = DEV_ACS_ACCESS_KEY
-    # A CA bundle to trust for outbound TLS (the sandbox's local CA); None means the system's.
     # Event Grid delivers to `<public>/acs/events?code=<secret>`; the query secret authenticates.
     acs_webhook_secret: SecretStr = SecretStr("dev-only-acs-webhook-secret-change-me")
     # Keys the hash that stands in for an opted-out recipient's number.
