@@ -9,6 +9,7 @@ import re
 import ssl
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -20,12 +21,17 @@ from yarl import URL
 from infra.portal_client import portal_session
 from infra.run import TLS, RunningSystem, StartFailed, running_system
 from infra.sample_data import EHR, TENANT_A
+from libs.common.keys import appointment_key
+from libs.common.settings import ServiceSettings
 
 MICROSOFT = "https://127.0.0.1:9443"
 ANALYTICS = "http://127.0.0.1:8083"
 # Metrics have a listener of their own, never on the service's port (infra/run.py).
 ANALYTICS_METRICS = "http://127.0.0.1:9083/metrics"
 REPORTS_READER = "reports@contosohealth.onmicrosoft.com"
+JOIN_LINK = re.compile(r"http\S+/join/\S+")
+# `make run` starts the services with the development key secret (infra/run.py sets none).
+KEY_SECRET = ServiceSettings.model_fields["appointment_key_secret"].default.get_secret_value()
 T = TypeVar("T")
 
 
@@ -68,6 +74,12 @@ async def follow(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
     raise StepFailed("too many redirects")
 
 
+def _key_of(join_link: str) -> str:
+    """The appointment key a join link names (its token is base64 JSON with `a`)."""
+    token = join_link.rsplit("/", 1)[1].split(".")[0]
+    return str(orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))["a"])
+
+
 async def visit(http: aiohttp.ClientSession, system: RunningSystem) -> None:
     step(1, "Admin configuration, entered through the config API as the wizard does it")
     done(
@@ -96,16 +108,23 @@ async def visit(http: aiohttp.ClientSession, system: RunningSystem) -> None:
 
     step(3, "The confirmation SMS arrives in the ACS stand-in's inbox")
 
+    # This booking's confirmation, by the appointment its link names: the sample bookings'
+    # confirmations may still be arriving (their visits' waiting rooms are not open yet).
+    expected = appointment_key(
+        KEY_SECRET, uuid.UUID(system.seeded.integration_id), str(appointment["id"])
+    )
+
     async def confirmation() -> dict[str, Any] | None:
         async with http.get(f"{MICROSOFT}/_sandbox/sms/messages") as r:
             messages = (await r.json())["value"]
         for message in messages:
-            if message["messageId"] not in earlier and "/join/" in message["message"]:
+            link = JOIN_LINK.search(message["message"])
+            if message["messageId"] not in earlier and link and _key_of(link[0]) == expected:
                 return dict(message)
         return None
 
     sms = await eventually("the confirmation SMS", confirmation)
-    join_link = re.search(r"http\S+/join/\S+", sms["message"])
+    join_link = JOIN_LINK.search(sms["message"])
     if join_link is None:
         raise StepFailed("the SMS carries no join link")
     done(f'{sms["segments"]} segment(s): "{sms["message"][:60]}..."')
@@ -124,8 +143,7 @@ async def visit(http: aiohttp.ClientSession, system: RunningSystem) -> None:
     status, page = await follow(http, join_link.group(0))
     if status != 200 or "Join the visit" not in page:
         raise StepFailed(f"the pre-join page answered {status}")
-    token = join_link.group(0).rsplit("/", 1)[1].split(".")[0]
-    key = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))["a"]
+    key = _key_of(join_link.group(0))
     async with http.get(f"{MICROSOFT}/_sandbox/meetings") as r:
         meeting = next(m for m in await r.json() if m["externalId"] == key)
     meeting_url = f"{MICROSOFT}/_sandbox/meetings/{meeting['id']}"
