@@ -7,7 +7,7 @@ uses unqualified table names and cannot reach another service's tables by accide
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -70,9 +70,11 @@ async def migrate(
     schema: str,
     service_migrations: Path,
     shared: Sequence[tuple[str, Path]] = (),
+    parameters: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Apply the common, the shared (e.g. portal sign-in) and then the service's migrations,
-    once each, under an advisory lock.
+    once each, under an advisory lock. `parameters` are set for the migrations' transaction
+    (`current_setting('ehr.<name>')`): what a migration needs from the service's settings.
 
     Safe to run from every replica at start: the lock serialises them and the ledger makes
     the second one a no-op.
@@ -87,6 +89,8 @@ async def migrate(
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"migrate:{schema}")
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        for name, value in (parameters or {}).items():
+            await conn.execute("SELECT set_config($1, $2, true)", f"ehr.{name}", value)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"

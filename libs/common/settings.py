@@ -126,6 +126,10 @@ class ServiceSettings(BaseSettings):
     def database_schema(self) -> str:
         return self.service_name
 
+    def migration_parameters(self) -> dict[str, str]:
+        """Settings a migration reads as current_setting('ehr.<name>'); none by default."""
+        return {}
+
     def field_cipher(self) -> FieldCipher:
         return FieldCipher(self.field_encryption_keys, self.field_encryption_active_key)
 

@@ -252,7 +252,13 @@ def database_ctx(
             settings.database_pool_min,
             settings.database_pool_max,
         )
-        await migrate(pool, settings.database_schema, migrations_dir, shared_migrations)
+        await migrate(
+            pool,
+            settings.database_schema,
+            migrations_dir,
+            shared_migrations,
+            settings.migration_parameters(),
+        )
         app[DB_POOL] = pool
         yield
         await pool.close()

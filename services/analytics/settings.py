@@ -57,6 +57,10 @@ class AnalyticsSettings(PortalSettings):
             raise ValueError(f"{value!r} is not an IANA time zone")
         return value
 
+    def migration_parameters(self) -> dict[str, str]:
+        # 0007 files past visits, whose zones were not kept, in this zone.
+        return {"report_time_zone": self.report_time_zone}
+
     @property
     def report_zone(self) -> ZoneInfo:
         zone = known_zone(self.report_time_zone)

@@ -4,9 +4,11 @@ before them left it."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
+
+import pytest
 
 from libs.common.db import migrate
 from libs.common.events import (
@@ -20,6 +22,8 @@ from libs.common.events import (
 from libs.common.portal_auth import PORTAL_MIGRATIONS
 from services.analytics import reports, rollup
 from services.analytics.app import MIGRATIONS
+from services.analytics.rebuild_rollup import rebuild_all
+from services.analytics.settings import AnalyticsSettings
 from tests.analytics.support import Facts
 from tests.analytics.visits import Person, Visit, events
 
@@ -66,9 +70,10 @@ async def _seed(facts: Facts, start: datetime, booked: datetime) -> None:
         await facts.apply(event)
 
 
-async def _rerun(facts: Facts, version: str) -> None:
+async def _rerun(facts: Facts, version: str, zone: str | None = None) -> None:
     await facts.pool.execute("DELETE FROM schema_migrations WHERE version = $1", version)
-    await migrate(facts.pool, "analytics", MIGRATIONS, [PORTAL_MIGRATIONS])
+    parameters = AnalyticsSettings(report_time_zone=zone).migration_parameters() if zone else {}
+    await migrate(facts.pool, "analytics", MIGRATIONS, [PORTAL_MIGRATIONS], parameters)
 
 
 async def test_sms_of_appointments_that_were_no_visit_are_added_to_the_rollup(
@@ -98,10 +103,22 @@ async def test_sms_of_appointments_that_were_no_visit_are_added_to_the_rollup(
         await facts.close()
 
 
-async def test_facts_filed_under_utc_days_move_to_their_local_days(database_url: str) -> None:
-    """0007 refiles past facts on their day in the default report zone and rebuilds the rollup."""
+@pytest.mark.parametrize(
+    ("zone", "local"),
+    [
+        # 01:30 UTC on 1 February.
+        (None, datetime(2026, 1, 31, 19, 30, tzinfo=ZoneInfo("America/Chicago"))),
+        # 23:30 UTC on 31 January.
+        ("Europe/Berlin", datetime(2026, 2, 1, 0, 30, tzinfo=ZoneInfo("Europe/Berlin"))),
+    ],
+)
+async def test_facts_filed_under_utc_days_move_to_their_local_days(
+    database_url: str, zone: str | None, local: datetime
+) -> None:
+    """0007 refiles past facts (zone unknown) on their day in the service's report time zone
+    (Chicago when none is given) and rebuilds the rollup."""
     facts = await Facts.open(database_url)
-    evening = datetime(2026, 1, 31, 19, 30, tzinfo=ZoneInfo("America/Chicago")).astimezone(UTC)
+    evening = local.astimezone(UTC)
     try:
         await _seed(facts, evening, evening)
         # As before 0007: no zone kept, facts and the rollup on UTC days.
@@ -112,21 +129,36 @@ async def test_facts_filed_under_utc_days_move_to_their_local_days(database_url:
         )
         async with facts.pool.acquire() as conn, conn.transaction():
             await rollup.rebuild(conn, TENANT)
-        assert (await reports.allocation(facts.pool, TENANT, date(2026, 1, 1))).completed == 0
-        await _rerun(facts, "analytics:0007_local_report_days")
+        day = local.date()
+        month = day.replace(day=1)
+        assert (await reports.allocation(facts.pool, TENANT, month)).completed == 0
+        await _rerun(facts, "analytics:0007_local_report_days", zone)
         rows = await facts.pool.fetch(
             "SELECT DISTINCT report_day, time_zone FROM appointment_facts"
         )
-        assert [tuple(r) for r in rows] == [(date(2026, 1, 31), "America/Chicago")]
-        day = date(2026, 1, 31)
+        assert [tuple(r) for r in rows] == [(day, None)]
         usage = await reports.usage(facts.pool, TENANT, day, day + timedelta(days=1), "day")
         assert [(r.group, r.appointments, r.sms_sent) for r in usage.rows] == [
-            ("2026-01-31", 1, 3),
-            ("2026-02-01", 0, 0),
+            (day.isoformat(), 1, 3),
+            ((day + timedelta(days=1)).isoformat(), 0, 0),
         ]
         assert usage.totals.duration.median_bucket is not None
-        assert (await reports.allocation(facts.pool, TENANT, date(2026, 1, 1))).completed == 1
+        assert (await reports.allocation(facts.pool, TENANT, month)).completed == 1
         async with facts.pool.acquire() as conn:
             assert await rollup.check(conn, TENANT) == []
+    finally:
+        await facts.close()
+
+
+async def test_the_rebuild_command_repairs_every_tenants_rollup(database_url: str) -> None:
+    """rebuild_all replaces a drifted rollup (as an old pod after a migration leaves it) with
+    the facts' own and reports no difference left."""
+    facts = await Facts.open(database_url)
+    try:
+        await _seed(facts, datetime(2026, 3, 10, 14, 0, tzinfo=UTC), BOOKED)
+        await facts.pool.execute("UPDATE daily_usage SET sms_sent = sms_sent + 1")
+        async with facts.pool.acquire() as conn:
+            assert await rollup.check(conn, TENANT) != []
+        assert await rebuild_all(facts.pool) == {TENANT: []}
     finally:
         await facts.close()

@@ -3,13 +3,14 @@
 -- is filed under its local day (facts.py).
 ALTER TABLE appointment_facts ADD COLUMN time_zone text;
 
--- The zones of past bookings were not kept. They are taken to be the default report time zone
--- (settings.py, like launch's default_time_zone); a booking that arrives again, or a
--- reschedule, brings its own.
-UPDATE appointment_facts SET time_zone = 'America/Chicago' WHERE scheduled_start IS NOT NULL;
+-- The zones of past bookings were not kept: they stay unknown (NULL), and such visits are
+-- filed in the service's report time zone (report_time_zone, handed to the migration by
+-- settings.migration_parameters; Chicago, the default, when run without it), as facts.py
+-- files any visit whose zone is unknown. A booking that arrives again, or a reschedule, brings
+-- its own zone. One UPDATE: each row gets one new version.
 UPDATE appointment_facts
-SET report_day = (coalesce(report_at, scheduled_start)
-    AT TIME ZONE coalesce(time_zone, 'America/Chicago'))::date
+SET report_day = (coalesce(report_at, scheduled_start) AT TIME ZONE
+    coalesce(nullif(current_setting('ehr.report_time_zone', true), ''), 'America/Chicago'))::date
 WHERE coalesce(report_at, scheduled_start) IS NOT NULL;
 
 -- The rollup aggregated again from the refiled facts, as rollup.rebuild does per tenant. The
