@@ -132,17 +132,14 @@ async def plan_reminders(
 
 async def drop_pending(
     conn: Connection, appointment_key: str, kinds: tuple[SmsKind, ...], status: str
-) -> set[str]:
-    """The kinds of the messages dropped."""
-    dropped = await conn.fetch(
+) -> None:
+    await conn.execute(
         "UPDATE sms_messages SET status = $3, finished_at = now()"
-        " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])"
-        " RETURNING kind",
+        " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])",
         appointment_key,
         list(kinds),
         status,
     )
-    return {row["kind"] for row in dropped}
 
 
 async def _locked(conn: Connection, key: str) -> asyncpg.Record | None:
@@ -281,11 +278,18 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         # Reminders move: the old ones are superseded, new ones planned for the new start.
         # A confirmation not sent yet is replanned rather than followed by a notice of the
         # move: the patient gets one message, with the new time (it renders the current start).
-        dropped = await drop_pending(
-            conn, event.key, ("confirmation", "reminder", "reschedule"), "superseded"
-        )
+        # One under a claim's lease may be at ACS already, rendered with the old time: it is
+        # left to go, and the move is announced after it.
         now = clock.now()
-        notice: SmsKind = "confirmation" if "confirmation" in dropped else "reschedule"
+        await drop_pending(conn, event.key, ("reminder", "reschedule"), "superseded")
+        replanned = await conn.fetchval(
+            "UPDATE sms_messages SET status = 'superseded', finished_at = now()"
+            " WHERE appointment_key = $1 AND kind = 'confirmation' AND status = 'pending'"
+            " AND NOT (claims > 0 AND due_at > $2) RETURNING true",
+            event.key,
+            now,
+        )
+        notice: SmsKind = "confirmation" if replanned else "reschedule"
         await plan(conn, event.key, notice, p.schedule_version, now)
         await plan_reminders(
             conn, event.key, row["integration_id"], p.starts_at, p.schedule_version, now

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from typing import Any
+
+import pytest
 
 from libs.common.events import AppointmentCancelledV1, AppointmentRescheduledV1, Topic
+from services.notify.acs import AcsSmsClient, SendResult
+from tests.conftest import wait_for
 from tests.notify.conftest import INTEGRATION, Kit, MakeKit
 
 
@@ -142,3 +148,43 @@ async def test_a_move_before_the_confirmation_went_out_sends_one_confirmation_at
         ("reminder", 1, "superseded"),
         ("reminder", 2, "pending"),
     ]
+
+
+async def test_a_move_while_the_confirmation_is_being_sent_is_announced_as_a_move(
+    make_kit: MakeKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A visit moved while its confirmation is with ACS gets that confirmation and then a
+    notice of the move, not a second confirmation at another time."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    booking = await kit.book("apt_move_in_flight", starts_in=timedelta(hours=2))
+    sending, answer = asyncio.Event(), asyncio.Event()
+    real = AcsSmsClient.send
+
+    async def held(client: AcsSmsClient, **kwargs: Any) -> SendResult:
+        sending.set()
+        await answer.wait()
+        return await real(client, **kwargs)
+
+    monkeypatch.setattr(AcsSmsClient, "send", held)
+    first = asyncio.create_task(kit.dispatcher.dispatch_due())
+    await wait_for(sending, "the confirmation at ACS")
+    new_start = booking.starts_at + timedelta(hours=1)
+    before = kit.applied
+    await kit.publish(
+        Topic.APPOINTMENT_RESCHEDULED,
+        "apt_move_in_flight",
+        AppointmentRescheduledV1(
+            integration_id=INTEGRATION,
+            starts_at=new_start,
+            ends_at=new_start + timedelta(minutes=30),
+            time_zone="America/Chicago",
+            schedule_version=2,
+        ),
+    )
+    await kit.until_applied(before + 1)
+    answer.set()
+    assert await first == 1
+    assert await kit.dispatcher.dispatch_due() == 1
+    assert [sms.tag for sms in kit.outbound()] == ["notify:confirmation", "notify:reschedule"]
+    assert "11:00 AM CST" in kit.outbound()[1].message
