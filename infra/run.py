@@ -225,7 +225,7 @@ async def running_system() -> AsyncIterator[RunningSystem]:
                         f" see {LOGS / (process.module + '.log')}"
                     )
         print("run: entering sample data (admin portal, EHR registration, two bookings)...")
-        seeded = await seed(str(TLS / "ca.pem"))
+        seeded = await seed(str(TLS / "ca.pem"), PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + DATABASE)
         yield RunningSystem(wanted, children, seeded, env)
     finally:
         print("run: stopping services...")

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from infra.portal_client import PortalSession, portal_session
 
@@ -156,7 +159,26 @@ async def book_visits(http: aiohttp.ClientSession, count: int = 2) -> int:
     return count
 
 
-async def seed(ca_file: str) -> Seeded:
+async def gateway_sends_sms(database_url: str, integration_id: str, within_s: float = 60) -> None:
+    """Waits until the gateway has applied the integration with SMS on. Configuration reaches
+    it through Kafka, tens of milliseconds after the portal answers; a visit booked before
+    that is booked with SMS off (no number kept, no confirmation), as in production, where an
+    admin's switch reaches visits booked from then on. The sample bookings wait for it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + within_s
+        while not await conn.fetchval(
+            "SELECT sms_enabled FROM launch.integrations WHERE integration_id = $1",
+            uuid.UUID(integration_id),
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway did not apply SMS on within {within_s:.0f} s")
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+async def seed(ca_file: str, database_url: str) -> Seeded:
     context = ssl.create_default_context(cafile=ca_file)
     connector = aiohttp.TCPConnector(ssl=context)
     async with aiohttp.ClientSession(
@@ -166,5 +188,6 @@ async def seed(ca_file: str) -> Seeded:
     ) as http:
         integration_id, records, number = await configure_portal(http)
         await register_in_ehr(http, records)
+        await gateway_sends_sms(database_url, integration_id)
         booked = await book_visits(http)
     return Seeded(integration_id, records["provider_launch_url"], number, booked)
