@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sandbox.ehr.settings import ClientSpec
 from sandbox.ehr.state import TenantState
+from sandbox.jwt_dates import numeric_date
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGS = ("RS384", "ES384")
@@ -93,14 +93,6 @@ def _client_key(client: ClientSpec, kid: str | None, alg: str) -> Any:
     return key
 
 
-def _numeric_date(value: object) -> bool:
-    # JSON numbers only: float() would take "123" and raise on "soon" or 10**400, and NaN
-    # (which PyJWT's JSON parser accepts) passes every comparison with the clock.
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
-
-
 def _private_key_jwt(tenant: TenantState, form: Mapping[str, str], now: float) -> ClientSpec:
     if form.get("client_assertion_type") != JWT_BEARER:
         raise _invalid_client("client_assertion_type must be " + JWT_BEARER)
@@ -138,8 +130,8 @@ def _private_key_jwt(tenant: TenantState, form: Mapping[str, str], now: float) -
     if form.get("client_id", client_id) != client_id:
         raise _invalid_client("client_id does not match the client_assertion")
     # verify_exp is off (the stand-in's clock decides), so PyJWT has not checked exp's type.
-    exp = claims["exp"]
-    if not _numeric_date(exp):
+    exp = numeric_date(claims, "exp")
+    if exp is None:
         raise _invalid_client("client_assertion exp is not a NumericDate")
     if exp <= now:
         raise _invalid_client("client_assertion has expired")

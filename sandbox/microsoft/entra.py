@@ -18,10 +18,10 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from sandbox.jwt_dates import numeric_date
 from sandbox.microsoft.clock import graph_time
 from sandbox.microsoft.core import Sandbox
 from sandbox.microsoft.directory import GRAPH_APP_ID, GRAPH_RESOURCE, App, Tenant, User
-from sandbox.microsoft.keys import numeric_date
 
 MULTI_TENANT = ("common", "organizations")
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import uuid
 from datetime import datetime
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+
+from sandbox.jwt_dates import numeric_date
 
 
 class SigningKey:
@@ -65,18 +66,6 @@ class KeySet:
         if not_before > ts + 300:
             raise jwt.ImmatureSignatureError("token not yet valid")
         return claims
-
-
-def numeric_date(claims: dict[str, Any], name: str, absent: float | None = None) -> float | None:
-    """A JWT NumericDate claim (RFC 7519: a JSON number), `absent` when missing, None when it
-    is anything else: a string, a boolean, NaN or infinity would otherwise slip past a clock
-    comparison (NaN compares false both ways) or crash it."""
-    value = claims.get(name)
-    if value is None:
-        return absent
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def new_id() -> str:

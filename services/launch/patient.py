@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -85,17 +86,23 @@ def _arrival(key: str, tenant_id: str, participant: str) -> Arrival:
     return Arrival(key, participant, now, event.event_id, event.type, encode_event(event))
 
 
-def lobby_opens_at(settings: LaunchSettings, starts_at: datetime) -> datetime:
-    return starts_at - timedelta(minutes=settings.lobby_opens_minutes)
+class Arrived(NamedTuple):
+    row: asyncpg.Record
+    device: str
+    fresh: bool
+    # When the visit's waiting room opens, while it is not open yet; None once it is.
+    opens_at: datetime | None
 
 
-async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | web.Response:
-    """Checks the link, finds the visit and records this device's arrival (first open only):
-    the visit's row, the device and whether it is new. One read per open of the link, the
-    visit and whether this device is in its lobby already: patients open the link several
-    times (the SMS, then Join, then again after a reload), and only the first open from a
-    device writes. The visit's current status and end decide whether the link still opens it
-    (see `closed`). Both statements are shared with concurrent joins (lobby_batches)."""
+async def _arrive(request: web.Request) -> Arrived | web.Response:
+    """Checks the link, finds the visit and records this device's arrival (first open only,
+    and only once the waiting room is open, `lobby_opens_minutes` before the start): the
+    visit's row, the device, whether it is new and when the waiting room opens, if not yet.
+    One read per open of the link, the visit and whether this device is in its lobby
+    already: patients open the link several times (the SMS, then Join, then again after a
+    reload), and only the first open from a device writes. The visit's current status and
+    end decide whether the link still opens it (see `closed`). Both statements are shared
+    with concurrent joins (lobby_batches)."""
     key = _appointment(request)
     if isinstance(key, web.Response):
         return key
@@ -107,9 +114,12 @@ async def _arrive(request: web.Request) -> tuple[asyncpg.Record, str, bool] | we
     row = _visit(await lobby.visit(key, participant), grace)
     if isinstance(row, web.Response):
         return row
-    if not row["arrived"] and datetime.now(UTC) >= lobby_opens_at(settings, row["starts_at"]):
+    opens_at = row["starts_at"] - timedelta(minutes=settings.lobby_opens_minutes)
+    if datetime.now(UTC) < opens_at:
+        return Arrived(row, device, fresh, opens_at)
+    if not row["arrived"]:
         await lobby.arrive(_arrival(key, row["tenant_id"], participant))
-    return row, device, fresh
+    return Arrived(row, device, fresh, None)
 
 
 async def _prepared_meeting_url(request: web.Request, key: str) -> str | None:
@@ -146,17 +156,14 @@ async def join_page(request: web.Request) -> web.StreamResponse:
     arrived = await _arrive(request)
     if isinstance(arrived, web.Response):
         return arrived
-    row, device, fresh = arrived
+    row, device, fresh, opens_at = arrived
     zone = ZoneInfo(row["time_zone"])
-    opens_at = lobby_opens_at(launch_settings(request), row["starts_at"])
     response = page(
         "prejoin.html",
         organisation=row["organisation_name"] or "your clinic",
         when=f"{row['starts_at'].astimezone(zone):%A %d %B, %H:%M} ({row['time_zone']})",
         token=request.match_info["token"],
-        opens=(
-            f"{opens_at.astimezone(zone):%A %d %B, %H:%M}" if datetime.now(UTC) < opens_at else None
-        ),
+        opens=f"{opens_at.astimezone(zone):%A %d %B, %H:%M}" if opens_at else None,
     )
     _remember(response, device, fresh)
     return response
@@ -166,8 +173,8 @@ async def join_enter(request: web.Request) -> web.StreamResponse:
     arrived = await _arrive(request)
     if isinstance(arrived, web.Response):
         return arrived
-    row, device, fresh = arrived
-    if datetime.now(UTC) < lobby_opens_at(launch_settings(request), row["starts_at"]):
+    row, device, fresh, opens_at = arrived
+    if opens_at is not None:
         # Too early to wait in the lobby: back to the page, which says from when.
         early = web.HTTPSeeOther(f"/join/{request.match_info['token']}")
         _remember(early, device, fresh)

@@ -131,15 +131,24 @@ async def plan_reminders(
 
 
 async def drop_pending(
-    conn: Connection, appointment_key: str, kinds: tuple[SmsKind, ...], status: str
-) -> None:
-    await conn.execute(
+    conn: Connection,
+    appointment_key: str,
+    kinds: tuple[SmsKind, ...],
+    status: str,
+    sparing_leased_at: datetime | None = None,
+) -> bool:
+    """Whether any was dropped. With `sparing_leased_at`, a message under a claim's lease at
+    that moment is left: it may be at ACS already."""
+    updated = await conn.execute(
         "UPDATE sms_messages SET status = $3, finished_at = now()"
-        " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])",
+        " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])"
+        " AND ($4::timestamptz IS NULL OR NOT (claims > 0 AND due_at > $4))",
         appointment_key,
         list(kinds),
         status,
+        sparing_leased_at,
     )
+    return updated != "UPDATE 0"
 
 
 async def _locked(conn: Connection, key: str) -> asyncpg.Record | None:
@@ -282,13 +291,7 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         # left to go, and the move is announced after it.
         now = clock.now()
         await drop_pending(conn, event.key, ("reminder", "reschedule"), "superseded")
-        replanned = await conn.fetchval(
-            "UPDATE sms_messages SET status = 'superseded', finished_at = now()"
-            " WHERE appointment_key = $1 AND kind = 'confirmation' AND status = 'pending'"
-            " AND NOT (claims > 0 AND due_at > $2) RETURNING true",
-            event.key,
-            now,
-        )
+        replanned = await drop_pending(conn, event.key, ("confirmation",), "superseded", now)
         notice: SmsKind = "confirmation" if replanned else "reschedule"
         await plan(conn, event.key, notice, p.schedule_version, now)
         await plan_reminders(
