@@ -88,6 +88,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned", consumer=self._runner.name, count=len(assigned))
+        self._runner.forget_lag(keep=set(assigned))
 
 
 class ConsumerRunner:
@@ -159,6 +160,10 @@ class ConsumerRunner:
         self._outcomes: list[tuple[str, str, bool]] = []
         self._counters: dict[tuple[str, str], Counter] = {}
         self._lags: dict[str, Histogram] = {}
+        # Partitions this member exports a lag gauge for: a partition that moved to another
+        # member (or a stopped member's) must stop being exported, or its last figure stays
+        # beside the new owner's and the lag alert sums both for as long as the pod lives.
+        self._lagging: set[TopicPartition] = set()
 
     def observe(self, observer: BatchObserver) -> None:
         self._observers.append(observer)
@@ -191,6 +196,7 @@ class ConsumerRunner:
             with contextlib.suppress(KafkaError, CommitFailedError):
                 await self.commit()
         await self._consumer.stop()
+        self.forget_lag(keep=set())
 
     @property
     def running(self) -> bool:
@@ -467,6 +473,15 @@ class ConsumerRunner:
             if highwater is None:
                 continue
             position = batch[tp][-1].offset + 1
-            CONSUMER_LAG.labels(
-                self.name, tp.topic.removeprefix(self._prefix), str(tp.partition)
-            ).set(max(0, highwater - position))
+            CONSUMER_LAG.labels(*self._lag_labels(tp)).set(max(0, highwater - position))
+            self._lagging.add(tp)
+
+    def _lag_labels(self, tp: TopicPartition) -> tuple[str, str, str]:
+        return self.name, tp.topic.removeprefix(self._prefix), str(tp.partition)
+
+    def forget_lag(self, keep: set[TopicPartition]) -> None:
+        """Stops exporting the lag of every partition not in `keep`."""
+        for tp in self._lagging - keep:
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(*self._lag_labels(tp))
+        self._lagging &= keep

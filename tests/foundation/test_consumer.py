@@ -10,11 +10,13 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.common.events import Envelope, encode_event
 from libs.common.kafka import ConsumerRunner
+from libs.common.metrics import CONSUMER_LAG
 from tests.conftest import KAFKA, wait_for
 from tests.support.kafka_reader import read_all_records
 from tests.support.probe import (
@@ -455,3 +457,64 @@ async def test_a_batch_handler_gets_each_first_delivery_once_and_falls_back_per_
     later = [i for call in calls[phase_one:] for i in call]
     assert set(later) <= {e.event_id for e in more}
     assert later
+
+
+def _exported_lag(consumer: str) -> dict[str, float]:
+    """The kafka_consumer_lag_messages samples of one consumer, by partition."""
+    return {
+        sample.labels["partition"]: sample.value
+        for metric in CONSUMER_LAG.collect()
+        for sample in metric.samples
+        if sample.labels["consumer"] == consumer
+    }
+
+
+async def test_lag_is_no_longer_exported_for_partitions_that_moved_to_another_member(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """A member exports lag only for partitions it holds: after a rebalance hands some to a
+    new member, and after it stops, their last figures are gone (the alert sums members)."""
+    pool, producer = kit
+    events = [patient_joined(f"apt_lag_{i}") for i in range(30)]
+    for event in events:
+        await publish(producer, topic_prefix, event)
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "lag-gauge")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    newcomer = AIOKafkaConsumer(bootstrap_servers=KAFKA, group_id=runner.name)
+    try:
+        await outcomes.reach(len(events))
+        assert set(_exported_lag(runner.name)) == {"0", "1", "2"}
+
+        handed_over = asyncio.Event()
+        taken: list[TopicPartition] = []
+
+        class Joined(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+                pass
+
+            async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+                taken[:] = assigned
+                if assigned:
+                    handed_over.set()
+
+        await newcomer.start()
+        newcomer.subscribe([topic_prefix + "patient-joined"], listener=Joined())
+        fetching = asyncio.create_task(newcomer.getmany(timeout_ms=60_000))
+        await wait_for(handed_over, "the newcomer to be assigned partitions")
+        # One more record on a partition the runner kept: once it is applied, the runner's
+        # side of the rebalance is over too.
+        kept_one = min({0, 1, 2} - {tp.partition for tp in taken})
+        after = patient_joined("apt_lag_after")
+        await producer.send_and_wait(
+            topic_prefix + after.type, encode_event(after), key=b"apt_lag_after", partition=kept_one
+        )
+        await outcomes.reach(len(events) + 1)
+        kept = {str(tp.partition) for tp in runner._consumer.assignment()}
+        assert {str(tp.partition) for tp in taken}.isdisjoint(_exported_lag(runner.name))
+        assert set(_exported_lag(runner.name)) <= kept
+        fetching.cancel()
+    finally:
+        await newcomer.stop()
+        await runner.stop()
+    assert _exported_lag(runner.name) == {}
