@@ -36,7 +36,8 @@ CONSUMER_POLL_SECONDS = Histogram(
 )
 CONSUMER_LAG = Gauge(
     "kafka_consumer_lag_messages",
-    "High watermark minus committed position, per partition",
+    "High watermark minus the position after the last record fetched, per partition this"
+    " member holds (a partition that moves away is no longer exported)",
     ["consumer", "topic", "partition"],
 )
 DEAD_LETTERED = Counter(
