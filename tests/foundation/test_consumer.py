@@ -46,12 +46,12 @@ class Outcomes:
             if len(self.seen) >= count:
                 event.set()
 
-    async def reach(self, count: int) -> list[Outcome]:
+    async def reach(self, count: int, within_s: float = 20.0) -> list[Outcome]:
         event = asyncio.Event()
         self._targets.append((count, event))
         if len(self.seen) >= count:
             event.set()
-        await wait_for(event, f"{count} handled events")
+        await wait_for(event, f"{count} handled events", within_s=within_s)
         return self.seen
 
 
@@ -115,7 +115,9 @@ async def test_consumer_killed_between_processing_and_commit_applies_once(
     outcomes = Outcomes(runner)
     await runner.start()
     try:
-        seen = await outcomes.reach(1)
+        # The killed member never left the group: its partitions are reassigned only after
+        # its 10 s session timeout, which takes half of the default wait by itself.
+        seen = await outcomes.reach(1, within_s=60)
     finally:
         await runner.stop()
     assert seen == [("patient-joined", str(event.event_id), False)]

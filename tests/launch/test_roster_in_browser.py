@@ -29,17 +29,20 @@ async def test_provider_roster_follows_the_visit_live_in_chromium(
             json={"appointment": appointment["id"]},
         ) as r:
             launch_url = (await r.json())["launch_url"]
-    conn = await asyncpg.connect(database_url)
-    try:
-        meeting_id = await conn.fetchval("SELECT meeting_id FROM launch.appointments")
-    finally:
-        await conn.close()
 
     async def act(action: str, **body: Any) -> None:
         await meeting_action(microsoft_http, system, meeting_id, action, **body)
 
     async with chromium() as page:
         await page.goto(launch_url)
+        # Read once the launch has shown the page: a booking only wakes the meeting worker,
+        # and the launch makes the meeting if the worker has not yet.
+        conn = await asyncpg.connect(database_url)
+        try:
+            meeting_id = await conn.fetchval("SELECT meeting_id FROM launch.appointments")
+        finally:
+            await conn.close()
+        assert meeting_id is not None
         await page.wait_until("document.getElementById('roster-empty')?.hidden === false")
         assert "Join the meeting" in await page.text()
         await page.screenshot("launch/provider-waiting")
