@@ -9,5 +9,5 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 echo "chromium: installing Debian's chromium for the browser tests..."
-DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 update -qq >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 install -y -qq chromium >/dev/null

@@ -29,7 +29,9 @@ install() {
   command -v mvn >/dev/null || die "Maven is missing. Install it (apt-get install -y maven); it fetches the broker jars."
   echo "kafka: resolving the broker jars with Maven (first run only, ~55 MB)..."
   mkdir -p "$LIBS"
+  # Retries: a fresh CI machine's first download is the one most likely to meet a reset.
   if ! mvn -B -q -f "$ROOT/infra/kafka/pom.xml" dependency:copy-dependencies \
+        -Dmaven.wagon.http.retryHandler.count=5 -Daether.connector.http.retryHandler.count=5 \
         -DoutputDirectory="$LIBS" -DincludeScope=runtime >"$HOME_DIR/mvn.log" 2>&1; then
     tail -20 "$HOME_DIR/mvn.log" >&2
     die "Maven could not fetch the Kafka jars from Maven Central (see $HOME_DIR/mvn.log). Is the registry reachable?"

@@ -25,8 +25,8 @@ install() {
   if find_bindir >/dev/null; then return 0; fi
   if [ "$(id -u)" -ne 0 ]; then die "PostgreSQL is not installed. Install it: sudo apt-get install -y postgresql"; fi
   echo "postgres: installing the server with apt..."
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 install -y -qq postgresql >/dev/null
   find_bindir >/dev/null || die "apt installed postgresql but pg_ctl was not found"
 }
 

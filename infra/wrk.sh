@@ -8,5 +8,5 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 echo "wrk: installing Debian's wrk for the HTTP benchmarks..."
-DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 update -qq >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5 install -y -qq wrk >/dev/null
