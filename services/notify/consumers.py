@@ -22,8 +22,12 @@ from libs.common.events import (
     Envelope,
     IntegrationConfigV1,
     SmsKind,
+    SmsOutcome,
     SmsRequestedV1,
+    SmsSentV1,
     Topic,
+    encode_event,
+    make_event,
 )
 from libs.common.kafka import EventHandler
 from services.notify.clock import Clock
@@ -149,6 +153,69 @@ async def drop_pending(
         sparing_leased_at,
     )
     return updated != "UPDATE 0"
+
+
+# Messages that can no longer go out, finished as the dispatcher finishes a refusal: status,
+# outcome and reason, the appointment's confirmation state, an sms-sent event each (written by
+# the caller). {which} chooses the appointments, from $1. One a dispatcher may have at ACS
+# already is left to it: an accepted send is recorded whatever the row says, and one that
+# comes back unsent is refused then (SMS off, no number).
+_REFUSE_PENDING = (
+    "WITH refused AS (UPDATE sms_messages m SET status = 'refused', outcome = $2,"
+    " reason = $3, finished_at = $4 FROM appointments a"
+    " WHERE a.appointment_key = m.appointment_key AND {which} AND m.status = 'pending'"
+    " AND NOT (m.claims > 0 AND m.due_at > $4)"
+    " RETURNING m.appointment_key, m.kind, a.tenant_id, a.integration_id),"
+    " confirmed AS (UPDATE appointments a SET confirmation = $5 FROM refused r"
+    " WHERE a.appointment_key = r.appointment_key AND r.kind = 'confirmation')"
+    " SELECT * FROM refused ORDER BY appointment_key"
+)
+_OF_INTEGRATION = _REFUSE_PENDING.format(which="a.integration_id = $1::uuid")
+_OF_APPOINTMENTS = _REFUSE_PENDING.format(which="a.appointment_key = any($1::text[])")
+_ANNOUNCE = (
+    "INSERT INTO outbox (event_id, topic, key, payload)"
+    " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[])"
+)
+
+
+async def refuse_pending(
+    conn: Connection,
+    which: uuid.UUID | list[str],
+    outcome: SmsOutcome,
+    reason: str,
+    at: datetime,
+) -> int:
+    """Refuses the pending messages of an integration's appointments (an id) or of the
+    given appointment keys, with the events a dispatcher's refusal writes, in the caller's
+    transaction. How many were refused."""
+    statement = _OF_INTEGRATION if isinstance(which, uuid.UUID) else _OF_APPOINTMENTS
+    # The dispatcher's rule (scheduler.Dispatcher._finish): SMS off skips the confirmation.
+    confirmation = "skipped" if outcome == "no_consent" else "failed"
+    refused = await conn.fetch(statement, which, outcome, reason, at, confirmation)
+    events = [
+        make_event(
+            Topic.SMS_SENT,
+            row["tenant_id"],
+            row["appointment_key"],
+            SmsSentV1(
+                integration_id=row["integration_id"],
+                kind=row["kind"],
+                outcome=outcome,
+                segments=0,
+                at=at,
+            ),
+        )
+        for row in refused
+    ]
+    if events:
+        await conn.execute(
+            _ANNOUNCE,
+            [e.event_id for e in events],
+            [e.type for e in events],
+            [e.key for e in events],
+            [encode_event(e) for e in events],
+        )
+    return len(events)
 
 
 async def _locked(conn: Connection, key: str) -> asyncpg.Record | None:
@@ -356,7 +423,7 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
     async def integration_config(conn: Connection, event: Envelope[Any]) -> None:
         p = event.payload
         assert isinstance(p, IntegrationConfigV1)
-        await conn.execute(
+        sms_enabled = await conn.fetchval(
             "INSERT INTO integrations (integration_id, config_version, deleted,"
             " organisation_name, sms_enabled, sms_from_number, reminder_offsets_minutes,"
             " sms_templates) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
@@ -365,7 +432,8 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
             " sms_enabled = excluded.sms_enabled, sms_from_number = excluded.sms_from_number,"
             " reminder_offsets_minutes = excluded.reminder_offsets_minutes,"
             " sms_templates = excluded.sms_templates, updated_at = now()"
-            " WHERE integrations.config_version < excluded.config_version",
+            " WHERE integrations.config_version < excluded.config_version"
+            " RETURNING sms_enabled",
             p.integration_id,
             p.config_version,
             p.deleted,
@@ -374,6 +442,21 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
             p.sms_from_number,
             list(p.reminder_offsets_minutes),
             orjson.dumps(p.sms_templates).decode(),
+        )
+        if sms_enabled is not False:
+            return  # SMS is on, or an older version than the one stored (a replay)
+        # SMS off (switched off, the integration disabled or deleted): nothing more may go to
+        # its patients, so their numbers are not needed any more, and the messages owed are
+        # refused now as the dispatcher would refuse them.
+        now = clock.now()
+        await conn.execute(
+            "UPDATE appointments SET phone_encrypted = NULL, phone_purged_at = $2"
+            " WHERE integration_id = $1 AND phone_encrypted IS NOT NULL",
+            p.integration_id,
+            now,
+        )
+        await refuse_pending(
+            conn, p.integration_id, "no_consent", "SMS off or consents not given", now
         )
 
     return {

@@ -2,7 +2,9 @@
 
 A number stays (encrypted) until the appointment ends, because the clinician may press
 "Send link to patient" during the visit; a cancelled appointment's number goes as soon as
-its cancellation notice is finished.
+its cancellation notice is finished, and any number goes once its integration's SMS is off
+(switched off, disabled or deleted: the consumer purges them then, this is the safety net,
+for a booking published with SMS still on after the change, say).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class Purger:
                 "WITH purged AS (UPDATE appointments a SET phone_encrypted = NULL,"
                 " phone_purged_at = $1 WHERE phone_encrypted IS NOT NULL AND (ends_at < $1"
                 " OR (cancelled AND NOT EXISTS (SELECT 1 FROM sms_messages m"
-                "  WHERE m.appointment_key = a.appointment_key AND m.status = 'pending')))"
+                "  WHERE m.appointment_key = a.appointment_key AND m.status = 'pending'))"
+                " OR EXISTS (SELECT 1 FROM integrations i"
+                "  WHERE i.integration_id = a.integration_id AND NOT i.sms_enabled))"
                 " RETURNING 1) SELECT count(*) FROM purged",
                 now,
             )

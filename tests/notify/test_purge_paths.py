@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from libs.common.events import SmsSentV1, Topic, decode_event
+from tests.notify.conftest import INTEGRATION, Kit, MakeKit, integration_config
+from tests.support.kafka_reader import read_all
+
+
+async def _held(kit: Kit, key: str) -> str | None:
+    [row] = await kit.query(
+        "SELECT phone_encrypted FROM appointments WHERE appointment_key = $1", key
+    )
+    held: str | None = row["phone_encrypted"]
+    return held
+
+
+async def test_sms_switched_off_for_the_integration_purges_the_numbers(kit: Kit) -> None:
+    """Switching the integration's SMS off purges its patients' numbers."""
+    await kit.configure()
+    await kit.book("apt_off01", starts_in=timedelta(days=3))
+    await kit.until_result("confirmation", "sent")
+    await kit.configure(sms_enabled=False, version=2)
+    assert await _held(kit, "apt_off01") is None, "number kept after SMS was switched off"
+
+
+async def test_integration_disabled_purges_the_numbers(kit: Kit) -> None:
+    """Disabling the integration purges its patients' numbers."""
+    await kit.configure()
+    await kit.book("apt_dis01", starts_in=timedelta(days=3))
+    await kit.until_result("confirmation", "sent")
+    disabled = integration_config(version=2).model_copy(update={"enabled": False})
+    before = kit.applied
+    await kit.publish(Topic.INTEGRATION_CONFIG, str(INTEGRATION), disabled)
+    await kit.until_applied(before + 1)
+    assert await _held(kit, "apt_dis01") is None, "number kept after the integration was disabled"
+
+
+async def test_integration_deleted_purges_the_numbers(kit: Kit) -> None:
+    """Deleting the integration purges its patients' numbers."""
+    await kit.configure()
+    await kit.book("apt_del01", starts_in=timedelta(days=3))
+    await kit.until_result("confirmation", "sent")
+    deleted = integration_config(version=2).model_copy(update={"deleted": True})
+    before = kit.applied
+    await kit.publish(Topic.INTEGRATION_CONFIG, str(INTEGRATION), deleted)
+    await kit.until_applied(before + 1)
+    assert await _held(kit, "apt_del01") is None, "number kept after the integration was deleted"
+
+
+async def test_sms_switched_off_refuses_the_messages_owed_as_no_consent(make_kit: MakeKit) -> None:
+    """Messages owed when SMS is switched off are refused then (no_consent, an sms-sent each)."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    await kit.book("apt_off02", starts_in=timedelta(days=3))
+    await kit.configure(sms_enabled=False, version=2)
+    rows = await kit.query("SELECT kind, status, outcome FROM sms_messages ORDER BY kind")
+    assert [tuple(r) for r in rows] == [
+        ("confirmation", "refused", "no_consent"),
+        ("reminder", "refused", "no_consent"),
+    ]
+    [appointment] = await kit.query("SELECT confirmation, phone_purged_at FROM appointments")
+    assert appointment["confirmation"] == "skipped"
+    assert appointment["phone_purged_at"] is not None
+    events = [decode_event(r) for r in await read_all(kit.settings.topic("sms-sent"), 2)]
+    assert sorted(
+        (e.payload.kind, e.payload.outcome) for e in events if isinstance(e.payload, SmsSentV1)
+    ) == [("confirmation", "no_consent"), ("reminder", "no_consent")]
+    assert kit.outbound() == []
+
+
+async def test_a_replayed_config_with_sms_off_changes_nothing(kit: Kit) -> None:
+    """An older config version with SMS off (a replay) leaves the numbers of the newer one."""
+    await kit.configure(version=2)
+    await kit.book("apt_off03", starts_in=timedelta(days=3))
+    await kit.until_result("confirmation", "sent")
+    await kit.configure(sms_enabled=False, version=1)
+    assert await _held(kit, "apt_off03") is not None
+
+
+async def test_the_purger_drops_numbers_booked_after_sms_was_switched_off(kit: Kit) -> None:
+    """A booking still published with SMS on after the integration's SMS went off keeps its
+    number only until the next purge."""
+    await kit.configure(sms_enabled=False)
+    await kit.book("apt_off04", starts_in=timedelta(days=3))
+    assert await _held(kit, "apt_off04") is not None
+    assert await kit.purge() == 1
+    assert await _held(kit, "apt_off04") is None
