@@ -55,6 +55,7 @@ def sms_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
             settings.acs_webhook_secret.get_secret_value(),
             settings.recipient_hash_secret.get_secret_value(),
             settings.sms_default_region,
+            settings.field_cipher(),
         )
         tasks = [asyncio.create_task(purger.run(), name="phone-purge")]
         if settings.scheduler_enabled:

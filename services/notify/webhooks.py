@@ -25,9 +25,11 @@ from pydantic import (
     ValidationError,
 )
 
+from libs.common.crypto import FieldCipher
 from libs.common.events import UtcDateTime
 from libs.common.logging import redact_text
 from services.notify import metrics, optout
+from services.notify.consumers import refuse_pending
 from services.notify.phones import Refusal, normalise
 
 log = structlog.get_logger(__name__)
@@ -140,11 +142,19 @@ def parse(raw: bytes) -> list[Parsed] | web.Response:
 
 
 class AcsEventsWebhook:
-    def __init__(self, pool: asyncpg.Pool, secret: str, hash_secret: str, region: str) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        secret: str,
+        hash_secret: str,
+        region: str,
+        cipher: FieldCipher,
+    ) -> None:
         self._pool = pool
         self._secret = secret
         self._hash_secret = hash_secret
         self._region = region
+        self._cipher = cipher
 
     async def handle(self, request: web.Request) -> web.Response:
         code = request.query.get("code", "")
@@ -172,14 +182,16 @@ class AcsEventsWebhook:
             _count_reports([await self._report(self._pool, first_event, first_data)])
             return web.json_response({"accepted": 1})
         recorded: list[str | None] = []
+        purged = 0
         async with self._pool.acquire() as conn, conn.transaction():
             for (event, data), pair in zip(parsed, numbers, strict=True):
                 if isinstance(data, SmsReceivedData) and pair is not None:
-                    await self._received(conn, data, *pair)
+                    purged += await self._received(conn, data, *pair)
                 elif isinstance(data, DeliveryReportData):
                     recorded.append(await self._report(conn, event, data))
         # Counted once committed: a batch that rolls back recorded nothing.
         _count_reports(recorded)
+        metrics.PHONES_PURGED.inc(purged)
         return web.json_response({"accepted": len(parsed)})
 
     def _numbers(self, parsed: list[Parsed]) -> list[tuple[str, str] | None] | web.Response:
@@ -203,13 +215,30 @@ class AcsEventsWebhook:
             result.append((ours, patient))
         return result
 
-    async def _received(self, conn: Any, data: SmsReceivedData, ours: str, patient: str) -> None:
+    async def _received(self, conn: Any, data: SmsReceivedData, ours: str, patient: str) -> int:
+        """Applies a STOP / START; how many numbers a STOP purged."""
         action = optout.keyword(data.Message)
         if action is None:
-            return  # a reply that is not a keyword is not kept: it may hold anything
-        await optout.apply(conn, self._hash_secret, ours, patient, action, data.ReceivedTimestamp)
+            return 0  # a reply that is not a keyword is not kept: it may hold anything
+        at = data.ReceivedTimestamp
+        applied = await optout.apply(conn, self._hash_secret, ours, patient, action, at)
         metrics.OPT_OUT_CHANGES.labels(action).inc()
         log.info("sms keyword applied", action=action)
+        if action != "stop" or not applied:
+            return 0
+        # Nothing more goes to the patient from this number: the numbers held for it are not
+        # needed any more, and the messages owed are refused now as the dispatcher would.
+        keys = await optout.held_for(conn, self._cipher, self._region, ours, patient)
+        if not keys:
+            return 0
+        await conn.execute(
+            "UPDATE appointments SET phone_encrypted = NULL, phone_purged_at = $2"
+            " WHERE appointment_key = any($1::text[]) AND phone_encrypted IS NOT NULL",
+            keys,
+            at,
+        )
+        await refuse_pending(conn, keys, "opted_out", "recipient replied STOP", at)
+        return len(keys)
 
     async def _report(
         self, conn: Any, event: EventGridEvent, data: DeliveryReportData

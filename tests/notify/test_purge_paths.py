@@ -3,7 +3,16 @@ from __future__ import annotations
 from datetime import timedelta
 
 from libs.common.events import SmsSentV1, Topic, decode_event
-from tests.notify.conftest import INTEGRATION, Kit, MakeKit, integration_config
+from tests.notify.conftest import (
+    INTEGRATION,
+    OTHER_INTEGRATION,
+    OTHER_SENDER,
+    PATIENT,
+    SENDER,
+    Kit,
+    MakeKit,
+    integration_config,
+)
 from tests.support.kafka_reader import read_all
 
 
@@ -86,3 +95,40 @@ async def test_the_purger_drops_numbers_booked_after_sms_was_switched_off(kit: K
     assert await _held(kit, "apt_off04") is not None
     assert await kit.purge() == 1
     assert await _held(kit, "apt_off04") is None
+
+
+async def test_stop_reply_purges_the_number(kit: Kit) -> None:
+    """A STOP reply purges the patient's number: nothing more may go to it from that sender."""
+    await kit.configure()
+    await kit.book("apt_stopp1", starts_in=timedelta(days=3))
+    await kit.until_result("confirmation", "sent")
+    kit.sandbox.components.acs.receive(PATIENT, SENDER, "STOP")
+    await kit.sandbox.components.sandbox.notifier.drain()
+    [opt] = await kit.query("SELECT opted_out FROM opt_outs")
+    assert opt["opted_out"] is True
+    assert await _held(kit, "apt_stopp1") is None, "number kept after the patient replied STOP"
+
+
+async def test_stop_reply_purges_only_that_patients_numbers_for_that_sender(kit: Kit) -> None:
+    """A STOP purges the patient's numbers held for the sender it was sent to and refuses
+    their owed messages as opted_out; another patient's, or another sender's, stay."""
+    await kit.configure()
+    await kit.configure(OTHER_INTEGRATION, sender=OTHER_SENDER)
+    await kit.book("apt_stopp2", starts_in=timedelta(days=3))
+    await kit.book("apt_stopp3", phone="+13125550143", starts_in=timedelta(days=3))
+    await kit.book("apt_stopp4", starts_in=timedelta(days=3), integration=OTHER_INTEGRATION)
+    await kit.until_result("confirmation", "sent", count=3)
+    kit.sandbox.components.acs.receive(PATIENT, SENDER, "STOP")
+    await kit.sandbox.components.sandbox.notifier.drain()
+    assert await _held(kit, "apt_stopp2") is None
+    assert await _held(kit, "apt_stopp3") is not None
+    assert await _held(kit, "apt_stopp4") is not None
+    rows = await kit.query(
+        "SELECT appointment_key, status, outcome FROM sms_messages WHERE kind = 'reminder'"
+        " ORDER BY appointment_key"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("apt_stopp2", "refused", "opted_out"),
+        ("apt_stopp3", "pending", None),
+        ("apt_stopp4", "pending", None),
+    ]
