@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -88,7 +89,8 @@ class IntegrationInput(BaseModel):
 def _check_private_key(pem: str) -> None:
     try:
         key = load_pem_private_key(pem.strip().encode(), password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # UnsupportedAlgorithm: e.g. an EC key on a curve this build cannot load.
         raise Refused(
             422, "The private key is not an unencrypted PEM private key.", "private_key"
         ) from None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +28,22 @@ def _pem(key: Any) -> str:
             serialization.NoEncryption(),
         ).decode()
     )
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes([tag, len(body)]) + body
+
+
+def unsupported_curve_key() -> str:
+    """A PKCS#8 EC key on secp160k1: OpenSSL reads it, `cryptography` does not support it."""
+    algorithm = _der(
+        0x30, _der(0x06, bytes.fromhex("2a8648ce3d0201")) + _der(0x06, bytes.fromhex("2b81040009"))
+    )
+    ec_key = _der(0x30, _der(0x02, b"\x01") + _der(0x04, (12345).to_bytes(21, "big")))
+    info = _der(0x30, _der(0x02, b"\x00") + algorithm + _der(0x04, ec_key))
+    body = base64.encodebytes(info).decode()
+    return f"-----BEGIN PRIVATE KEY-----\n{body}-----END PRIVATE KEY-----\n"
 
 
 @pytest.fixture
@@ -258,6 +275,21 @@ async def test_weak_rsa_key_is_refused(config_portal: ConfigPortal) -> None:
     status, answer = await p.call(CONTOSO_ADMIN, "POST", "/api/integrations", body)
     assert status == 422
     assert "2048" in answer["error"]
+
+
+async def test_private_key_on_an_unsupported_curve_is_refused(config_portal: ConfigPortal) -> None:
+    """An EC key on a curve the library cannot load gets a 422 naming private_key, not a 500."""
+    p = config_portal
+    before = await table_counts(p.settings)
+    body = p.integration(
+        client_auth_method="private_key_jwt",
+        client_secret=None,
+        private_key=unsupported_curve_key(),
+    )
+    status, answer = await p.call(CONTOSO_ADMIN, "POST", "/api/integrations", body)
+    assert status == 422, answer
+    assert answer["field"] == "private_key"
+    assert await table_counts(p.settings) == before
 
 
 async def test_hostile_bodies_get_clear_4xx(config_portal: ConfigPortal) -> None:

@@ -9,6 +9,7 @@ from tests.config.conftest import (
     ConfigPortal,
     table_counts,
 )
+from tests.config.test_integrations_api import unsupported_curve_key
 
 
 async def _page(p: ConfigPortal, upn: str | None, path: str) -> tuple[int, str]:
@@ -62,6 +63,24 @@ async def test_bad_url_form_is_shown_again_with_the_error(config_portal: ConfigP
     assert "private network address" in html
     assert "https://10.0.0.7/r4/x" in html
     assert "s3cret" not in html
+
+
+async def test_unusable_private_key_form_is_shown_again_with_the_error(
+    config_portal: ConfigPortal,
+) -> None:
+    """A private key the library cannot load comes back as a 422 page, not a 500."""
+    p = config_portal
+    pem = unsupported_curve_key()
+    fields = _form(p) | {
+        "client_auth_method": "private_key_jwt",
+        "client_secret": "",
+        "private_key": pem,
+    }
+    status, _, html = await _post_form(p, CONTOSO_ADMIN, "/fhir-urls", fields)
+    assert status == 422, html[:300]
+    assert "not an unencrypted PEM private key" in html
+    assert pem.splitlines()[1] not in html
+    assert (await table_counts(p.settings))["integrations"] == 0
 
 
 async def test_form_without_csrf_token_is_refused(config_portal: ConfigPortal) -> None:
