@@ -35,6 +35,9 @@ class ConfigContext:
     cipher: FieldCipher
     # Set when a phone-number job is created or retried, so the worker starts at once.
     jobs_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # One RSA key check at a time: OpenSSL's check holds the GIL even in a worker thread, so
+    # concurrent saves take turns and the event loop runs between them.
+    key_check: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 CONTEXT = web.AppKey("config_context", ConfigContext)

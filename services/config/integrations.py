@@ -6,6 +6,7 @@ then, in one transaction, writes the row, the audit entry and the `integration-c
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import datetime
@@ -15,6 +16,7 @@ import asyncpg
 import orjson
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -54,7 +56,9 @@ class IntegrationInput(BaseModel):
     smart_client_id: str = Field(min_length=1, max_length=200)
     client_auth_method: ClientAuthMethod = "client_secret_basic"
     client_secret: SecretStr | None = Field(default=None, max_length=4096)
-    private_key: SecretStr | None = Field(default=None, max_length=16384)
+    # A 4096-bit RSA PEM is about 3.3 KB (with CRLF line ends from a browser form); larger
+    # keys are refused anyway, and checking a huge one costs seconds of CPU.
+    private_key: SecretStr | None = Field(default=None, max_length=4096)
     pkce_mode: PkceMode = "required"
     teams_organizer_id: str = Field(min_length=1, max_length=200)
     department: str = Field(default="", max_length=200)
@@ -86,22 +90,49 @@ class IntegrationInput(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
 
-def _check_private_key(pem: str) -> None:
+MAX_RSA_KEY_BITS = 4096
+_KEY_RULE = "The private key must be RSA (2048 to 4096 bits, RS384) or EC P-384 (ES384)."
+_NOT_A_KEY = "The private key is not an unencrypted PEM private key."
+
+
+def _load_private_key(pem: bytes, *, check_rsa: bool) -> PrivateKeyTypes:
     try:
-        key = load_pem_private_key(pem.strip().encode(), password=None)
+        return load_pem_private_key(
+            pem, password=None, unsafe_skip_rsa_key_validation=not check_rsa
+        )
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # UnsupportedAlgorithm: e.g. an EC key on a curve this build cannot load.
-        raise Refused(
-            422, "The private key is not an unencrypted PEM private key.", "private_key"
-        ) from None
-    if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048:
-        return
+        raise Refused(422, _NOT_A_KEY, "private_key") from None
+
+
+async def _check_private_key(ctx: ConfigContext, pem: str) -> None:
+    """Refuse a PEM that is not an RSA (2048 to 4096 bits) or EC P-384 private key.
+
+    Checking an RSA key costs CPU that grows steeply with the size of its primes (a 12,288-bit
+    key: 18 s). So the key is first read unchecked, and only a key of at most 4096 bits made of
+    two primes of half its size each (about 0.3 s to check) gets the full check, one at a time,
+    in a worker thread.
+    """
+    raw = pem.strip().encode()
+    key = _load_private_key(raw, check_rsa=False)
     if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1):
         return
-    raise Refused(
-        422, "The private key must be RSA (2048 bits or more, RS384) or EC P-384 (ES384).",
-        "private_key",
-    )  # fmt: skip
+    if not isinstance(key, rsa.RSAPrivateKey) or not 2048 <= key.key_size <= MAX_RSA_KEY_BITS:
+        raise Refused(422, _KEY_RULE, "private_key")
+    numbers = key.private_numbers()
+    # Key generators make both primes half the modulus; a larger one only makes the check slow.
+    if max(numbers.p.bit_length(), numbers.q.bit_length()) > key.key_size // 2 + 16:
+        raise Refused(
+            422, "The private key is not a standard RSA key: its primes differ in size.",
+            "private_key",
+        )  # fmt: skip
+    async with ctx.key_check:
+        await asyncio.to_thread(_load_private_key, raw, check_rsa=True)
+
+
+async def _check_new_private_key(ctx: ConfigContext, data: IntegrationInput) -> None:
+    if data.client_auth_method == "private_key_jwt" and data.private_key is not None:
+        await _check_private_key(ctx, data.private_key.get_secret_value())
 
 
 async def checked_smart_configuration(
@@ -201,8 +232,8 @@ def _secrets(
             return existing["client_secret_encrypted"], None
         raise Refused(422, "Enter the client secret from the Cerner Code Console.", "client_secret")
     if data.private_key is not None:
+        # Checked by _check_new_private_key before the transaction.
         pem = data.private_key.get_secret_value().strip()
-        _check_private_key(pem)
         return None, ctx.cipher.encrypt(pem, purpose)
     if existing is not None and existing["private_key_encrypted"] is not None:
         return None, existing["private_key_encrypted"]
@@ -220,6 +251,7 @@ async def create(
     ctx: ConfigContext, principal: Principal, data: IntegrationInput
 ) -> dict[str, Any]:
     url, found = await checked_smart_configuration(ctx, data.fhir_base_url)
+    await _check_new_private_key(ctx, data)
     integration_id = uuid.uuid4()
     secret, key = _secrets(ctx, integration_id, data, None)
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -267,6 +299,7 @@ async def update(
     if current is None:
         raise not_found("FHIR base URL")
     url, found = await checked_smart_configuration(ctx, data.fhir_base_url)
+    await _check_new_private_key(ctx, data)
     async with ctx.pool.acquire() as conn, conn.transaction():
         tenant = await propagation.lock_tenant(conn, principal.tenant_id)
         existing = await conn.fetchrow(

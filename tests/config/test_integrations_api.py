@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import base64
+import math
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +31,17 @@ def _pem(key: Any) -> str:
             serialization.NoEncryption(),
         ).decode()
     )
+
+
+def _mersenne_rsa_key(p_exponent: int, q_exponent: int) -> str:
+    """A genuine RSA key whose primes are Mersenne primes: built at once, however large, and
+    as slow to check as any key of its size."""
+    p, q, e = 2**p_exponent - 1, 2**q_exponent - 1, 65537
+    d = pow(e, -1, math.lcm(p - 1, q - 1))
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q)
+    )
+    return _pem(numbers.private_key(unsafe_skip_rsa_key_validation=True))
 
 
 def _der(tag: int, body: bytes) -> bytes:
@@ -275,6 +289,92 @@ async def test_weak_rsa_key_is_refused(config_portal: ConfigPortal) -> None:
     status, answer = await p.call(CONTOSO_ADMIN, "POST", "/api/integrations", body)
     assert status == 422
     assert "2048" in answer["error"]
+
+
+async def test_rsa_key_over_4096_bits_is_refused(config_portal: ConfigPortal) -> None:
+    """An RSA key over 4096 bits gets a 422 naming private_key, and nothing is stored."""
+    p = config_portal
+    pem = _mersenne_rsa_key(2281, 2203)  # 4484 bits, 3.6 KB
+    body = p.integration(client_auth_method="private_key_jwt", client_secret=None, private_key=pem)
+    status, answer = await p.call(CONTOSO_ADMIN, "POST", "/api/integrations", body)
+    assert status == 422, answer
+    assert answer["field"] == "private_key"
+    assert "4096" in answer["error"]
+    assert (await table_counts(p.settings))["integrations"] == 0
+
+
+async def test_rsa_4096_bit_key_fits_even_with_crlf_line_ends(config_portal: ConfigPortal) -> None:
+    """The largest accepted RSA key fits the length limit with a browser form's CRLF lines."""
+    p = config_portal
+    pem = _pem(rsa.generate_private_key(public_exponent=65537, key_size=4096))
+    body = p.integration(
+        client_auth_method="private_key_jwt",
+        client_secret=None,
+        private_key=pem.replace("\n", "\r\n"),
+    )
+    status, created = await p.call(CONTOSO_ADMIN, "POST", "/api/integrations", body)
+    assert status == 201, created
+    assert created["private_key_set"] is True
+
+
+async def test_rsa_key_with_a_large_prime_is_refused_unchecked(
+    config_portal: ConfigPortal,
+) -> None:
+    """A key whose primes are not half its size each (slow to check) is refused at once."""
+    p = config_portal
+    await p.session(CONTOSO_ADMIN)
+    pem = _mersenne_rsa_key(3217, 607)  # 3824 bits; checking its 3217-bit prime takes ~2 s
+    body = p.integration(client_auth_method="private_key_jwt", client_secret=None, private_key=pem)
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+
+    async def tick() -> None:
+        nonlocal worst
+        while True:
+            started = loop.time()
+            await asyncio.sleep(0.01)
+            worst = max(worst, loop.time() - started)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        status, answer = await p.call(CONTOSO_ADMIN, "POST", "/api/integrations", body)
+    finally:
+        ticker.cancel()
+    assert status == 422, answer
+    assert answer["field"] == "private_key"
+    assert worst < 0.5, f"the event loop stalled for {worst:.1f}s while the key was checked"
+
+
+# Another process polls /healthz and prints the slowest answer (a thread would share our GIL).
+_HEALTHZ_PROBE = """
+import sys, time, urllib.request
+url, worst, end = sys.argv[1], 0.0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    t = time.perf_counter()
+    urllib.request.urlopen(url, timeout=120).read()
+    worst = max(worst, time.perf_counter() - t)
+    time.sleep(0.1)
+print(worst)
+"""
+
+
+async def test_large_rsa_key_does_not_freeze_the_service(config_portal: ConfigPortal) -> None:
+    """An 8676-bit RSA key (about 9 s to check) is refused at once; /healthz stays quick."""
+    p = config_portal
+    await p.session(CONTOSO_ADMIN)
+    pem = _mersenne_rsa_key(4423, 4253)
+    body = p.integration(client_auth_method="private_key_jwt", client_secret=None, private_key=pem)
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HEALTHZ_PROBE, f"{p.url}/healthz", "4",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(0.5)
+    status, answer = await p.call(CONTOSO_ADMIN, "POST", "/api/integrations", body)
+    out, _ = await probe.communicate()
+    worst = float(out)
+    assert worst < 2.0, f"/healthz took {worst:.1f}s while one admin's key was checked ({status})"
+    assert status == 422, answer
+    assert answer["field"] == "private_key"
 
 
 async def test_private_key_on_an_unsupported_curve_is_refused(config_portal: ConfigPortal) -> None:
