@@ -81,6 +81,12 @@ class SendResult:
         )
 
     @property
+    def unanswered(self) -> bool:
+        """Whether the message may have gone without our knowing: no answer, or a call
+        accepted whose per-recipient answer could not be read."""
+        return self.status == 0 or (self.status == 202 and self.recipient_status is None)
+
+    @property
     def retryable(self) -> bool:
         effective = self.recipient_status if self.status == 202 else self.status
         return effective is None or effective == 0 or effective == 429 or effective >= 500

@@ -139,18 +139,19 @@ async def drop_pending(
     appointment_key: str,
     kinds: tuple[SmsKind, ...],
     status: str,
-    sparing_leased_at: datetime | None = None,
+    sparing_in_flight: bool = False,
 ) -> bool:
-    """Whether any was dropped. With `sparing_leased_at`, a message under a claim's lease at
-    that moment is left: it may be at ACS already."""
+    """Whether any was dropped. With `sparing_in_flight`, a message sent to ACS without an
+    answer yet (or without any: a timeout, a crash) is left: it may be at ACS already. One
+    put off (the rate limit, a retry after ACS refused it, waiting) is not."""
     updated = await conn.execute(
         "UPDATE sms_messages SET status = $3, finished_at = now()"
         " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])"
-        " AND ($4::timestamptz IS NULL OR NOT (claims > 0 AND due_at > $4))",
+        " AND NOT ($4 AND in_flight_since IS NOT NULL)",
         appointment_key,
         list(kinds),
         status,
-        sparing_leased_at,
+        sparing_in_flight,
     )
     return updated != "UPDATE 0"
 
@@ -164,7 +165,7 @@ _REFUSE_PENDING = (
     "WITH refused AS (UPDATE sms_messages m SET status = 'refused', outcome = $2,"
     " reason = $3, finished_at = $4 FROM appointments a"
     " WHERE a.appointment_key = m.appointment_key AND {which} AND m.status = 'pending'"
-    " AND NOT (m.claims > 0 AND m.due_at > $4)"
+    " AND m.in_flight_since IS NULL"
     " RETURNING m.appointment_key, m.kind, a.tenant_id, a.integration_id),"
     " confirmed AS (UPDATE appointments a SET confirmation = $5 FROM refused r"
     " WHERE a.appointment_key = r.appointment_key AND r.kind = 'confirmation')"
@@ -354,11 +355,12 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         # Reminders move: the old ones are superseded, new ones planned for the new start.
         # A confirmation not sent yet is replanned rather than followed by a notice of the
         # move: the patient gets one message, with the new time (it renders the current start).
-        # One under a claim's lease may be at ACS already, rendered with the old time: it is
-        # left to go, and the move is announced after it.
+        # One sent to ACS and not answered yet (or never: a timeout, a crash) may be there
+        # already, rendered with the old time: it is left to go, and the move is announced
+        # after it. One put off (rate limit, retry, waiting) has not gone: it is replanned.
         now = clock.now()
         await drop_pending(conn, event.key, ("reminder", "reschedule"), "superseded")
-        replanned = await drop_pending(conn, event.key, ("confirmation",), "superseded", now)
+        replanned = await drop_pending(conn, event.key, ("confirmation",), "superseded", True)
         notice: SmsKind = "confirmation" if replanned else "reschedule"
         await plan(conn, event.key, notice, p.schedule_version, now)
         await plan_reminders(

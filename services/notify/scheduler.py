@@ -71,11 +71,12 @@ LEFT JOIN appointments a ON a.appointment_key = c.appointment_key
 LEFT JOIN integrations i ON i.integration_id = a.integration_id
 """
 
-# The reservation of a claim's messages in one round trip (migrations/0003_reserve_sms_slots.sql):
-# their numbers locked, then opt-outs, rate windows, attempts and sends, in a function so that
-# the count has a snapshot taken after the locks were granted and no client round trip
-# happens while they are held. Per message: 'reserved' (with repeatabilityFirstSent and the
-# attempt), 'deferred' (its number is at its limit), 'opted_out' or 'lost' (taken over).
+# The reservation of a claim's messages in one round trip (migrations/0003_reserve_sms_slots.sql,
+# 0004_in_flight.sql): their numbers locked, then opt-outs, rate windows, attempts and sends, in
+# a function so that the count has a snapshot taken after the locks were granted and no client
+# round trip happens while they are held. Per message: 'reserved' (with repeatabilityFirstSent
+# and the attempt; marked in flight), 'deferred' (its number is at its limit), 'opted_out' or
+# 'lost' (taken over).
 _RESERVE = "SELECT * FROM reserve_sms_slots($1, $2, $3, $4, $5, $6, $7, $8)"
 
 # Outcomes and what goes with them, many messages in one statement: one round trip, atomic
@@ -497,7 +498,12 @@ class Dispatcher:
                 else ("provider_error")
             )
             metrics.SMS_RETRIES.labels(cause).inc()
-            return await self._retry(row, self._clock.now() + timedelta(seconds=delay), reason)
+            return await self._retry(
+                row,
+                self._clock.now() + timedelta(seconds=delay),
+                reason,
+                answered=not result.unanswered,
+            )
         if not result.retryable:
             reason = f"refused: {reason}"
         else:
@@ -580,14 +586,21 @@ class Dispatcher:
             row, self._clock.now() + timedelta(seconds=self._backoff(attempts)), reason
         )
 
-    async def _retry(self, row: asyncpg.Record, at: datetime, reason: str) -> str:
+    async def _retry(
+        self, row: asyncpg.Record, at: datetime, reason: str, answered: bool = False
+    ) -> str:
+        """Puts the message off until `at`. `answered`: ACS answered that it did not take it,
+        so it is no longer in flight (a reschedule replans it); without an answer it may be
+        at ACS, and stays in flight."""
         status = await self._pool.execute(
-            "UPDATE sms_messages SET due_at = $3, reason = $4"
+            "UPDATE sms_messages SET due_at = $3, reason = $4,"
+            " in_flight_since = CASE WHEN $5 THEN NULL ELSE in_flight_since END"
             " WHERE id = $1 AND claims = $2 AND status = 'pending'",
             row["id"],
             row["claims"],
             at,
             reason,
+            answered,
         )
         return "retry" if status == "UPDATE 1" else "lost"
 

@@ -188,3 +188,101 @@ async def test_a_move_while_the_confirmation_is_being_sent_is_announced_as_a_mov
     assert await kit.dispatcher.dispatch_due() == 1
     assert [sms.tag for sms in kit.outbound()] == ["notify:confirmation", "notify:reschedule"]
     assert "11:00 AM CST" in kit.outbound()[1].message
+
+
+def _move(booking_start: Any, version: int = 2) -> AppointmentRescheduledV1:
+    new_start = booking_start + timedelta(hours=3)
+    return AppointmentRescheduledV1(
+        integration_id=INTEGRATION,
+        starts_at=new_start,
+        ends_at=new_start + timedelta(minutes=30),
+        time_zone="America/Chicago",
+        schedule_version=version,
+    )
+
+
+async def _move_and_send_all(kit: Kit, key: str, move: AppointmentRescheduledV1) -> None:
+    before = kit.applied
+    await kit.publish(Topic.APPOINTMENT_RESCHEDULED, key, move)
+    await kit.until_applied(before + 1)
+    for _ in range(4):  # past every rate window and backoff
+        await kit.advance(timedelta(minutes=6))
+        while await kit.dispatcher.dispatch_due():
+            pass
+
+
+async def test_a_rate_limited_confirmation_is_replanned_not_followed_by_a_notice(
+    make_kit: MakeKit,
+) -> None:
+    """A confirmation put off by the rate limit when the visit moves is replanned at the new
+    time: one message, no notice of a move from a time the patient was never told."""
+    kit = await make_kit(scheduler_enabled=False, sms_rate_per_minute=1)
+    await kit.configure()
+    await kit.book("apt_rl_a")
+    assert await kit.dispatcher.dispatch_due() == 1
+    booking = await kit.book("apt_rl_b", starts_in=timedelta(days=2))
+    assert await kit.dispatcher.dispatch_due() == 1
+    assert kit.results("confirmation") == ["sent", "retry"]
+
+    await _move_and_send_all(kit, "apt_rl_b", _move(booking.starts_at))
+    rows = await kit.query(
+        "SELECT kind, schedule_version, status FROM sms_messages"
+        " WHERE appointment_key = 'apt_rl_b' AND kind <> 'reminder' ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("confirmation", 1, "superseded"),
+        ("confirmation", 2, "sent"),
+    ]
+    [to_b] = [m for m in kit.outbound() if "apt_rl_b"[-8:] in m.message]
+    assert to_b.tag == "notify:confirmation"
+
+
+async def test_a_confirmation_acs_refused_for_now_is_replanned_not_followed_by_a_notice(
+    make_kit: MakeKit,
+) -> None:
+    """A confirmation ACS answered 429 (to be retried) when the visit moves did not go: it is
+    replanned at the new time, with no notice of the move."""
+    kit = await make_kit(scheduler_enabled=False, sandbox_rate=1)
+    await kit.configure()
+    await kit.book("apt_429_a")
+    assert await kit.dispatcher.dispatch_due() == 1
+    booking = await kit.book("apt_429_b", starts_in=timedelta(days=2))
+    assert await kit.dispatcher.dispatch_due() == 1
+    assert kit.results("confirmation") == ["sent", "retry"]
+
+    await _move_and_send_all(kit, "apt_429_b", _move(booking.starts_at))
+    rows = await kit.query(
+        "SELECT kind, schedule_version, status FROM sms_messages"
+        " WHERE appointment_key = 'apt_429_b' AND kind <> 'reminder' ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("confirmation", 1, "superseded"),
+        ("confirmation", 2, "sent"),
+    ]
+
+
+async def test_a_confirmation_sent_without_an_answer_is_left_to_go_when_the_visit_moves(
+    make_kit: MakeKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confirmation whose send got no answer may be at ACS: when the visit moves it is left
+    to go (its retry is recognised by ACS) and the move is announced after it."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    booking = await kit.book("apt_noanswer", starts_in=timedelta(days=2))
+    real = AcsSmsClient.send
+
+    async def unanswered(client: AcsSmsClient, **kwargs: Any) -> SendResult:
+        await real(client, **kwargs)  # it went, but the answer is lost
+        monkeypatch.setattr(AcsSmsClient, "send", real)
+        return SendResult(status=0, error_code="no-response")
+
+    monkeypatch.setattr(AcsSmsClient, "send", unanswered)
+    assert await kit.dispatcher.dispatch_due() == 1
+    assert kit.results("confirmation") == ["retry"]
+
+    await _move_and_send_all(kit, "apt_noanswer", _move(booking.starts_at))
+    assert [sms.tag for sms in kit.outbound()] == ["notify:confirmation", "notify:reschedule"]
+    rows = await kit.query(
+        "SELECT kind, status FROM sms_messages WHERE kind <> 'reminder' ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [("confirmation", "sent"), ("reschedule", "sent")]
