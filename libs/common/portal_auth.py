@@ -129,7 +129,13 @@ class EntraSignIn:
         return await asyncio.to_thread(self._begin, login_hint)
 
     async def complete(self, flow: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
-        result = await asyncio.to_thread(self._complete, flow, params)
+        try:
+            result = await asyncio.to_thread(self._complete, flow, params)
+        except ValueError:
+            # msal refuses an answer that does not fit the flow (state mismatch, neither code
+            # nor error). Its message carries the state, so only the fact is logged.
+            log.warning("entra sign-in answer refused by msal")
+            raise SignInError("This sign-in answer cannot be used. Sign in again.") from None
         if "error" in result:
             log.warning("entra sign-in refused", error=result.get("error"))
             raise SignInError(f"Microsoft sign-in failed: {result.get('error')}")
@@ -250,9 +256,18 @@ async def login(request: web.Request) -> web.Response:
     raise response
 
 
+_CALLBACK_PARAMS = ("code", "state", "error", "error_description", "session_state", "client_info")
+
+
 async def callback(request: web.Request) -> web.Response:
     settings = _settings(request)
-    state = request.query.get("state", "")
+    # One value per parameter: the state looked up here must be the one msal checks.
+    if any(len(request.query.getall(k, ())) > 1 for k in _CALLBACK_PARAMS):
+        return error_page(400, "This sign-in answer repeats a parameter. Sign in again.")
+    params = {k: v for k in _CALLBACK_PARAMS if (v := request.query.get(k)) is not None}
+    if not params.get("code") and not params.get("error"):
+        return error_page(400, "This sign-in answer has no result from Microsoft. Sign in again.")
+    state = params.get("state", "")
     row = await request.app[DB_POOL].fetchrow(
         "DELETE FROM portal_sign_ins WHERE state_hash = $1 AND expires_at > now()"
         " RETURNING flow, return_to",
@@ -268,11 +283,6 @@ async def callback(request: web.Request) -> web.Response:
         hashlib.sha256(binding.encode()).hexdigest(), expected
     ):
         return error_page(400, "This sign-in was started in another browser. Sign in again.")
-    params = {
-        k: v
-        for k, v in request.query.items()
-        if k in {"code", "state", "error", "error_description", "session_state", "client_info"}
-    }
     try:
         claims = await request.app[ENTRA].complete(flow, params)
     except SignInError as exc:

@@ -5,6 +5,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import asyncpg
@@ -110,6 +111,60 @@ async def test_callback_cannot_be_replayed(
     async with microsoft_http.get(callback, allow_redirects=False, headers=headers) as r:
         assert r.status == 400
         assert "expired or was already used" in await r.text()
+
+
+async def _started_sign_in(http: aiohttp.ClientSession, url: str) -> tuple[str, str]:
+    """Start a sign-in: its state and the browser-binding cookie."""
+    async with http.get(f"{url}/auth/login?login_hint={ADMIN}", allow_redirects=False) as r:
+        assert r.status == 302
+        binding = r.cookies["portal_sign_in"].value
+        state = parse_qs(urlsplit(r.headers["Location"]).query)["state"][0]
+    return state, binding
+
+
+async def test_callback_without_code_or_error_is_refused(
+    portal: tuple[str, ConfigSettings], microsoft_http: aiohttp.ClientSession
+) -> None:
+    """A callback with a valid state but neither code nor error gets a 400 page, not a 500."""
+    url, _ = portal
+    state, binding = await _started_sign_in(microsoft_http, url)
+    async with microsoft_http.get(
+        f"{url}/auth/callback",
+        params={"state": state},
+        headers={"Cookie": f"portal_sign_in={binding}"},
+        allow_redirects=False,
+    ) as r:
+        assert r.status == 400, await r.text()
+        assert "Sign in again" in await r.text()
+        assert SESSION_COOKIE not in r.cookies
+
+
+async def test_callback_with_a_repeated_parameter_is_refused(
+    portal: tuple[str, ConfigSettings],
+    microsoft_http: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A repeated state (or any repeated parameter) gets a 400 page, and the state is not logged."""
+    url, _ = portal
+    state, binding = await _started_sign_in(microsoft_http, url)
+    async with microsoft_http.get(
+        f"{url}/auth/callback?state={state}&state=other&code=abc",
+        headers={"Cookie": f"portal_sign_in={binding}"},
+        allow_redirects=False,
+    ) as r:
+        assert r.status == 400, await r.text()
+        assert "Sign in again" in await r.text()
+    captured = capsys.readouterr()
+    assert state not in captured.out + captured.err
+
+
+async def test_answer_msal_refuses_is_a_sign_in_error(portal: tuple[str, ConfigSettings]) -> None:
+    """An answer msal refuses with ValueError (here a state mismatch) becomes a SignInError."""
+    _, settings = portal
+    entra = EntraSignIn(settings)
+    flow = await entra.begin(ADMIN)
+    with pytest.raises(SignInError, match="Sign in again"):
+        await entra.complete(flow, {"state": "other", "code": "abc"})
 
 
 async def test_callback_from_another_browser_is_refused(
