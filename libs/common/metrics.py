@@ -44,7 +44,15 @@ DEAD_LETTERED = Counter(
     "dead_lettered_events_total", "Messages sent to a dead-letter topic", ["consumer", "topic"]
 )
 OUTBOX_PUBLISHED = Counter("outbox_published_total", "Outbox events published", ["topic"])
-OUTBOX_RELAY_ERRORS = Counter("outbox_relay_errors_total", "Failed outbox relay rounds")
+OUTBOX_RELAY_ERRORS = Counter(
+    "outbox_relay_errors_total",
+    "Failed outbox relay rounds (a batch not acknowledged within the delivery timeout included)",
+)
+OUTBOX_OLDEST_PENDING_AGE = Gauge(
+    "outbox_oldest_pending_age_seconds",
+    "How long the oldest outbox row waiting to be published has waited (0 when none); measured"
+    " by the relay every 15 s and ageing in between",
+)
 OUTBOX_SWEPT = Counter(
     "outbox_swept_total", "Published outbox rows deleted once older than the retention"
 )

@@ -7,6 +7,10 @@ the normal case; a crash between send and mark re-sends, which consumers' inboxe
 Published rows are kept for a short retention (for operators), then the relay deletes them:
 an event's payload may carry field ciphertext (a patient's phone), which must not outlive its
 use, and the table would otherwise grow without bound.
+
+A batch whose deliveries are not all acknowledged within the delivery timeout (the broker is
+away: the idempotent producer never expires a batch by itself) is rolled back and retried after
+a backoff, so no round holds its rows locked for longer than that timeout.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from libs.common.events import Envelope, encode_event
-from libs.common.metrics import OUTBOX_PUBLISHED, OUTBOX_RELAY_ERRORS, OUTBOX_SWEPT
+from libs.common.metrics import (
+    OUTBOX_OLDEST_PENDING_AGE,
+    OUTBOX_PUBLISHED,
+    OUTBOX_RELAY_ERRORS,
+    OUTBOX_SWEPT,
+)
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -60,6 +69,14 @@ _SWEEP = (
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
     " WHERE published_at < now() - $1::interval ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)"
 )
+# How long the oldest pending row has waited (NULL when none), from the pending rows' index.
+_MEASURE = (
+    "SELECT extract(epoch FROM now() - (SELECT created_at FROM outbox"
+    " WHERE published_at IS NULL ORDER BY id LIMIT 1))::float8 AS oldest_pending_s"
+)
+
+# create_producer's request_timeout_ms: a healthy broker acknowledges well within it.
+DELIVERY_TIMEOUT_S = 15.0
 
 # Called after every round of the running relay with (events published, rows swept).
 RoundObserver = Callable[[int, int], None]
@@ -78,6 +95,8 @@ class OutboxRelay:
         retention_minutes: float = 10,
         sweep_interval_s: float = 60.0,
         sweep_batch_size: int = 5000,
+        delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
+        measure_interval_s: float = 15.0,
     ) -> None:
         self._pool = pool
         self._producer = producer
@@ -90,6 +109,9 @@ class OutboxRelay:
         self._sweep_batch_size = sweep_batch_size
         self._next_sweep = 0.0  # monotonic; the first idle round sweeps
         self._sweep_backoff = 0.2
+        self._delivery_timeout_s = delivery_timeout_s
+        self._measure_interval_s = measure_interval_s
+        self._next_measure = 0.0  # monotonic; the first round measures
         self._observers: list[RoundObserver] = []
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -122,18 +144,50 @@ class OutboxRelay:
             rows = sorted(await conn.fetch(_CLAIM, self._batch_size), key=lambda row: row["id"])
             if not rows:
                 return 0
-            deliveries = [
-                await self._producer.send(
-                    self._prefix + row["topic"],
-                    value=bytes(row["payload"]),
-                    key=row["key"].encode(),
+            try:
+                async with asyncio.timeout(self._delivery_timeout_s):
+                    await self._deliver(rows)
+            except TimeoutError:
+                # Rolled back: the rows are pending again and unlocked. The producer may still
+                # deliver what it holds once the broker is back, and the next round sends the
+                # rows again: a duplicate, which the consumers' inboxes absorb (same event_id).
+                log.warning(
+                    "outbox batch not acknowledged in time, rolled back",
+                    events=len(rows),
+                    timeout_s=self._delivery_timeout_s,
                 )
-                for row in rows
-            ]
-            await asyncio.gather(*deliveries)
+                raise
         for row in rows:
             OUTBOX_PUBLISHED.labels(topic=row["topic"]).inc()
         return len(rows)
+
+    async def _deliver(self, rows: list[asyncpg.Record]) -> None:
+        deliveries = [
+            await self._producer.send(
+                self._prefix + row["topic"],
+                value=bytes(row["payload"]),
+                key=row["key"].encode(),
+            )
+            for row in rows
+        ]
+        await asyncio.gather(*deliveries)
+
+    async def measure(self) -> None:
+        """Exports how long the oldest pending row has waited (outbox_oldest_pending_age_seconds;
+        0 when none is pending). The gauge keeps ageing between measurements, so a relay that
+        stops measuring (stuck, or Postgres away) still shows its backlog getting older."""
+        async with asyncio.timeout(5), self._pool.acquire() as conn:
+            oldest = await conn.fetchval(_MEASURE)
+        OUTBOX_OLDEST_PENDING_AGE.set_function(_ageing(oldest))
+
+    async def _measure_if_due(self) -> None:
+        if time.monotonic() < self._next_measure:
+            return
+        self._next_measure = time.monotonic() + self._measure_interval_s
+        try:
+            await self.measure()
+        except Exception as exc:  # the round that failed already counted and logged it
+            log.debug("outbox backlog not measured", error=type(exc).__name__)
 
     async def sweep_published(self) -> int:
         """Delete one batch of rows published longer than the retention ago; returns how many
@@ -183,12 +237,14 @@ class OutboxRelay:
                     "outbox relay failed, will retry", error=type(exc).__name__, retry_in_s=backoff
                 )
                 await self._release_listener()
+                await self._measure_if_due()
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             backlog = published >= self._batch_size
             # Never while a backlog is pending: publishing comes first.
             swept, more = (0, False) if backlog else await self._sweep_if_due()
+            await self._measure_if_due()
             for observer in self._observers:
                 observer(published, swept)
             if not backlog and not more:
@@ -217,3 +273,11 @@ class OutboxRelay:
     async def stop(self) -> None:
         self._stopping.set()
         await self._release_listener()
+
+
+def _ageing(age_s: float | None) -> Callable[[], float]:
+    """The age of the oldest pending row as of now, from its age when it was measured."""
+    if age_s is None:
+        return lambda: 0.0
+    measured = time.monotonic()
+    return lambda: age_s + time.monotonic() - measured
