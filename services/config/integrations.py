@@ -52,7 +52,7 @@ class IntegrationInput(BaseModel):
 
     fhir_base_url: str = Field(min_length=1, max_length=2048)
     environment: Environment
-    enabled: bool = True
+    enabled: bool = Field(default=True, strict=True)
     smart_client_id: str = Field(min_length=1, max_length=200)
     client_auth_method: ClientAuthMethod = "client_secret_basic"
     client_secret: SecretStr | None = Field(default=None, max_length=4096)

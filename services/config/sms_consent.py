@@ -19,7 +19,9 @@ from services.config.context import ConfigContext, Refused
 
 
 class SmsInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: each consent is a legal statement, so only true or false counts ("yes", 1 and
+    # "on" are refused); the portal's form handler turns its checkboxes into booleans itself.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool
     vendor_may_send_sms: bool

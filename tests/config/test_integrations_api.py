@@ -267,6 +267,7 @@ async def test_private_key_jwt_takes_an_es384_key(config_portal: ConfigPortal) -
         ({"department": "<script>alert(1)</script>"}, "department"),
         ({"smart_client_id": ""}, "smart_client_id"),
         ({"surprise": True}, "surprise"),
+        ({"enabled": "yes"}, "enabled"),
     ],
 )  # fmt: skip
 async def test_invalid_fields_are_refused(

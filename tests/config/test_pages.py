@@ -83,6 +83,28 @@ async def test_unusable_private_key_form_is_shown_again_with_the_error(
     assert (await table_counts(p.settings))["integrations"] == 0
 
 
+async def test_form_checkboxes_become_booleans(config_portal: ConfigPortal) -> None:
+    """The forms' checkboxes ("on" or absent) still save, though the API takes only booleans."""
+    p = config_portal
+    fields = {k: v for k, v in _form(p).items() if k != "enabled"}
+    status, location, _ = await _post_form(p, CONTOSO_ADMIN, "/fhir-urls", fields)
+    assert status == 303
+    integration_id = location.split("?")[0].rsplit("/", 1)[1]
+    _, created = await p.call(CONTOSO_ADMIN, "GET", f"/api/integrations/{integration_id}")
+    assert created["enabled"] is False
+    consents = {
+        "enabled": "on",
+        "vendor_may_send_sms": "on",
+        "organisation_has_patient_consent": "on",
+    }
+    status, _, _ = await _post_form(p, CONTOSO_ADMIN, "/sms", consents)
+    assert status == 303
+    _, sms = await p.call(CONTOSO_ADMIN, "GET", "/api/sms")
+    assert sms["enabled"] is True
+    assert sms["vendor_may_send_sms"] is True
+    assert sms["organisation_has_patient_consent"] is True
+
+
 async def test_form_without_csrf_token_is_refused(config_portal: ConfigPortal) -> None:
     """Every state-changing form needs the CSRF token: 403 page, nothing changed."""
     p = config_portal

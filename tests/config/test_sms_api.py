@@ -28,6 +28,22 @@ async def test_sms_needs_both_consents(config_portal: ConfigPortal) -> None:
     assert (await table_counts(p.settings))["audit_log"] == 0
 
 
+async def test_consents_need_real_booleans(config_portal: ConfigPortal) -> None:
+    """Consents given as "yes", "on" or 1 instead of true are refused and change nothing."""
+    p = config_portal
+    before = await table_counts(p.settings)
+    status, answer = await p.call(
+        CONTOSO_ADMIN,
+        "PUT",
+        "/api/sms",
+        {"enabled": "on", "vendor_may_send_sms": "yes", "organisation_has_patient_consent": 1},
+    )
+    assert status == 422, answer
+    assert await table_counts(p.settings) == before
+    _, state = await p.call(CONTOSO_ADMIN, "GET", "/api/sms")
+    assert state["vendor_consent_by"] is None
+
+
 async def test_consents_record_who_and_when(config_portal: ConfigPortal) -> None:
     """Each consent keeps the admin's object id and the time it was given."""
     p = config_portal
