@@ -48,6 +48,17 @@ OUTBOX_RELAY_ERRORS = Counter(
     "outbox_relay_errors_total",
     "Failed outbox relay rounds (a batch not acknowledged within the delivery timeout included)",
 )
+OUTBOX_PARKED = Counter(
+    "outbox_parked_total",
+    "Outbox rows the broker refused for good (e.g. larger than it accepts), set aside with"
+    " the reason instead of holding back every later event",
+    ["topic"],
+)
+OUTBOX_PARKED_ROWS = Gauge(
+    "outbox_parked_rows",
+    "Outbox rows parked and waiting for an operator (re-queue or delete); measured by the"
+    " relay every 15 s",
+)
 OUTBOX_OLDEST_PENDING_AGE = Gauge(
     "outbox_oldest_pending_age_seconds",
     "How long the oldest outbox row waiting to be published has waited (0 when none); measured"

@@ -10,7 +10,10 @@ use, and the table would otherwise grow without bound.
 
 A batch whose deliveries are not all acknowledged within the delivery timeout (the broker is
 away: the idempotent producer never expires a batch by itself) is rolled back and retried after
-a backoff, so no round holds its rows locked for longer than that timeout.
+a backoff, so no round holds its rows locked for longer than that timeout. A row the broker
+refuses for good (larger than it accepts) is parked with the reason and the rest of its batch
+goes out: one such row would otherwise roll back every batch it is in and hold back every later
+event of the service. Parked rows are never swept; they wait for an operator.
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    CorruptRecordException,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 
 from libs.common.events import Envelope, encode_event
 from libs.common.metrics import (
     OUTBOX_OLDEST_PENDING_AGE,
+    OUTBOX_PARKED,
+    OUTBOX_PARKED_ROWS,
     OUTBOX_PUBLISHED,
     OUTBOX_RELAY_ERRORS,
     OUTBOX_SWEPT,
@@ -58,21 +69,36 @@ async def enqueue(conn: Connection, event: Envelope[Any]) -> None:
 # go out in the order they were written.
 _CLAIM = (
     "UPDATE outbox SET published_at = now() WHERE id IN (SELECT id FROM outbox"
-    " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
-    " RETURNING id, topic, key, payload"
+    " WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT $1"
+    " FOR UPDATE SKIP LOCKED)"
+    " RETURNING id, event_id, topic, key, payload"
 )
+# A claimed row the broker refused for good: pending no more, never published, kept with why.
+_PARK = "UPDATE outbox SET published_at = NULL, parked_at = now(), parked_reason = $2 WHERE id = $1"
 # Published rows older than the retention, oldest first, a bounded batch at a time; a pending
-# row (published_at NULL) never matches. No index on published_at: the table holds only what
-# was published within the retention plus the pending rows (a few minutes of events), and the
-# oldest rows come first in the primary key's order, which LIMIT stops early on.
+# or parked row (published_at NULL) never matches. No index on published_at: the table holds
+# only what was published within the retention plus the pending rows (a few minutes of
+# events), and the oldest rows come first in the primary key's order, which LIMIT stops early on.
 _SWEEP = (
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
     " WHERE published_at < now() - $1::interval ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)"
 )
-# How long the oldest pending row has waited (NULL when none), from the pending rows' index.
+# How long the oldest pending row has waited (NULL when none), from the pending rows' index,
+# and how many rows are parked (from theirs).
 _MEASURE = (
     "SELECT extract(epoch FROM now() - (SELECT created_at FROM outbox"
-    " WHERE published_at IS NULL ORDER BY id LIMIT 1))::float8 AS oldest_pending_s"
+    " WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT 1))::float8"
+    " AS oldest_pending_s,"
+    " (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL) AS parked"
+)
+# What the broker (or the producer, before sending) says about one record and will say again
+# however often it is sent. Not errors about a topic or the cluster (authorization, unknown
+# topic): parking every row of a topic for a misconfiguration would need each replayed.
+REFUSED_FOR_GOOD: tuple[type[Exception], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordException,
 )
 
 # create_producer's request_timeout_ms: a healthy broker acknowledges well within it.
@@ -136,17 +162,22 @@ class OutboxRelay:
             self._listener = conn
 
     async def publish_pending(self) -> int:
-        """Publish one batch; returns how many events went out."""
+        """Publish one batch; returns how many events went out (parked rows not counted)."""
+        published, _claimed = await self._publish_batch()
+        return published
+
+    async def _publish_batch(self) -> tuple[int, int]:
+        """One batch: (events published, rows claimed, the parked ones included)."""
         async with self._pool.acquire() as conn, conn.transaction():
             # Marked in the same statement that locks them (one round trip less than a
             # SELECT then an UPDATE); the mark commits only after every send is acknowledged,
             # and any failure rolls it back.
             rows = sorted(await conn.fetch(_CLAIM, self._batch_size), key=lambda row: row["id"])
             if not rows:
-                return 0
+                return 0, 0
             try:
                 async with asyncio.timeout(self._delivery_timeout_s):
-                    await self._deliver(rows)
+                    refused = await self._deliver(rows)
             except TimeoutError:
                 # Rolled back: the rows are pending again and unlocked. The producer may still
                 # deliver what it holds once the broker is back, and the next round sends the
@@ -157,28 +188,61 @@ class OutboxRelay:
                     timeout_s=self._delivery_timeout_s,
                 )
                 raise
+            if refused:
+                await conn.executemany(_PARK, list(refused.items()))
         for row in rows:
-            OUTBOX_PUBLISHED.labels(topic=row["topic"]).inc()
-        return len(rows)
-
-    async def _deliver(self, rows: list[asyncpg.Record]) -> None:
-        deliveries = [
-            await self._producer.send(
-                self._prefix + row["topic"],
-                value=bytes(row["payload"]),
-                key=row["key"].encode(),
+            why = refused.get(row["id"])
+            if why is None:
+                OUTBOX_PUBLISHED.labels(topic=row["topic"]).inc()
+                continue
+            OUTBOX_PARKED.labels(topic=row["topic"]).inc()
+            log.error(
+                "outbox row parked: the broker refuses it for good",
+                topic=row["topic"],
+                outbox_id=row["id"],
+                event_id=str(row["event_id"]),
+                reason=why,
             )
-            for row in rows
-        ]
-        await asyncio.gather(*deliveries)
+        return len(rows) - len(refused), len(rows)
+
+    async def _deliver(self, rows: list[asyncpg.Record]) -> dict[int, str]:
+        """Sends the rows and waits for every acknowledgement; returns the ids of the rows
+        refused for good, with why. Any other failure raises (the batch rolls back and is sent
+        again)."""
+        refused: dict[int, str] = {}
+        sent: list[tuple[asyncpg.Record, asyncio.Future[Any]]] = []
+        for row in rows:
+            try:
+                delivery = await self._producer.send(
+                    self._prefix + row["topic"],
+                    value=bytes(row["payload"]),
+                    key=row["key"].encode(),
+                )
+            except REFUSED_FOR_GOOD as exc:  # e.g. larger than max_request_size
+                refused[row["id"]] = _reason(exc)
+            else:
+                sent.append((row, delivery))
+        outcomes = await asyncio.gather(*(d for _, d in sent), return_exceptions=True)
+        failure: BaseException | None = None
+        for (row, _), outcome in zip(sent, outcomes, strict=True):
+            if isinstance(outcome, REFUSED_FOR_GOOD):  # e.g. above the topic's max.message.bytes
+                refused[row["id"]] = _reason(outcome)
+            elif isinstance(outcome, BaseException) and failure is None:
+                failure = outcome
+        if failure is not None:
+            raise failure
+        return refused
 
     async def measure(self) -> None:
         """Exports how long the oldest pending row has waited (outbox_oldest_pending_age_seconds;
-        0 when none is pending). The gauge keeps ageing between measurements, so a relay that
-        stops measuring (stuck, or Postgres away) still shows its backlog getting older."""
+        0 when none is pending) and how many rows are parked (outbox_parked_rows). The age
+        keeps growing between measurements, so a relay that stops measuring (stuck, or
+        Postgres away) still shows its backlog getting older."""
         async with asyncio.timeout(5), self._pool.acquire() as conn:
-            oldest = await conn.fetchval(_MEASURE)
-        OUTBOX_OLDEST_PENDING_AGE.set_function(_ageing(oldest))
+            row = await conn.fetchrow(_MEASURE)
+        assert row is not None
+        OUTBOX_OLDEST_PENDING_AGE.set_function(_ageing(row["oldest_pending_s"]))
+        OUTBOX_PARKED_ROWS.set(row["parked"])
 
     async def _measure_if_due(self) -> None:
         if time.monotonic() < self._next_measure:
@@ -228,7 +292,7 @@ class OutboxRelay:
             self._wake.clear()
             try:
                 await self._ensure_listener()
-                published = await self.publish_pending()
+                published, claimed = await self._publish_batch()
                 backoff = 0.2
             except Exception as exc:
                 # Kafka or Postgres is away; keep the rows and try again, slower each time.
@@ -241,7 +305,7 @@ class OutboxRelay:
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            backlog = published >= self._batch_size
+            backlog = claimed >= self._batch_size
             # Never while a backlog is pending: publishing comes first.
             swept, more = (0, False) if backlog else await self._sweep_if_due()
             await self._measure_if_due()
@@ -273,6 +337,10 @@ class OutboxRelay:
     async def stop(self) -> None:
         self._stopping.set()
         await self._release_listener()
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
 
 def _ageing(age_s: float | None) -> Callable[[], float]:

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import asyncio
 
-from libs.common.db import create_pool, migrate
+from libs.common.db import COMMON_MIGRATIONS, create_pool, migrate
 from services.launch.app import MIGRATIONS as LAUNCH_MIGRATIONS
 from services.notify.app import MIGRATIONS as NOTIFY_MIGRATIONS
+
+COMMON = [f"common:{path.stem}" for path in sorted(COMMON_MIGRATIONS.glob("*.sql"))]
 
 
 async def test_migrations_apply_once_and_are_idempotent(database_url: str) -> None:
@@ -13,7 +15,7 @@ async def test_migrations_apply_once_and_are_idempotent(database_url: str) -> No
     try:
         first = await migrate(pool, "launch", LAUNCH_MIGRATIONS)
         second = await migrate(pool, "launch", LAUNCH_MIGRATIONS)
-        expected = ["common:0001_outbox_inbox"] + [
+        expected = COMMON + [
             f"launch:{path.stem}" for path in sorted(LAUNCH_MIGRATIONS.glob("*.sql"))
         ]
         assert first == expected
@@ -28,7 +30,7 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(database_url
     try:
         results = await asyncio.gather(*(migrate(p, "notify", NOTIFY_MIGRATIONS) for p in pools))
         applied = [version for result in results for version in result]
-        expected = ["common:0001_outbox_inbox"] + [
+        expected = COMMON + [
             f"notify:{path.stem}" for path in sorted(NOTIFY_MIGRATIONS.glob("*.sql"))
         ]
         assert sorted(applied) == sorted(expected)

@@ -82,9 +82,9 @@ class WatchedRelay(OutboxRelay):
         self.failures = 0
         self.failed_twice = asyncio.Event()
 
-    async def publish_pending(self) -> int:
+    async def _publish_batch(self) -> tuple[int, int]:  # each round of run() and publish_pending
         try:
-            return await super().publish_pending()
+            return await super()._publish_batch()
         except Exception:
             self.failures += 1
             if self.failures >= 2:
