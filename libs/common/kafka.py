@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -74,6 +75,40 @@ def create_producer(
         request_timeout_ms=15_000,
         compression_type=None,
     )
+
+
+def without_ciphertext(value: bytes | None) -> tuple[bytes | None, list[str]]:
+    """The value to dead-letter: a JSON object's `*_encrypted` fields (a patient's phone, an
+    integration's secrets) set to null, with the paths of those blanked. The dead-letter topic
+    keeps messages for 30 days, longer than the source topic and than the visit a phone is kept
+    for, so its copy must not be decryptable. Anything else is parked as it came: bytes that
+    are not JSON were never an event, and nobody reads a field out of them."""
+    if not value:
+        return value, []
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value, []
+    if not isinstance(document, dict):
+        return value, []
+    removed: list[str] = []
+    # Iterative: a hostile message may nest as deep as the parser allows.
+    stack: list[tuple[object, str]] = [(document, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            for name, child in node.items():
+                at = f"{path}.{name}" if path else name
+                if name.endswith("_encrypted") and child is not None:
+                    node[name] = None
+                    removed.append(at)
+                else:
+                    stack.append((child, at))
+        elif isinstance(node, list):
+            stack += [(item, f"{path}[{index}]") for index, item in enumerate(node)]
+    if not removed:
+        return value, []
+    return orjson.dumps(document), sorted(removed)
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -451,18 +486,19 @@ class ConsumerRunner:
     async def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
         base_topic = record.topic.removeprefix(self._prefix)
         log.error("event dead-lettered", topic=base_topic, reason=reason, offset=record.offset)
+        value, removed = without_ciphertext(record.value)
+        headers = [
+            ("reason", reason.encode()[:1000]),
+            ("consumer", self.name.encode()),
+            ("source-topic", record.topic.encode()),
+            ("source-partition", str(record.partition).encode()),
+            ("source-offset", str(record.offset).encode()),
+        ]
+        if removed:
+            headers.append(("ciphertext-removed", ",".join(removed).encode()[:1000]))
         # Awaited before the offset is committed: a poison message is parked, never dropped.
         await self._producer.send_and_wait(
-            dead_letter_topic(record.topic),
-            value=record.value,
-            key=record.key,
-            headers=[
-                ("reason", reason.encode()[:1000]),
-                ("consumer", self.name.encode()),
-                ("source-topic", record.topic.encode()),
-                ("source-partition", str(record.partition).encode()),
-                ("source-offset", str(record.offset).encode()),
-            ],
+            dead_letter_topic(record.topic), value=value, key=record.key, headers=headers
         )
         DEAD_LETTERED.labels(self.name, base_topic).inc()
         EVENTS_CONSUMED.labels(self.name, base_topic, "dead_lettered").inc()

@@ -218,6 +218,45 @@ async def test_poison_messages_go_to_the_dead_letter_topic_with_a_reason(
     assert parked[0].value == b"{oops"
 
 
+async def test_a_dead_letter_copy_carries_no_field_ciphertext(
+    kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
+) -> None:
+    """The dead-letter copy of a JSON event has its `*_encrypted` fields blanked (named in a
+    header), the rest unchanged; a message that is not JSON is parked byte for byte."""
+    pool, producer = kit
+    topic = topic_prefix + "patient-joined"
+    ciphertext = "v1:k1:" + "A" * 40
+    # A producer one release ahead added fields without a version bump: undeliverable here.
+    document = orjson.loads(encode_event(patient_joined("apt_secret")))
+    document["payload"]["patient_phone_encrypted"] = ciphertext
+    document["payload"]["contacts"] = [{"email_encrypted": ciphertext, "kind": "home"}]
+    await publish_raw(producer, topic, orjson.dumps(document), "apt_secret")
+    await publish_raw(producer, topic, b"not json " + ciphertext.encode(), "apt_secret")
+    good = patient_joined()
+    await publish(producer, topic_prefix, good)
+
+    runner = probe_runner(pool, producer, KAFKA, topic_prefix, "ciphertext")
+    outcomes = Outcomes(runner)
+    await runner.start()
+    try:
+        await outcomes.reach(1)
+    finally:
+        await runner.stop()
+
+    scrubbed, verbatim = await read_all_records(topic + ".dlq", expect=2)
+    assert ciphertext.encode() not in scrubbed.value
+    document["payload"]["patient_phone_encrypted"] = None
+    document["payload"]["contacts"][0]["email_encrypted"] = None
+    assert orjson.loads(scrubbed.value) == document
+    headers = dict(scrubbed.headers)
+    assert headers["ciphertext-removed"] == (
+        b"payload.contacts[0].email_encrypted,payload.patient_phone_encrypted"
+    )
+    assert headers["reason"].startswith(b"invalid patient-joined v1")
+    assert verbatim.value == b"not json " + ciphertext.encode()
+    assert "ciphertext-removed" not in dict(verbatim.headers)
+
+
 async def test_failing_handler_retries_then_dead_letters_without_a_partial_effect(
     kit: tuple[asyncpg.Pool, AIOKafkaProducer], topic_prefix: str
 ) -> None:
