@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from libs.common.events import SmsSentV1, Topic, decode_event
 from tests.notify.conftest import (
     INTEGRATION,
@@ -33,28 +35,24 @@ async def test_sms_switched_off_for_the_integration_purges_the_numbers(kit: Kit)
     assert await _held(kit, "apt_off01") is None, "number kept after SMS was switched off"
 
 
-async def test_integration_disabled_purges_the_numbers(kit: Kit) -> None:
-    """Disabling the integration purges its patients' numbers."""
+@pytest.mark.parametrize(
+    ("change", "key"), [({"enabled": False}, "apt_dis01"), ({"deleted": True}, "apt_del01")]
+)
+async def test_integration_disabled_or_deleted_purges_the_numbers(
+    kit: Kit, change: dict[str, bool], key: str
+) -> None:
+    """Disabling or deleting the integration purges its patients' numbers."""
     await kit.configure()
-    await kit.book("apt_dis01", starts_in=timedelta(days=3))
+    await kit.book(key, starts_in=timedelta(days=3))
     await kit.until_result("confirmation", "sent")
-    disabled = integration_config(version=2).model_copy(update={"enabled": False})
     before = kit.applied
-    await kit.publish(Topic.INTEGRATION_CONFIG, str(INTEGRATION), disabled)
+    await kit.publish(
+        Topic.INTEGRATION_CONFIG,
+        str(INTEGRATION),
+        integration_config(version=2).model_copy(update=change),
+    )
     await kit.until_applied(before + 1)
-    assert await _held(kit, "apt_dis01") is None, "number kept after the integration was disabled"
-
-
-async def test_integration_deleted_purges_the_numbers(kit: Kit) -> None:
-    """Deleting the integration purges its patients' numbers."""
-    await kit.configure()
-    await kit.book("apt_del01", starts_in=timedelta(days=3))
-    await kit.until_result("confirmation", "sent")
-    deleted = integration_config(version=2).model_copy(update={"deleted": True})
-    before = kit.applied
-    await kit.publish(Topic.INTEGRATION_CONFIG, str(INTEGRATION), deleted)
-    await kit.until_applied(before + 1)
-    assert await _held(kit, "apt_del01") is None, "number kept after the integration was deleted"
+    assert await _held(kit, key) is None, f"number kept after {change}"
 
 
 async def test_sms_switched_off_refuses_the_messages_owed_as_no_consent(make_kit: MakeKit) -> None:
