@@ -91,10 +91,22 @@ _MEASURE = (
     " AS oldest_pending_s,"
     " (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL) AS parked"
 )
-# What the broker (or the producer, before sending) says about one record and will say again
-# however often it is sent. Not errors about a topic or the cluster (authorization, unknown
-# topic): parking every row of a topic for a misconfiguration would need each replayed.
+# What the producer says about one record before sending it, and will say again however
+# often it is sent: such a row is parked. Only the producer's refusals: after the broker
+# refuses a batch of an idempotent producer, that producer's next batches to the partition are
+# refused as out of sequence (the broker stored nothing, the producer's sequence moved on), so
+# parking the row would not unblock the rows behind it. The producer's max_request_size (1 MiB)
+# is below the broker's default max.message.bytes, so a row too large for Kafka is refused here
+# unless a topic sets a lower max.message.bytes (ours do not; see _BROKER_REFUSED).
 REFUSED_FOR_GOOD: tuple[type[Exception], ...] = (
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+)
+# The broker refusing a record: a failed round like any other (rolled back, counted, retried,
+# the relay and backlog alerts fire), logged with what to fix. CORRUPT_MESSAGE is a CRC failure,
+# possibly in transit: retried too.
+_BROKER_REFUSED: tuple[type[Exception], ...] = (
     MessageSizeTooLargeError,
     RecordTooLargeError,
     RecordListTooLargeError,
@@ -225,9 +237,16 @@ class OutboxRelay:
         outcomes = await asyncio.gather(*(d for _, d in sent), return_exceptions=True)
         failure: BaseException | None = None
         for (row, _), outcome in zip(sent, outcomes, strict=True):
-            if isinstance(outcome, REFUSED_FOR_GOOD):  # e.g. above the topic's max.message.bytes
-                refused[row["id"]] = _reason(outcome)
-            elif isinstance(outcome, BaseException) and failure is None:
+            if isinstance(outcome, _BROKER_REFUSED):
+                log.error(
+                    "outbox row refused by the broker; every later row of its partition waits"
+                    " behind it: check the topic's max.message.bytes (must not be below the"
+                    " producer's 1 MiB max_request_size) and the broker's log",
+                    topic=row["topic"],
+                    outbox_id=row["id"],
+                    reason=_reason(outcome),
+                )
+            if isinstance(outcome, BaseException) and failure is None:
                 failure = outcome
         if failure is not None:
             raise failure

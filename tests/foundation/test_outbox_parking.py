@@ -1,11 +1,14 @@
-"""Outbox rows the broker refuses for good are parked, not retried in front of every later event."""
+"""Outbox rows the producer refuses for good are parked, not retried in front of every later
+event; a broker refusal fails the round loudly instead."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import MessageSizeTooLargeError
 from prometheus_client import REGISTRY
 
 from libs.common.events import (
@@ -93,17 +96,19 @@ async def test_a_row_larger_than_the_producer_accepts_is_parked_and_the_rest_go_
         await pool.close()
 
 
-async def test_a_row_the_broker_refuses_as_too_large_is_parked(
+async def test_a_row_the_broker_refuses_is_not_parked_but_fails_the_round_loudly(
     database_url: str, topic_prefix: str
 ) -> None:
-    """A row the broker answers MESSAGE_TOO_LARGE for (above the topic's max.message.bytes) is
-    parked; an event of another topic in the same batch is published."""
+    """A row the broker answers MESSAGE_TOO_LARGE for (a topic whose max.message.bytes is below
+    the producer's limit) fails the round: nothing is marked, so nothing is lost, and the error
+    names the topic. (Parking it would not help: the idempotent producer's later batches to
+    that partition are refused as out of sequence.)"""
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
     await admin.start()
     try:
         small = NewTopic(
             name=topic_prefix + "meeting-ended",
-            num_partitions=3,
+            num_partitions=1,
             replication_factor=1,
             topic_configs={"max.message.bytes": "200"},
         )
@@ -115,21 +120,17 @@ async def test_a_row_the_broker_refuses_as_too_large_is_parked(
     producer = await started_producer(KAFKA)
     relay = OutboxRelay(pool, producer, schema="probe", topic_prefix=topic_prefix)
     try:
-        refused, later = meeting_ended(participants=2, intervals=3), patient_joined("apt_other")
+        refused = meeting_ended(participants=2, intervals=3)
         assert 200 < len(encode_event(refused)) < 16_384  # under the producer's limits
         async with pool.acquire() as conn, conn.transaction():
             await enqueue(conn, refused)
-            await enqueue(conn, later)
-
-        assert await relay.publish_pending() == 1
-
-        reason = await pool.fetchval(
-            "SELECT parked_reason FROM outbox WHERE event_id = $1", refused.event_id
+        with pytest.raises(MessageSizeTooLargeError):
+            await relay.publish_pending()
+        row = await pool.fetchrow(
+            "SELECT published_at, parked_at FROM outbox WHERE event_id = $1", refused.event_id
         )
-        assert reason is not None
-        assert reason.startswith("MessageSizeTooLargeError")
-        pending = "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL"
-        assert await pool.fetchval(pending) == 0
+        assert row is not None
+        assert (row["published_at"], row["parked_at"]) == (None, None)
     finally:
         await producer.stop()
         await pool.close()
