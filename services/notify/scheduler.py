@@ -56,7 +56,7 @@ WITH due AS (
 ), claimed AS (
     UPDATE sms_messages m SET due_at = $3, claims = m.claims + 1 FROM due WHERE m.id = due.id
     RETURNING m.id, m.appointment_key, m.kind, m.claims, m.attempts, m.send_at,
-              m.repeatability_request_id
+              m.repeatability_request_id, m.in_flight_since
 )
 SELECT c.*, a.tenant_id, a.integration_id, a.starts_at, a.ends_at, a.time_zone, a.join_url,
        a.phone_encrypted, a.sms_enabled AS appointment_sms, a.booked, a.cancelled,
@@ -502,7 +502,9 @@ class Dispatcher:
                 row,
                 self._clock.now() + timedelta(seconds=delay),
                 reason,
-                answered=not result.unanswered,
+                # An answer to this attempt says nothing of an earlier one that got none
+                # (in flight when claimed): that one may be at ACS, so the mark stays.
+                answered=not result.unanswered and row["in_flight_since"] is None,
             )
         if not result.retryable:
             reason = f"refused: {reason}"

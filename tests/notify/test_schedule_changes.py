@@ -286,3 +286,36 @@ async def test_a_confirmation_sent_without_an_answer_is_left_to_go_when_the_visi
         "SELECT kind, status FROM sms_messages WHERE kind <> 'reminder' ORDER BY id"
     )
     assert [tuple(r) for r in rows] == [("confirmation", "sent"), ("reschedule", "sent")]
+
+
+async def test_a_confirmation_refused_for_now_after_a_lost_answer_is_still_left_to_go(
+    make_kit: MakeKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confirmation whose first send got no answer and whose retry ACS answered 429 may still
+    be at ACS from the first: when the visit moves it is left to go, then the move announced."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    booking = await kit.book("apt_lost_429", starts_in=timedelta(days=2))
+    real = AcsSmsClient.send
+
+    async def unanswered(client: AcsSmsClient, **kwargs: Any) -> SendResult:
+        await real(client, **kwargs)  # it went, but the answer is lost
+        monkeypatch.setattr(AcsSmsClient, "send", throttled)
+        return SendResult(status=0, error_code="no-response")
+
+    async def throttled(client: AcsSmsClient, **kwargs: Any) -> SendResult:
+        monkeypatch.setattr(AcsSmsClient, "send", real)
+        return SendResult(status=429, error_code="TooManyRequests", retry_after_s=1)
+
+    monkeypatch.setattr(AcsSmsClient, "send", unanswered)
+    assert await kit.dispatcher.dispatch_due() == 1
+    await kit.advance(timedelta(minutes=6))
+    assert await kit.dispatcher.dispatch_due() == 1
+    assert kit.results("confirmation") == ["retry", "retry"]
+
+    await _move_and_send_all(kit, "apt_lost_429", _move(booking.starts_at))
+    assert [sms.tag for sms in kit.outbound()] == ["notify:confirmation", "notify:reschedule"]
+    rows = await kit.query(
+        "SELECT kind, status FROM sms_messages WHERE kind <> 'reminder' ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [("confirmation", "sent"), ("reschedule", "sent")]
