@@ -343,7 +343,8 @@ async def test_rsa_key_with_a_large_prime_is_refused_unchecked(
         ticker.cancel()
     assert status == 422, answer
     assert answer["field"] == "private_key"
-    assert worst < 0.5, f"the event loop stalled for {worst:.1f}s while the key was checked"
+    # The check would stall it ~2 s here; 1 s leaves room for a loaded CI machine's own pauses.
+    assert worst < 1.0, f"the event loop stalled for {worst:.1f}s while the key was checked"
 
 
 # Another process polls /healthz and prints the slowest answer (a thread would share our GIL).
@@ -360,7 +361,8 @@ print(worst)
 
 
 async def test_large_rsa_key_does_not_freeze_the_service(config_portal: ConfigPortal) -> None:
-    """An 8676-bit RSA key (about 9 s to check) is refused at once; /healthz stays quick."""
+    """An 8676-bit RSA key (about 9 s to check; its PEM is over the field's 4,096 characters)
+    is refused at once; /healthz stays quick."""
     p = config_portal
     await p.session(CONTOSO_ADMIN)
     pem = _mersenne_rsa_key(4423, 4253)
