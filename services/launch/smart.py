@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import jwt
 import orjson
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +36,9 @@ CERNER_PROVIDER_PERSONA = "/personas/provider/authorize"
 CERNER_PATIENT_PERSONA = "/personas/patient/authorize"
 # Client-assertion keys kept loaded, one per integration and configured key.
 MAX_CACHED_PRIVATE_KEYS = 1024
+# The config service's limit for new keys (services/config/integrations.py); a key saved before
+# it existed is refused here rather than signed with at seconds per launch.
+MAX_RSA_KEY_BITS = 4096
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
@@ -242,11 +246,21 @@ class SmartClient:
             return key
         pem = cipher.decrypt(sealed, integration.secret_purpose)
         try:
-            loaded = load_pem_private_key(pem.encode(), password=None)
-        except ValueError:
+            # The config service checked the key in full when it was saved; checking it again
+            # here ran on the event loop holding the GIL (about 50 ms for 2048 bits, seconds
+            # for the larger keys config accepted before it capped RSA at 4096 bits).
+            loaded = load_pem_private_key(
+                pem.encode(), password=None, unsafe_skip_rsa_key_validation=True
+            )
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise SmartError("This integration's private key cannot be read.") from None
         if not isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise SmartError("This integration's private key must be RSA or EC (P-384).")
+        if isinstance(loaded, rsa.RSAPrivateKey) and loaded.key_size > MAX_RSA_KEY_BITS:
+            raise SmartError(
+                f"This integration's RSA key is over {MAX_RSA_KEY_BITS} bits: save a smaller"
+                " one in the admin portal."
+            )
         if len(self._private_keys) >= MAX_CACHED_PRIVATE_KEYS:
             self._private_keys.clear()  # replaced keys of a long-running process
         self._private_keys[cache_key] = loaded

@@ -2,14 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.config.conftest import (
@@ -21,27 +19,8 @@ from tests.config.conftest import (
     table_counts,
 )
 from tests.conftest import free_port
-
-
-def _pem(key: Any) -> str:
-    return str(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-    )
-
-
-def _mersenne_rsa_key(p_exponent: int, q_exponent: int) -> str:
-    """A genuine RSA key whose primes are Mersenne primes: built at once, however large, and
-    as slow to check as any key of its size."""
-    p, q, e = 2**p_exponent - 1, 2**q_exponent - 1, 65537
-    d = pow(e, -1, math.lcm(p - 1, q - 1))
-    numbers = rsa.RSAPrivateNumbers(
-        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q)
-    )
-    return _pem(numbers.private_key(unsafe_skip_rsa_key_validation=True))
+from tests.support.rsa_keys import mersenne_rsa_key as _mersenne_rsa_key
+from tests.support.rsa_keys import pem as _pem
 
 
 def _der(tag: int, body: bytes) -> bytes:

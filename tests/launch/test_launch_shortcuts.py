@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -34,6 +35,7 @@ from services.launch.pages import redirect
 from services.launch.sessions import set_session_cookie
 from services.launch.settings import LaunchSettings
 from services.launch.smart import SmartClient, SmartConfiguration, _redirect_base
+from tests.support.rsa_keys import mersenne_rsa_key
 
 QUERY = (
     "response_type=code&client_id=bench-client"
@@ -156,9 +158,9 @@ async def test_client_assertion_key_is_loaded_once_per_configured_key(
     loads: list[bytes] = []
     load = serialization.load_pem_private_key
 
-    def counted(data: bytes, password: bytes | None) -> Any:
+    def counted(data: bytes, password: bytes | None, **options: Any) -> Any:
         loads.append(data)
-        return load(data, password)
+        return load(data, password, **options)
 
     monkeypatch.setattr(smart, "load_pem_private_key", counted)
     config = SmartConfiguration(
@@ -179,6 +181,18 @@ async def test_client_assertion_key_is_loaded_once_per_configured_key(
         )
         client._client_auth(rekeyed, config, cipher)
         assert len(loads) == 2
+
+
+def test_an_rsa_key_over_4096_bits_is_refused_without_being_checked() -> None:
+    """A large RSA key saved before config capped them is refused at once, not checked on the
+    event loop (this one takes about 9 s to check) nor signed with on every launch."""
+    cipher = FieldCipher(DEV_KEYRING, "dev1")
+    integration = _integration(mersenne_rsa_key(4423, 4253), cipher)
+    client = SmartClient(cast(aiohttp.ClientSession, None), LaunchSettings())
+    started = time.perf_counter()
+    with pytest.raises(smart.SmartError, match="over 4096 bits"):
+        client._private_key(integration, cipher)
+    assert time.perf_counter() - started < 1.0
 
 
 @pytest.fixture
