@@ -139,6 +139,14 @@ class AppointmentRescheduledV1(Payload):
     schedule_version: int = Field(ge=1)
 
 
+class AppointmentRescheduledV2(AppointmentRescheduledV1):
+    """A move of a visit whose recorded end had passed: notify erased the patient's number
+    then, so the move carries it again (ciphertext) for the notice and the new reminders. A
+    move of a visit not over yet stays V1, without the number."""
+
+    patient_phone_encrypted: str | None = Field(default=None, max_length=4096)
+
+
 class AppointmentCancelledV1(Payload):
     """The EHR cancelled the appointment; pending reminders are dropped."""
 
@@ -233,6 +241,7 @@ class TenantSettingsV1(Payload):
 PAYLOAD_MODELS: dict[tuple[str, int], type[Payload]] = {
     (Topic.APPOINTMENT_CREATED, 1): AppointmentCreatedV1,
     (Topic.APPOINTMENT_RESCHEDULED, 1): AppointmentRescheduledV1,
+    (Topic.APPOINTMENT_RESCHEDULED, 2): AppointmentRescheduledV2,
     (Topic.APPOINTMENT_CANCELLED, 1): AppointmentCancelledV1,
     (Topic.PATIENT_JOINED, 1): PatientJoinedV1,
     (Topic.PARTICIPANT_ADMITTED, 1): ParticipantAdmittedV1,

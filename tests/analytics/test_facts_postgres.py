@@ -21,6 +21,7 @@ from libs.common.events import (
     AppointmentCancelledV1,
     AppointmentCreatedV1,
     AppointmentRescheduledV1,
+    AppointmentRescheduledV2,
     Envelope,
     MeetingEndedV1,
     SmsSentV1,
@@ -31,6 +32,7 @@ from services.analytics import reports, rollup
 from services.analytics.metrics import MetricsRecorder
 from tests.analytics.support import Facts
 from tests.analytics.visits import Person, Visit, events, expected, visits
+from tests.support.privacy import scan_schema
 
 BASE = datetime(2026, 3, 10, 14, 0, tzinfo=UTC)
 
@@ -496,7 +498,7 @@ async def test_sms_of_a_cancelled_appointment_reach_the_usage_report(facts: Fact
 CHICAGO_EVENING = datetime(2026, 1, 31, 19, 30, tzinfo=ZoneInfo("America/Chicago"))
 
 
-def _booking(key: str, zone: str, version: int = 1) -> Envelope[Any]:
+def _booking(key: str, zone: str, version: int = 1, phone: str | None = None) -> Envelope[Any]:
     start = CHICAGO_EVENING.astimezone(UTC)
     if version == 1:
         payload: Any = AppointmentCreatedV1(
@@ -515,6 +517,8 @@ def _booking(key: str, zone: str, version: int = 1) -> Envelope[Any]:
         time_zone=zone,
         schedule_version=version,
     )
+    if phone is not None:
+        payload = AppointmentRescheduledV2(**payload.model_dump(), patient_phone_encrypted=phone)
     return make_event(Topic.APPOINTMENT_RESCHEDULED, "tenant-zones", key, payload)
 
 
@@ -582,6 +586,21 @@ async def test_a_zone_that_arrives_late_refiles_the_visit(facts: Facts, order: s
     else:
         await facts.apply_poll([*held, utc, chicago])
     assert await _filed(facts, key) == (date(2026, 1, 31), 1, 0, 1)
+
+
+async def test_a_move_carrying_the_number_refiles_the_visit_and_keeps_no_number(
+    facts: Facts,
+) -> None:
+    """A V2 reschedule (a visit moved after its end, carrying the number for notify) moves the
+    visit as V1 does; analytics keeps none of its ciphertext."""
+    key = f"apt-{uuid.uuid4().hex}"
+    ciphertext = "enc:v1:not-kept-by-analytics"
+    await _apply_all(facts, [_booking(key, "UTC"), *_held_at_chicago_evening(key)])
+    await facts.apply(_booking(key, "America/Chicago", version=2, phone=ciphertext))
+    assert await _filed(facts, key) == (date(2026, 1, 31), 1, 0, 1)
+    async with facts.pool.acquire() as conn:
+        assert await scan_schema(conn, "analytics", [key])  # the search reaches its rows
+        assert await scan_schema(conn, "analytics", [ciphertext]) == []
 
 
 async def test_a_booking_without_a_known_zone_counts_in_the_report_time_zone(

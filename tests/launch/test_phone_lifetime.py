@@ -1,14 +1,22 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from libs.common.events import AppointmentCreatedV1, decode_event
+from libs.common.events import (
+    AppointmentCreatedV1,
+    AppointmentRescheduledV1,
+    AppointmentRescheduledV2,
+    decode_event,
+    encode_event,
+)
 from libs.common.web import OUTBOX_RELAY
+from sandbox.ehr import TENANT_A
 from services.launch.state import INTEGRATIONS
 from tests.conftest import wait_for
 from tests.launch.test_visit_end_to_end import book_video_visit
@@ -99,3 +107,52 @@ async def test_booking_with_sms_off_carries_no_phone(
     stored = orjson.loads(bytes(rows[0]["payload"]))["payload"]
     assert stored["sms_enabled"] is False
     assert stored["patient_phone_encrypted"] is None
+
+
+async def _reschedule(
+    http: aiohttp.ClientSession, system: LaunchSystem, appointment_id: str
+) -> None:
+    new_start = (datetime.now(UTC) + timedelta(days=7)).replace(microsecond=0)
+    async with http.post(
+        f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}/appointments/{appointment_id}/reschedule",
+        json={"start": new_start.isoformat(), "minutes": 30},
+    ) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_a_move_carries_the_number_only_once_the_visit_was_over(
+    launch_system: LaunchSystem, topic_prefix: str, database_url: str
+) -> None:
+    """A visit moved before its end is rescheduled as V1, with no number; one moved after its
+    recorded end (a no-show booked again for next week: notify erased the number at the end)
+    is V2, carrying the patient's number as ciphertext for the same appointment."""
+    system = launch_system
+    async with aiohttp.ClientSession() as http:
+        appointment = await book_video_visit(http, system)
+        [value] = await read_all(topic_prefix + "appointment-created", expect=1)
+        key = decode_event(value).key
+        await _reschedule(http, system, appointment["id"])
+        conn = await asyncpg.connect(database_url)
+        try:
+            # The visit's time passes: its recorded end is an hour ago.
+            await conn.execute(
+                "UPDATE launch.appointments SET starts_at = now() - interval '90 minutes',"
+                " ends_at = now() - interval '1 hour' WHERE appointment_key = $1",
+                key,
+            )
+        finally:
+            await conn.close()
+        await _reschedule(http, system, appointment["id"])
+    first, second = [
+        decode_event(v) for v in await read_all(topic_prefix + "appointment-rescheduled", expect=2)
+    ]
+    assert type(first.payload) is AppointmentRescheduledV1
+    assert first.version == 1
+    assert "patient_phone_encrypted" not in orjson.loads(encode_event(first))["payload"]
+    assert isinstance(second.payload, AppointmentRescheduledV2)
+    assert second.version == 2
+    ciphertext = second.payload.patient_phone_encrypted
+    assert ciphertext is not None
+    phone = system.settings.field_cipher().decrypt(ciphertext, f"patient-phone:{key}")
+    assert phone.startswith("+1")
+    assert second.payload.schedule_version > first.payload.schedule_version
