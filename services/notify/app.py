@@ -15,6 +15,7 @@ from services.notify.bookings import batch_handler
 from services.notify.clock import Clock, SystemClock
 from services.notify.consumers import handlers
 from services.notify.openapi import openapi_json
+from services.notify.phones import RecipientHasher
 from services.notify.purge import Purger
 from services.notify.scheduler import Dispatcher
 from services.notify.settings import NotifySettings
@@ -83,13 +84,18 @@ def create_app(settings: ServiceSettings, clock: Clock | None = None) -> web.App
     # Every notify handler writes only its own appointment's rows (and integration-config
     # only its integration's), so partitions can be applied side by side. A poll goes through
     # the batch handler (new bookings set-based), the per-event handlers being its fallback.
-    per_event = handlers(clock)
+    hasher = RecipientHasher(
+        settings.field_cipher(),
+        settings.recipient_hash_secret.get_secret_value(),
+        settings.sms_default_region,
+    )
+    per_event = handlers(clock, hasher)
     app.cleanup_ctx.append(
         consumer_ctx(
             CONSUMER_GROUP,
             per_event,
             parallel_partitions=PARALLEL_PARTITIONS,
-            batch_handler=batch_handler(clock, per_event),
+            batch_handler=batch_handler(clock, per_event, hasher),
         )
     )
     app.cleanup_ctx.append(sms_ctx(clock))

@@ -20,6 +20,7 @@ from libs.common.events import AppointmentCreatedV1, Envelope, IntegrationConfig
 from libs.common.kafka import BatchHandler, EventHandler
 from services.notify.clock import Clock
 from services.notify.consumers import chosen_offsets, due_reminders, repeatability_request_id
+from services.notify.phones import RecipientHasher
 
 if TYPE_CHECKING:
     from libs.common.db import Connection
@@ -29,11 +30,11 @@ if TYPE_CHECKING:
 _FIRST_BOOKINGS = (
     "WITH booked AS (INSERT INTO appointments (appointment_key, tenant_id, integration_id,"
     " starts_at, ends_at, time_zone, sms_enabled, schedule_version, confirmation, join_url,"
-    " phone_encrypted)"
-    " SELECT k, t, i, s, e, z, sms, v, CASE WHEN sms THEN 'pending' ELSE 'skipped' END, j, ph"
-    " FROM unnest($1::text[], $2::text[], $3::uuid[], $4::timestamptz[], $5::timestamptz[],"
-    " $6::text[], $7::boolean[], $8::int[], $9::text[], $10::text[])"
-    " AS b(k, t, i, s, e, z, sms, v, j, ph) ORDER BY k"
+    " phone_encrypted, recipient_hash)"
+    " SELECT k, t, i, s, e, z, sms, v, CASE WHEN sms THEN 'pending' ELSE 'skipped' END, j, ph,"
+    " h FROM unnest($1::text[], $2::text[], $3::uuid[], $4::timestamptz[], $5::timestamptz[],"
+    " $6::text[], $7::boolean[], $8::int[], $9::text[], $10::text[], $17::text[])"
+    " AS b(k, t, i, s, e, z, sms, v, j, ph, h) ORDER BY k"
     " ON CONFLICT (appointment_key) DO NOTHING RETURNING appointment_key),"
     " planned AS (INSERT INTO sms_messages (appointment_key, kind, schedule_version,"
     " discriminator, send_at, due_at, repeatability_request_id)"
@@ -78,10 +79,14 @@ async def _offsets(conn: Connection, integration_ids: set[uuid.UUID]) -> dict[uu
 
 
 async def insert_bookings(
-    conn: Connection, bookings: Sequence[Envelope[Any]], now: datetime
+    conn: Connection,
+    bookings: Sequence[Envelope[Any]],
+    now: datetime,
+    hasher: RecipientHasher,
 ) -> set[str]:
-    """Inserts the appointments of bookings whose appointment is new, with their messages;
-    returns the keys inserted (the others are left to the per-event handler)."""
+    """Inserts the appointments of bookings whose appointment is new, with their messages
+    (and each number kept with its recipient_hash, from `hasher`); returns the keys inserted
+    (the others are left to the per-event handler)."""
     ordered = sorted(bookings, key=lambda event: event.key)
     payloads: list[AppointmentCreatedV1] = []
     for event in ordered:
@@ -97,6 +102,8 @@ async def insert_bookings(
         offsets = chosen_offsets(stored.get(p.integration_id))
         for discriminator, send_at in due_reminders(p.starts_at, offsets, now):
             messages.append((event.key, "reminder", p.schedule_version, discriminator, send_at))
+    # The number is worth keeping only if SMS may go to it.
+    phones = [p.patient_phone_encrypted if p.sms_enabled else None for p in payloads]
     rows = await conn.fetch(
         _FIRST_BOOKINGS,
         [event.key for event in ordered],
@@ -108,24 +115,26 @@ async def insert_bookings(
         [p.sms_enabled for p in payloads],
         [p.schedule_version for p in payloads],
         [p.join_url for p in payloads],
-        # The number is worth keeping only if SMS may go to it.
-        [p.patient_phone_encrypted if p.sms_enabled else None for p in payloads],
+        phones,
         [m[0] for m in messages],
         [m[1] for m in messages],
         [m[2] for m in messages],
         [m[3] for m in messages],
         [m[4] for m in messages],
         [repeatability_request_id(k, kind, v, d) for k, kind, v, d, _ in messages],
+        [hasher.held(phone, event.key) for phone, event in zip(phones, ordered, strict=True)],
     )
     return {row["appointment_key"] for row in rows}
 
 
-def batch_handler(clock: Clock, handlers: Mapping[str, EventHandler]) -> BatchHandler:
-    """The batch form of `handlers` (consumers.handlers(clock)), with the same effect."""
+def batch_handler(
+    clock: Clock, handlers: Mapping[str, EventHandler], hasher: RecipientHasher
+) -> BatchHandler:
+    """The batch form of `handlers` (consumers.handlers(clock, hasher)), with the same effect."""
 
     async def apply(conn: Connection, events: list[Envelope[Any]]) -> None:
         bookings = first_bookings(events)
-        inserted = await insert_bookings(conn, bookings, clock.now()) if bookings else set()
+        inserted = await insert_bookings(conn, bookings, clock.now(), hasher) if bookings else set()
         done = {event.event_id for event in bookings if event.key in inserted}
         for event in events:
             if event.event_id not in done:

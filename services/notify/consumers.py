@@ -31,6 +31,8 @@ from libs.common.events import (
 )
 from libs.common.kafka import EventHandler
 from services.notify.clock import Clock
+from services.notify.phones import RecipientHasher
+from services.notify.purge import purging
 
 if TYPE_CHECKING:
     from libs.common.db import Connection
@@ -160,11 +162,15 @@ async def drop_pending(
 # outcome and reason, the appointment's confirmation state, an sms-sent event each (written by
 # the caller). {which} chooses the appointments, from $1. One a dispatcher may have at ACS
 # already is left to it: an accepted send is recorded whatever the row says, and one that
-# comes back unsent is refused then (SMS off, no number).
+# comes back unsent is refused then (SMS off, no number). The messages are locked first in id
+# order, the order of the dispatcher's outcome write, so the two wait instead of deadlocking.
 _REFUSE_PENDING = (
     "WITH refused AS (UPDATE sms_messages m SET status = 'refused', outcome = $2,"
     " reason = $3, finished_at = $4 FROM appointments a"
-    " WHERE a.appointment_key = m.appointment_key AND {which} AND m.status = 'pending'"
+    " WHERE m.id = any(ARRAY(SELECT m.id FROM sms_messages m JOIN appointments a"
+    " ON a.appointment_key = m.appointment_key WHERE {which} AND m.status = 'pending'"
+    " AND m.in_flight_since IS NULL ORDER BY m.id FOR UPDATE OF m))"
+    " AND a.appointment_key = m.appointment_key AND m.status = 'pending'"
     " AND m.in_flight_since IS NULL"
     " RETURNING m.appointment_key, m.kind, a.tenant_id, a.integration_id),"
     " confirmed AS (UPDATE appointments a SET confirmation = $5 FROM refused r"
@@ -173,6 +179,7 @@ _REFUSE_PENDING = (
 )
 _OF_INTEGRATION = _REFUSE_PENDING.format(which="a.integration_id = $1::uuid")
 _OF_APPOINTMENTS = _REFUSE_PENDING.format(which="a.appointment_key = any($1::text[])")
+_PURGE_INTEGRATION = purging("a.integration_id = $2::uuid")
 _ANNOUNCE = (
     "INSERT INTO outbox (event_id, topic, key, payload)"
     " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[])"
@@ -231,8 +238,8 @@ async def _locked(conn: Connection, key: str) -> asyncpg.Record | None:
 _FIRST_BOOKING = (
     "WITH booked AS (INSERT INTO appointments (appointment_key, tenant_id, integration_id,"
     " starts_at, ends_at, time_zone, sms_enabled, schedule_version, confirmation, join_url,"
-    " phone_encrypted) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,"
-    " CASE WHEN $7 THEN 'pending' ELSE 'skipped' END, $9, $10)"
+    " phone_encrypted, recipient_hash) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,"
+    " CASE WHEN $7 THEN 'pending' ELSE 'skipped' END, $9, $10, $13)"
     " ON CONFLICT (appointment_key) DO NOTHING RETURNING appointment_key),"
     " confirmation AS (INSERT INTO sms_messages (appointment_key, kind, schedule_version,"
     " discriminator, send_at, due_at, repeatability_request_id)"
@@ -245,7 +252,11 @@ _FIRST_BOOKING = (
 
 
 async def _first_booking(
-    conn: Connection, event: Envelope[Any], phone: str | None, now: datetime
+    conn: Connection,
+    event: Envelope[Any],
+    phone: str | None,
+    phone_hash: str | None,
+    now: datetime,
 ) -> bool:
     """True when this booking created the appointment (and planned its messages)."""
     p = event.payload
@@ -264,6 +275,7 @@ async def _first_booking(
         phone,
         now,
         repeatability_request_id(event.key, "confirmation", p.schedule_version, ""),
+        phone_hash,
     )
     if row is None or not row["booked"]:
         return False
@@ -280,13 +292,16 @@ async def _first_booking(
     return True
 
 
-def handlers(clock: Clock) -> dict[str, EventHandler]:
+def handlers(clock: Clock, hasher: RecipientHasher) -> dict[str, EventHandler]:
+    """`hasher` gives the recipient_hash stored beside each number kept."""
+
     async def appointment_created(conn: Connection, event: Envelope[Any]) -> None:
         p = event.payload
         assert isinstance(p, AppointmentCreatedV1)
         # The number is worth keeping only if SMS may go to it.
         phone = p.patient_phone_encrypted if p.sms_enabled else None
-        if await _first_booking(conn, event, phone, clock.now()):
+        phone_hash = hasher.held(phone, event.key)
+        if await _first_booking(conn, event, phone, phone_hash, clock.now()):
             return
         row = await _locked(conn, event.key)
         # None only if the row went between the two statements: nothing to complete then.
@@ -300,6 +315,7 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         await conn.execute(
             "UPDATE appointments SET booked = true, sms_enabled = $2, join_url = $3,"
             " phone_encrypted = CASE WHEN cancelled THEN NULL ELSE $4 END,"
+            " recipient_hash = CASE WHEN cancelled THEN NULL ELSE $10 END,"
             " confirmation = CASE WHEN $2 AND NOT cancelled THEN 'pending' ELSE 'skipped' END,"
             " starts_at = CASE WHEN $5 THEN $6 ELSE starts_at END,"
             " ends_at = CASE WHEN $5 THEN $7 ELSE ends_at END,"
@@ -314,6 +330,7 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
             p.ends_at,
             p.time_zone,
             version,
+            phone_hash,
         )
         if not p.sms_enabled or cancelled:
             return
@@ -451,12 +468,7 @@ def handlers(clock: Clock) -> dict[str, EventHandler]:
         # its patients, so their numbers are not needed any more, and the messages owed are
         # refused now as the dispatcher would refuse them.
         now = clock.now()
-        await conn.execute(
-            "UPDATE appointments SET phone_encrypted = NULL, phone_purged_at = $2"
-            " WHERE integration_id = $1 AND phone_encrypted IS NOT NULL",
-            p.integration_id,
-            now,
-        )
+        await conn.execute(_PURGE_INTEGRATION, now, p.integration_id)
         await refuse_pending(
             conn, p.integration_id, "no_consent", "SMS off or consents not given", now
         )

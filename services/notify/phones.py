@@ -68,3 +68,25 @@ def recipient(
 
 def recipient_hash(secret: str, e164: str) -> str:
     return keyed_hash(secret, e164, RECIPIENT_HASH_PURPOSE)
+
+
+class RecipientHasher:
+    """The keyed hash stored beside a patient's number (appointments.recipient_hash): the
+    recipient_hash of its E.164 form, which a STOP from that number carries, so the
+    appointments holding it are found without decrypting every number held."""
+
+    def __init__(self, cipher: FieldCipher, secret: str, default_region: str) -> None:
+        self._cipher = cipher
+        self._secret = secret
+        self._region = default_region
+
+    def of(self, e164: str) -> str:
+        return recipient_hash(self._secret, e164)
+
+    def held(self, ciphertext: str | None, appointment_key: str) -> str | None:
+        """None when no number is held; "" for one that does not decrypt or that SMS cannot
+        go to (never a recipient, so no reply is matched to it)."""
+        if ciphertext is None:
+            return None
+        to = recipient(self._cipher, ciphertext, appointment_key, self._region)
+        return "" if isinstance(to, Refusal) else self.of(to)

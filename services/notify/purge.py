@@ -4,7 +4,8 @@ A number stays (encrypted) until the appointment ends, because the clinician may
 "Send link to patient" during the visit; a cancelled appointment's number goes as soon as
 its cancellation notice is finished, and any number goes once its integration's SMS is off
 (switched off, disabled or deleted: the consumer purges them then, this is the safety net,
-for a booking published with SMS still on after the change, say).
+for a booking published with SMS still on after the change, say). A STOP reply purges the
+patient's numbers held for the number it was sent to (webhooks.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,42 @@ from services.notify.clock import Clock
 log = structlog.get_logger(__name__)
 
 
+_PURGING = (
+    "WITH purged AS (UPDATE appointments a SET phone_encrypted = NULL,"
+    " recipient_hash = NULL, phone_purged_at = $1"
+    " WHERE a.appointment_key = any(ARRAY(SELECT a.appointment_key FROM appointments a"
+    " WHERE a.phone_encrypted IS NOT NULL AND ({which})"
+    " ORDER BY a.appointment_key FOR UPDATE)) AND a.phone_encrypted IS NOT NULL"
+    " RETURNING 1) SELECT count(*) FROM purged"
+)
+
+
+def purging(which: str) -> str:
+    """The statement that clears the numbers held, and their hashes, of the appointments that
+    `which` (a condition on `a`) chooses; $1 is the time purged, `which` has $2 on. It answers
+    how many it cleared.
+
+    The rows are locked first (the ARRAY subquery, before anything is updated), in
+    appointment_key order: the order of the other statements that lock several appointments
+    (the batch booking insert, the dispatcher's outcome write), so a purge and one of those
+    wait for each other instead of deadlocking; a bare UPDATE locks in the order of its plan
+    (ends_at, or the heap's). Rows cleared meanwhile by another transaction are skipped, not
+    counted twice. Across tables there is no one order (a consumer locks an appointment, then
+    its messages; the outcome write messages, then their appointments): a deadlock there fails
+    one transaction, which is retried (a poll per event, outcomes one at a time, the webhook
+    by Event Grid)."""
+    return _PURGING.format(which=which)
+
+
+# Visits over; cancelled ones whose notice is finished; integrations whose SMS is off.
+_PURGE_DUE = purging(
+    "a.ends_at < $1 OR (a.cancelled AND NOT EXISTS (SELECT 1 FROM sms_messages m"
+    " WHERE m.appointment_key = a.appointment_key AND m.status = 'pending'))"
+    " OR EXISTS (SELECT 1 FROM integrations i"
+    " WHERE i.integration_id = a.integration_id AND NOT i.sms_enabled)"
+)
+
+
 class Purger:
     def __init__(self, pool: asyncpg.Pool, clock: Clock, interval_s: float) -> None:
         self._pool = pool
@@ -32,16 +69,7 @@ class Purger:
     async def purge_once(self) -> int:
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():
-            purged: int = await conn.fetchval(
-                "WITH purged AS (UPDATE appointments a SET phone_encrypted = NULL,"
-                " phone_purged_at = $1 WHERE phone_encrypted IS NOT NULL AND (ends_at < $1"
-                " OR (cancelled AND NOT EXISTS (SELECT 1 FROM sms_messages m"
-                "  WHERE m.appointment_key = a.appointment_key AND m.status = 'pending'))"
-                " OR EXISTS (SELECT 1 FROM integrations i"
-                "  WHERE i.integration_id = a.integration_id AND NOT i.sms_enabled))"
-                " RETURNING 1) SELECT count(*) FROM purged",
-                now,
-            )
+            purged: int = await conn.fetchval(_PURGE_DUE, now)
             await conn.execute(
                 "DELETE FROM sender_sends WHERE sent_at < $1", now - timedelta(minutes=2)
             )

@@ -30,7 +30,8 @@ from libs.common.events import UtcDateTime
 from libs.common.logging import redact_text
 from services.notify import metrics, optout
 from services.notify.consumers import refuse_pending
-from services.notify.phones import Refusal, normalise
+from services.notify.phones import RecipientHasher, Refusal, normalise
+from services.notify.purge import purging
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,8 @@ DELIVERY_REPORT = "Microsoft.Communication.SMSDeliveryReportReceived"
 VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
 KNOWN_DELIVERY_STATUSES = frozenset({"Delivered", "Failed", "Expired", "Queued", "Sent"})
 MAX_EVENTS = 500
+# A STOP's purge: the numbers held for the sending number by the appointments found ($2).
+_PURGE_STOPPED = purging("a.appointment_key = any($2::text[])")
 
 # Event Grid sends "From" with or without the leading "+".
 Phone = Annotated[str, StringConstraints(pattern=r"^\+?[1-9]\d{6,14}$")]
@@ -154,7 +157,7 @@ class AcsEventsWebhook:
         self._secret = secret
         self._hash_secret = hash_secret
         self._region = region
-        self._cipher = cipher
+        self._hasher = RecipientHasher(cipher, hash_secret, region)
 
     async def handle(self, request: web.Request) -> web.Response:
         code = request.query.get("code", "")
@@ -228,17 +231,12 @@ class AcsEventsWebhook:
             return 0
         # Nothing more goes to the patient from this number: the numbers held for it are not
         # needed any more, and the messages owed are refused now as the dispatcher would.
-        keys = await optout.held_for(conn, self._cipher, self._region, ours, patient)
+        keys = await optout.held_for(conn, self._hasher, ours, patient)
         if not keys:
             return 0
-        await conn.execute(
-            "UPDATE appointments SET phone_encrypted = NULL, phone_purged_at = $2"
-            " WHERE appointment_key = any($1::text[]) AND phone_encrypted IS NOT NULL",
-            keys,
-            at,
-        )
+        purged: int = await conn.fetchval(_PURGE_STOPPED, at, keys)
         await refuse_pending(conn, keys, "opted_out", "recipient replied STOP", at)
-        return len(keys)
+        return purged
 
     async def _report(
         self, conn: Any, event: EventGridEvent, data: DeliveryReportData

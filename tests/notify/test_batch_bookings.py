@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import asyncpg
 import pytest
 
+from libs.common.crypto import DEV_KEYRING, FieldCipher
 from libs.common.db import create_pool, migrate
 from libs.common.events import (
     AppointmentCancelledV1,
@@ -31,6 +32,7 @@ from sandbox.microsoft.clock import ManualClock
 from services.notify.app import CONSUMER_GROUP, MIGRATIONS
 from services.notify.bookings import batch_handler
 from services.notify.consumers import handlers
+from services.notify.phones import RecipientHasher
 from tests.notify.conftest import (
     INTEGRATION,
     OTHER_INTEGRATION,
@@ -74,8 +76,9 @@ class Notify:
 
     def __init__(self, pool: asyncpg.Pool, clock: ManualClock) -> None:
         self.pool = pool
-        self.handlers = handlers(clock)
-        self.batch = batch_handler(clock, self.handlers)
+        hasher = RecipientHasher(FieldCipher(DEV_KEYRING, "dev1"), "hash-secret", "US")
+        self.handlers = handlers(clock, hasher)
+        self.batch = batch_handler(clock, self.handlers, hasher)
 
     async def one_by_one(self, events: list[Envelope[Any]]) -> int:
         """Each event in its own transaction (the runner's fallback); the handlers'

@@ -50,8 +50,13 @@ async def test_purge_leaves_no_number_behind(kit: Kit) -> None:
     digits = PATIENT.lstrip("+")
     for needle in (digits, digits[1:], digits[-10:-7] + "555", "enc:v1"):
         assert needle not in stored
-    rows = await kit.query("SELECT phone_encrypted, phone_purged_at FROM appointments")
-    assert all(r["phone_encrypted"] is None and r["phone_purged_at"] for r in rows)
+    rows = await kit.query(
+        "SELECT phone_encrypted, recipient_hash, phone_purged_at FROM appointments"
+    )
+    assert all(
+        r["phone_encrypted"] is None and r["recipient_hash"] is None and r["phone_purged_at"]
+        for r in rows
+    )
 
 
 def _delivery_report(message_id: str = "Outgoing_1") -> list[dict[str, Any]]:

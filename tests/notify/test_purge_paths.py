@@ -19,10 +19,13 @@ from tests.support.kafka_reader import read_all
 
 
 async def _held(kit: Kit, key: str) -> str | None:
+    """The number held for the appointment; its keyed hash is there exactly when it is."""
     [row] = await kit.query(
-        "SELECT phone_encrypted FROM appointments WHERE appointment_key = $1", key
+        "SELECT phone_encrypted, recipient_hash FROM appointments WHERE appointment_key = $1",
+        key,
     )
     held: str | None = row["phone_encrypted"]
+    assert (row["recipient_hash"] is None) == (held is None), "hash kept without its number"
     return held
 
 
