@@ -21,7 +21,9 @@ class NotifySettings(ServiceSettings):
     acs_access_key: SecretStr = DEV_ACS_ACCESS_KEY
     # Event Grid delivers to `<public>/acs/events?code=<secret>`; the query secret authenticates.
     acs_webhook_secret: SecretStr = SecretStr("dev-only-acs-webhook-secret-change-me")
-    # Keys the hash that stands in for an opted-out recipient's number.
+    # Keys the hash that stands in for an opted-out recipient's number, also kept beside each
+    # number held so that a STOP finds them. Changing it forgets the STOPs recorded, and a STOP
+    # no longer finds the numbers held before the change (they stay until their visit ends).
     recipient_hash_secret: SecretStr = SecretStr("dev-only-recipient-hash-secret-change-me")
     # Region assumed for numbers written without a country code.
     sms_default_region: str = Field(default="US", min_length=2, max_length=2)
