@@ -43,7 +43,11 @@ def find_markers(text: str, markers: list[str]) -> list[str]:
     return [m for m in markers if m.lower() in folded]
 
 
-async def scan_schema(conn: asyncpg.Connection[Any], schema: str, markers: list[str]) -> list[str]:
+async def scan_schema(
+    conn: asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any],
+    schema: str,
+    markers: list[str],
+) -> list[str]:
     """`table.column: marker` for every stored value that contains a marker in clear."""
     hits = []
     tables = await conn.fetch(
