@@ -111,6 +111,13 @@ class AttendanceInterval(Payload):
 
 
 ParticipantRole = Literal["organizer", "staff", "patient", "guest"]
+# meeting-ended's limits, which producer and consumers check with this same model: lowered, a
+# consumer would refuse what an older producer still sends; raised, an older consumer would
+# refuse what a newer producer sends. Within them an event can still be too large for Kafka
+# (500 x 500 intervals is ~21 MB): the launch side bounds what it sends well below both
+# (services/launch/attendance.py).
+MEETING_ENDED_MAX_PARTICIPANTS = 500
+ATTENDANCE_MAX_INTERVALS = 500
 
 
 class ParticipantAttendance(Payload):
@@ -118,7 +125,9 @@ class ParticipantAttendance(Payload):
     role: ParticipantRole
     lobby_entered_at: Timestamp | None = None
     admitted_at: Timestamp | None = None
-    intervals: list[AttendanceInterval] = Field(default_factory=list, max_length=500)
+    intervals: list[AttendanceInterval] = Field(
+        default_factory=list, max_length=ATTENDANCE_MAX_INTERVALS
+    )
 
 
 class MeetingEndedV1(Payload):
@@ -126,7 +135,9 @@ class MeetingEndedV1(Payload):
 
     meeting_started_at: Timestamp | None = None
     meeting_ended_at: Timestamp
-    participants: list[ParticipantAttendance] = Field(default_factory=list, max_length=500)
+    participants: list[ParticipantAttendance] = Field(
+        default_factory=list, max_length=MEETING_ENDED_MAX_PARTICIPANTS
+    )
 
 
 class AppointmentRescheduledV1(Payload):

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
 )
 
@@ -24,15 +25,16 @@ from libs.common.events import (
     AttendanceInterval,
     MeetingEndedV1,
     ParticipantAdmittedV1,
-    ParticipantAttendance,
     ParticipantLeftV1,
     PatientJoinedV1,
+    Timestamp,
     Topic,
     UtcDateTime,
     make_event,
 )
 from libs.common.outbox import enqueue
 from libs.common.web import DB_POOL
+from services.launch.attendance import Attendee, bounded_attendance
 from services.launch.graph import GraphError
 from services.launch.settings import LaunchSettings
 from services.launch.state import GRAPH, launch_settings
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from libs.common.db import Connection
 
 log = structlog.get_logger(__name__)
+# A report's meetingStartDateTime: ISO 8601 with an offset, in UTC, or not used.
+_REPORT_TIME: TypeAdapter[datetime] = TypeAdapter(Timestamp)
 
 
 class RosterEntry(BaseModel):
@@ -244,23 +248,32 @@ async def _left(
 def _intervals_from_reports(
     settings: LaunchSettings, key: str, reports: list[dict[str, Any]]
 ) -> tuple[dict[str, list[AttendanceInterval]], datetime | None]:
+    """Each participant's intervals in Graph's attendance reports, and the meeting's start.
+    Every interval of a record is read (cutting them would lose the last leave); their
+    number is bounded when the event is built (attendance.py). Anything not shaped like a
+    report is skipped, so that an odd report cannot stop the meeting's end."""
     intervals: dict[str, list[AttendanceInterval]] = {}
     started: datetime | None = None
     for report in reports:
         try:
-            start = datetime.fromisoformat(
-                str(report.get("meetingStartDateTime", "")).replace("Z", "+00:00")
-            )
+            start = _REPORT_TIME.validate_python(report.get("meetingStartDateTime"))
             started = start if started is None else min(started, start)
-        except ValueError:
+        except ValidationError:
             pass
-        for record in report.get("attendanceRecords", [])[:500]:
-            identity = record.get("identity") or {}
+        records = report.get("attendanceRecords")
+        for record in records[:500] if isinstance(records, list) else []:
+            if not isinstance(record, dict):
+                continue
+            identity = record.get("identity")
+            identity = identity if isinstance(identity, dict) else {}
             identity_id = str(identity.get("id") or record.get("id") or "")
             if not identity_id:
                 continue
             participant = participant_pseudonym(settings, key, identity_id)
-            for interval in record.get("attendanceIntervals", [])[:100]:
+            attended = record.get("attendanceIntervals")
+            for interval in attended if isinstance(attended, list) else []:
+                if not isinstance(interval, dict):
+                    continue
                 try:
                     intervals.setdefault(participant, []).append(
                         AttendanceInterval(
@@ -295,7 +308,7 @@ async def _ended(
         " WHERE appointment_key = $1",
         key,
     )
-    participants = []
+    attendees = []
     for row in rows:
         intervals = from_reports.get(row["participant"])
         if intervals is None:
@@ -304,8 +317,8 @@ async def _ended(
                 if row["joined_at"]
                 else []
             )
-        participants.append(
-            ParticipantAttendance(
+        attendees.append(
+            Attendee(
                 participant=row["participant"],
                 role=row["role"],
                 lobby_entered_at=row["lobby_entered_at"],
@@ -314,8 +327,11 @@ async def _ended(
             )
         )
     if started is None:
-        joins = [i.joined_at for p in participants for i in p.intervals]
+        joins = [i.joined_at for p in attendees for i in p.intervals]
         started = min(joins) if joins else None
+    # Past 500 participants, 500 intervals for one, or what fits well within a Kafka record,
+    # trimmed so that the end is always published (the bound: attendance.py).
+    participants = bounded_attendance(attendees)
     payload = MeetingEndedV1(
         meeting_started_at=started, meeting_ended_at=at, participants=participants
     )
