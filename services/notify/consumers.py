@@ -19,6 +19,7 @@ from libs.common.events import (
     AppointmentCancelledV1,
     AppointmentCreatedV1,
     AppointmentRescheduledV1,
+    AppointmentRescheduledV2,
     Envelope,
     IntegrationConfigV1,
     SmsKind,
@@ -292,6 +293,17 @@ async def _first_booking(
     return True
 
 
+# A visit moved after its end (V2) brings back the number the purger erased then, for the
+# notice and the new reminders, kept as a booking keeps one (booked with SMS, not cancelled,
+# its integration's SMS not off), never over one still held.
+_KEEP_MOVED_NUMBER = (
+    "UPDATE appointments a SET phone_encrypted = $2, recipient_hash = $3"
+    " WHERE appointment_key = $1 AND phone_encrypted IS NULL AND booked AND sms_enabled"
+    " AND NOT cancelled AND NOT EXISTS (SELECT 1 FROM integrations i"
+    " WHERE i.integration_id = a.integration_id AND NOT i.sms_enabled)"
+)
+
+
 def handlers(clock: Clock, hasher: RecipientHasher) -> dict[str, EventHandler]:
     """`hasher` gives the recipient_hash stored beside each number kept."""
 
@@ -367,6 +379,13 @@ def handlers(clock: Clock, hasher: RecipientHasher) -> dict[str, EventHandler]:
             p.time_zone,
             p.schedule_version,
         )
+        if isinstance(p, AppointmentRescheduledV2) and p.patient_phone_encrypted is not None:
+            await conn.execute(
+                _KEEP_MOVED_NUMBER,
+                event.key,
+                p.patient_phone_encrypted,
+                hasher.held(p.patient_phone_encrypted, event.key),
+            )
         if not (row["booked"] and row["sms_enabled"]) or row["cancelled"]:
             return
         # Reminders move: the old ones are superseded, new ones planned for the new start.
