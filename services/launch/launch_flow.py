@@ -242,7 +242,8 @@ async def open_visit(
             meeting = await create_meeting(request.app[GRAPH], settings, visit)
         except GraphError as exc:
             raise VisitUnavailable(str(exc)) from None
-        await record_visit(pool, settings, visit, meeting, ehr_user_id=user)
-    if session is not None:
+        # The session, when there is one, is started in the statement recording the visit.
+        await record_visit(pool, settings, visit, meeting, ehr_user_id=user, session=session)
+    elif session is not None:
         await start_session(pool, session, key)
     return key

@@ -17,6 +17,7 @@ from libs.common.events import AppointmentCreatedV1, Topic, encode_event, make_e
 from services.launch import join_tokens
 from services.launch.graph import GraphClient
 from services.launch.integrations import Integration
+from services.launch.sessions import NewSession, insert_session_sql
 from services.launch.settings import LaunchSettings
 
 if TYPE_CHECKING:
@@ -138,12 +139,23 @@ _APPOINTMENT_COLUMNS = (
 # The appointment and its `appointment-created` outbox row in one statement: the outbox row
 # exists if and only if the appointment row was new (as in outbox.enqueue's transaction), in
 # one round trip instead of four; the outbox trigger wakes the relay as usual.
-_RECORD_VISIT = (
-    f"WITH visit AS (INSERT INTO appointments ({_APPOINTMENT_COLUMNS})"  # noqa: S608
+_NEW_VISIT = (
+    f"visit AS (INSERT INTO appointments ({_APPOINTMENT_COLUMNS})"  # noqa: S608
     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
     " ON CONFLICT (appointment_key) DO NOTHING RETURNING appointment_key)"
-    " INSERT INTO outbox (event_id, topic, key, payload)"
-    " SELECT $18, $19, appointment_key, $20 FROM visit"
+)
+_ITS_EVENT = (
+    "INSERT INTO outbox (event_id, topic, key, payload) SELECT $18, $19, appointment_key, $20"
+    " FROM visit"
+)
+_RECORD_VISIT = f"WITH {_NEW_VISIT} {_ITS_EVENT}"
+# A launch that made the visit's meeting also starts the clinician's session ($21.., after
+# the visit's and its event's), whether or not the visit was new: one round trip where there
+# were two. A data-modifying WITH runs to completion whether or not anything reads it.
+_RECORD_VISIT_STARTING_SESSION = (
+    f"WITH {_NEW_VISIT}, created AS ({_ITS_EVENT}),"  # noqa: S608
+    f" started AS ({insert_session_sql('$1::text', 21)})"
+    " SELECT EXISTS (SELECT 1 FROM visit)"
 )
 # A booking from the scheduling feed: its delivery, the appointment and the event, each only
 # if the one before was new, in one statement (one round trip where a transaction took six).
@@ -220,12 +232,18 @@ async def record_visit(
     *,
     ehr_user_id: str | None = None,
     patient_phone_encrypted: str | None = None,
+    session: NewSession | None = None,
 ) -> bool:
     """Insert the appointment and its `appointment-created` event atomically; False (and no
     event) when the appointment was already known. Without a meeting, the meeting is
-    prepared later (meeting_preparation.py)."""
+    prepared later (meeting_preparation.py). `session`, a clinician's new session, is
+    started for this visit in the same statement, also when the visit was already known."""
     row = _visit_row(settings, visit, meeting, ehr_user_id, patient_phone_encrypted)
-    return bool(await conn.execute(_RECORD_VISIT, *row) == "INSERT 0 1")
+    if session is None:
+        return bool(await conn.execute(_RECORD_VISIT, *row) == "INSERT 0 1")
+    if session.ehr_user_id != ehr_user_id:
+        raise ValueError("a session is for the clinician recorded on the visit")
+    return bool(await conn.fetchval(_RECORD_VISIT_STARTING_SESSION, *row, *session.values()))
 
 
 async def record_booking(

@@ -37,15 +37,35 @@ _SESSION_COLUMNS = (
     "token_hash, integration_id, ehr_user_id, appointment_key, candidates, smart_tokens,"
     " csrf_token, expires_at"
 )
-# $1 the visit's appointment key (NULL while the clinician chooses among several visits),
-# $2.. NewSession.values().
-_SESSION_VALUES = (
-    "$2::bytea, $3::uuid, $4::text, $1::text, $5::text, $6::text, $7::text, $8::timestamptz"
-)
-_INSERT_SESSION = (
-    f"INSERT INTO provider_sessions ({_SESSION_COLUMNS})"  # noqa: S608
-    f" VALUES ({_SESSION_VALUES})"
-)
+# The types of NewSession.values(), in order.
+_SESSION_TYPES = ("bytea", "uuid", "text", "text", "text", "text", "timestamptz")
+
+
+def _session_values(key: str, first: int) -> str:
+    """A session row's values in _SESSION_COLUMNS' order: `key` the visit's appointment key
+    (a parameter, NULL while the clinician chooses among several visits), NewSession.values()
+    from parameter `first` on."""
+    token_hash, integration_id, ehr_user_id, candidates, smart_tokens, csrf_token, expires_at = (
+        f"${first + i}::{kind}" for i, kind in enumerate(_SESSION_TYPES)
+    )
+    return (
+        f"{token_hash}, {integration_id}, {ehr_user_id}, {key}, {candidates}, {smart_tokens},"
+        f" {csrf_token}, {expires_at}"
+    )
+
+
+def insert_session_sql(key: str, first: int) -> str:
+    """The INSERT starting a session, for a statement holding the visit's appointment key in
+    parameter `key` (e.g. "$1::text") and NewSession.values() from parameter `first` on."""
+    return (
+        f"INSERT INTO provider_sessions ({_SESSION_COLUMNS})"  # noqa: S608
+        f" VALUES ({_session_values(key, first)})"
+    )
+
+
+# $1 the visit's appointment key, $2.. NewSession.values().
+_SESSION_VALUES = _session_values("$1::text", 2)
+_INSERT_SESSION = insert_session_sql("$1::text", 2)
 # A clinician's launch of a visit that has its meeting (the usual case: prepared a day ahead)
 # records the clinician on the visit and starts their session in one statement, one round
 # trip where there were two. A visit that is unknown, or still without its meeting, gets no

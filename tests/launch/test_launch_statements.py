@@ -1,12 +1,14 @@
 """What a provider launch sends to Postgres, request by request, and that the callback's
 one statement recording the clinician and starting the session (sessions.py) writes
-nothing for a sign-in that is refused or a visit without its meeting."""
+nothing for a sign-in that is refused or a visit without its meeting; a launch that makes
+the meeting records the visit and starts the session in one statement (meetings.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -16,8 +18,14 @@ import pytest
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from libs.common.keys import appointment_key
 from libs.common.web import DB_POOL
+from sandbox.ehr import TENANT_A
+from services.launch.integrations import Integration
 from services.launch.meeting_preparation import prepare_meeting
+from services.launch.meetings import Meeting, Visit, record_visit
+from services.launch.sessions import NewSession, new_session
+from services.launch.state import CIPHER
 from tests.launch.test_launch_refusals import _callback_url
 from tests.launch.test_meeting_preparation import UNKNOWN_ORGANIZER, _set_organizer
 from tests.launch.test_visit_end_to_end import book_video_visit, launch_from_ehr
@@ -161,3 +169,90 @@ async def test_a_launch_whose_meeting_cannot_be_prepared_starts_no_session(
     assert await _sessions(system) == []
     key = await system.app[DB_POOL].fetchval("SELECT appointment_key FROM appointments")
     assert (await _visit_row(system, key))["meeting_id"] is None
+
+
+async def test_a_launch_making_its_meeting_records_the_visit_and_session_in_one_statement(
+    launch_system: LaunchSystem, statements: Counter[str]
+) -> None:
+    """A visit the feed never sent: the callback consumes the state, finds no visit in the
+    statement that records the clinician, makes the meeting, then records the visit, its
+    `appointment-created` and the clinician's session in one statement (three, was four)."""
+    system = launch_system
+    async with aiohttp.ClientSession() as http:
+        async with http.patch(
+            f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}", json={"webhook_url": None}
+        ) as r:
+            assert r.status == 200, await r.text()
+        appointment = await book_video_visit(http, system, timedelta(minutes=30))
+        statements.clear()
+        status, page, cookies = await launch_from_ehr(http, system, appointment["id"])
+    assert status == 200, page
+    assert "Join the meeting" in page
+    assert statements == {LAUNCH: 1, CALLBACK: 3, VISIT: 1}
+    assert "provider_session" in cookies
+    pool = system.app[DB_POOL]
+    key = await pool.fetchval("SELECT appointment_key FROM appointments")
+    visit = await _visit_row(system, key)
+    assert visit["meeting_id"] is not None
+    assert str(visit["ehr_user_id"]).startswith("Practitioner/")
+    (session,) = await _sessions(system)
+    assert session["appointment_key"] == key
+    assert session["ehr_user_id"] == visit["ehr_user_id"]
+    events = "SELECT count(*) FROM outbox WHERE topic = 'appointment-created' AND key = $1"
+    assert await pool.fetchval(events, key) == 1
+
+
+async def test_recording_a_visit_known_meanwhile_still_starts_the_session(
+    launch_system: LaunchSystem,
+) -> None:
+    """The statement that records a visit with a session: a new visit gets its row, its one
+    event and the session; a visit recorded meanwhile (a launch racing the feed's booking or
+    another launch) keeps its row and event, and the session is started all the same."""
+    system = launch_system
+    pool = system.app[DB_POOL]
+    row = await pool.fetchrow(
+        "SELECT * FROM integrations WHERE integration_id = $1", system.integration_id
+    )
+    assert row is not None
+    integration = Integration(**{k: row[k] for k in Integration.__dataclass_fields__})
+    secret = system.settings.appointment_key_secret.get_secret_value()
+    key = appointment_key(secret, system.integration_id, f"race-{uuid.uuid4().hex}")
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    visit = Visit(
+        appointment_key=key, integration=integration, department="General Medicine",
+        starts_at=start, ends_at=start + timedelta(minutes=30), time_zone="America/Chicago",
+    )  # fmt: skip
+    meeting = Meeting(
+        meeting_id=f"m-{key}", organizer_id="o", join_web_url=f"https://t.example/{key}",
+        patient_join_url=f"https://t.example/p/{key}", subscription_id=f"s-{key}",
+        subscription_expires_at=start + timedelta(days=1), client_state_hash=b"x",
+    )  # fmt: skip
+
+    def session_of(user: str) -> NewSession:
+        return new_session(
+            system.app[CIPHER],
+            integration_id=system.integration_id,
+            ehr_user_id=user,
+            candidates=[],
+            smart_tokens={"access_token": "a", "refresh_token": None},
+            ttl_s=3600,
+        )
+
+    first, second = session_of("Practitioner/1"), session_of("Practitioner/2")
+    settings = system.settings
+    assert await record_visit(
+        pool, settings, visit, meeting, ehr_user_id="Practitioner/1", session=first
+    )
+    assert not await record_visit(
+        pool, settings, visit, meeting, ehr_user_id="Practitioner/2", session=second
+    )
+    with pytest.raises(ValueError, match="clinician"):
+        await record_visit(
+            pool, settings, visit, meeting, ehr_user_id="Practitioner/3", session=first
+        )
+    sessions = await _sessions(system)
+    assert sorted(s["ehr_user_id"] for s in sessions) == ["Practitioner/1", "Practitioner/2"]
+    assert {s["appointment_key"] for s in sessions} == {key}
+    assert (await _visit_row(system, key))["ehr_user_id"] == "Practitioner/1"
+    events = "SELECT count(*) FROM outbox WHERE topic = 'appointment-created' AND key = $1"
+    assert await pool.fetchval(events, key) == 1
