@@ -132,6 +132,8 @@ async def test_a_move_carries_the_number_only_once_the_visit_was_over(
         [value] = await read_all(topic_prefix + "appointment-created", expect=1)
         key = decode_event(value).key
         await _reschedule(http, system, appointment["id"])
+        # The stand-in answers before its feed delivers the move: wait until launch applied it.
+        await read_all(topic_prefix + "appointment-rescheduled", expect=1)
         conn = await asyncpg.connect(database_url)
         try:
             # The visit's time passes: its recorded end is an hour ago.
