@@ -9,21 +9,30 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from pydantic import SecretStr
 
+from libs.common.events import SmsKind
 from services.notify.clock import Clock
 
 API_VERSION = "2021-03-07"
 SIGNED_HEADERS = "x-ms-date;host;x-ms-content-sha256"
+# The send's tag, which ACS gives back in the message's delivery report: the kind and the
+# message's repeatabilityRequestId (stable across its re-sends, a UUIDv5 of its planning key,
+# which ACS has already: nothing personal), 56 characters at most. A report whose answer was
+# lost is matched to its message by it. The only shape accepted back: lowercase, canonical.
+_KINDS: dict[str, SmsKind] = {kind: kind for kind in get_args(SmsKind)}
+_UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_TAG = re.compile(f"notify:({'|'.join(_KINDS)}):({_UUID})")
 
 
 def rfc1123(moment: datetime) -> str:
@@ -54,6 +63,26 @@ def sign(
         ),
         "Content-Type": "application/json",
     }
+
+
+def send_tag(kind: SmsKind, repeatability_request_id: uuid.UUID) -> str:
+    return f"notify:{kind}:{repeatability_request_id}"
+
+
+@dataclass(frozen=True)
+class SentTag:
+    kind: SmsKind
+    repeatability_request_id: uuid.UUID
+
+
+def parse_tag(tag: str | None) -> SentTag | None:
+    """The message a delivery report's tag names, or None: no tag, another sender's, the
+    format before it named the message (`notify:<kind>`), or anything not exactly the shape
+    `send_tag` makes."""
+    match = _TAG.fullmatch(tag) if tag is not None else None
+    if match is None:
+        return None
+    return SentTag(_KINDS[match.group(1)], uuid.UUID(match.group(2)))
 
 
 @dataclass(frozen=True)

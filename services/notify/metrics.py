@@ -36,6 +36,12 @@ DELIVERY_REPORTS = Counter(
     "Delivery reports recorded (not redelivered or stale), by status",
     ["status"],
 )
+SMS_SENT_FROM_REPORTS = Counter(
+    "sms_sent_from_delivery_reports_total",
+    "Sends recorded from their delivery report, by kind: their answer was lost (a crash, a"
+    " timeout) and the message was cancelled or superseded before a retry could learn it",
+    ["kind"],
+)
 OPT_OUT_CHANGES = Counter(
     "sms_opt_out_changes_total", "Inbound STOP / START keywords applied", ["action"]
 )

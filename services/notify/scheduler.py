@@ -29,7 +29,7 @@ import structlog
 from libs.common.crypto import FieldCipher
 from libs.common.events import SmsKind, SmsOutcome, SmsSentV1, Topic, encode_event, make_event
 from services.notify import metrics
-from services.notify.acs import AcsSmsClient, SendResult
+from services.notify.acs import AcsSmsClient, SendResult, send_tag
 from services.notify.clock import Clock
 from services.notify.messages import render
 from services.notify.phones import Refusal, recipient, recipient_hash
@@ -86,9 +86,10 @@ _RESERVE = "SELECT * FROM reserve_sms_slots($1, $2, $3, $4, $5, $6, $7, $8)"
 # the confirmation state (NULL for other kinds), the dead letter's attempts and reason (NULL
 # unless parked), the sms-sent event (NULL when there is none). A send the provider accepted
 # is recorded even if the message was cancelled or superseded meanwhile: it did go out; but
-# not over its own record. A round whose answer was lost after it committed is written again
-# one outcome at a time, and so changes nothing the second time: each event id is made once per
-# outcome (`_finish`), and the outbox insert skips one already there.
+# not over its own record, nor over one its delivery report recorded first (`_CARRIED`). A
+# round whose answer was lost after it committed is written again one outcome at a time, and
+# so changes nothing the second time: each event id is made once per outcome (`_finish`), and
+# the outbox insert skips one already there.
 _FINISH_PARTS = (
     "WITH given AS (SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[],"
     " $5::text[], $6::integer[], $7::text[], $8::timestamptz[], $9::text[], $10::integer[],"
@@ -122,12 +123,14 @@ _FINISH_ANNOUNCED = (
 # Which of the outcomes a write did not record their rows already carry: the same claim,
 # status, outcome and time, so written by an earlier write of the same outcome whose answer
 # was lost after it committed (a consumer's cancel has its own time, a later claim its own
-# number).
+# number); or a send the same claim's message had recorded from its delivery report first
+# (webhooks.py: its tag named the message in flight), with the message id ACS answered.
 _CARRIED = (
     "SELECT m.id FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[],"
-    " $5::timestamptz[]) AS g(id, claims, status, outcome, at)"
+    " $5::timestamptz[], $6::text[]) AS g(id, claims, status, outcome, at, provider_message_id)"
     " JOIN sms_messages m ON m.id = g.id AND m.claims = g.claims AND m.status = g.status"
-    " AND m.outcome IS NOT DISTINCT FROM g.outcome AND m.finished_at = g.at"
+    " AND m.outcome IS NOT DISTINCT FROM g.outcome AND (m.finished_at = g.at"
+    " OR (g.status = 'sent' AND m.provider_message_id = g.provider_message_id))"
 )
 
 
@@ -473,7 +476,7 @@ class Dispatcher:
                     message=text,
                     repeatability_request_id=row["repeatability_request_id"],
                     repeatability_first_sent=slot[0],
-                    tag=f"notify:{row['kind']}",
+                    tag=send_tag(row["kind"], row["repeatability_request_id"]),
                 )
         metrics.PROVIDER_RESPONSES.labels(metrics.status_class(result.status)).inc()
         return result
@@ -719,7 +722,7 @@ class Dispatcher:
             # so the check costs the usual round nothing.
             values = [o.values for o in unrecorded]
             carried = await self._pool.fetch(
-                _CARRIED, *([v[i] for v in values] for i in (0, 1, 2, 3, 7))
+                _CARRIED, *([v[i] for v in values] for i in (0, 1, 2, 3, 7, 6))
             )
             finished |= {row["id"] for row in carried}
         for outcome in batch:

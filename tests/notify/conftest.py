@@ -32,6 +32,7 @@ from sandbox.microsoft.acs import SmsMessage
 from sandbox.microsoft.app import RunningSandbox
 from sandbox.microsoft.clock import ManualClock
 from sandbox.tls import TlsFiles, ensure_tls
+from services.notify.acs import parse_tag
 from services.notify.app import DISPATCHER, PURGER, create_app
 from services.notify.scheduler import Dispatcher
 from services.notify.settings import NotifySettings
@@ -71,6 +72,12 @@ def integration_config(
         sms_from_number=sender,
         reminder_offsets_minutes=offsets or [15],
     )
+
+
+def kind_of(sms: SmsMessage) -> str | None:
+    """The kind of message a send's tag names (`notify:<kind>:<repeatabilityRequestId>`)."""
+    tag = parse_tag(sms.tag)
+    return tag.kind if tag else None
 
 
 class Kit:

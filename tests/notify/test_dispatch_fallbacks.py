@@ -20,7 +20,14 @@ from libs.common.events import Topic
 from services.notify.acs import AcsSmsClient, SendResult
 from services.notify.phones import recipient_hash
 from services.notify.scheduler import RATE_LIMITED, Dispatcher, Finish, _Outcome
-from tests.notify.conftest import OTHER_INTEGRATION, OTHER_SENDER, SENDER, Kit, MakeKit
+from tests.notify.conftest import (
+    OTHER_INTEGRATION,
+    OTHER_SENDER,
+    SENDER,
+    Kit,
+    MakeKit,
+    kind_of,
+)
 
 OPTED_OUT = "+13125550177"
 
@@ -201,7 +208,7 @@ async def assert_sent_once_each(kit: Kit, keys: set[str]) -> None:
     rows = await confirmations(kit)
     sent = {key: row for key, row in rows.items() if row["status"] == "sent"}
     assert set(sent) == keys
-    outbound = [m for m in kit.outbound() if m.tag == "notify:confirmation"]
+    outbound = [m for m in kit.outbound() if kind_of(m) == "confirmation"]
     assert sorted(m.repeatability_request_id or "" for m in outbound) == sorted(
         str(row["repeatability_request_id"]) for row in sent.values()
     )

@@ -4,7 +4,7 @@ from datetime import timedelta
 
 from libs.common.events import SmsSentV1, decode_event
 from services.notify.messages import encoding
-from tests.notify.conftest import PATIENT, SENDER, Kit
+from tests.notify.conftest import PATIENT, SENDER, Kit, kind_of
 from tests.support.kafka_reader import read_all
 
 
@@ -83,6 +83,6 @@ async def test_no_reminder_goes_once_the_visit_has_started(kit: Kit) -> None:
     kit.dispatcher.wake()
     await kit.until(lambda: bool(kit.results("reminder")), "the reminder handled")
     assert kit.results("reminder") == ["superseded"]
-    assert [m.tag for m in kit.outbound()] == ["notify:confirmation"]
+    assert [kind_of(m) for m in kit.outbound()] == ["confirmation"]
     [row] = await kit.query("SELECT status, reason FROM sms_messages WHERE kind = 'reminder'")
     assert (row["status"], row["reason"]) == ("superseded", "the visit has started")

@@ -6,7 +6,7 @@ import aiohttp
 
 from services.notify.acs import AcsSmsClient
 from services.notify.scheduler import Dispatcher
-from tests.notify.conftest import Kit, MakeKit
+from tests.notify.conftest import Kit, MakeKit, kind_of
 
 APPOINTMENTS = 20
 
@@ -44,7 +44,7 @@ async def test_two_dispatcher_replicas_never_send_the_same_message(make_kit: Mak
             if not any(rounds):
                 break
             taken = [total + now for total, now in zip(taken, rounds, strict=True)]
-    sent = [m for m in kit.outbound() if m.tag == "notify:confirmation"]
+    sent = [m for m in kit.outbound() if kind_of(m) == "confirmation"]
     assert len(sent) == APPOINTMENTS
     assert len({m.repeatability_request_id for m in sent}) == APPOINTMENTS
     assert sum(taken) == APPOINTMENTS

@@ -9,7 +9,7 @@ import pytest
 from libs.common.events import AppointmentCancelledV1, AppointmentRescheduledV1, Topic
 from services.notify.acs import AcsSmsClient, SendResult
 from tests.conftest import wait_for
-from tests.notify.conftest import INTEGRATION, Kit, MakeKit
+from tests.notify.conftest import INTEGRATION, Kit, MakeKit, kind_of
 
 
 async def test_reschedule_moves_the_pending_reminder(kit: Kit) -> None:
@@ -63,7 +63,7 @@ async def test_cancel_drops_the_reminder_and_sends_a_cancellation(kit: Kit) -> N
 
     kit.clock.set(booking.starts_at)
     assert await kit.dispatcher.dispatch_due() == 0
-    assert [m.tag for m in kit.outbound()] == ["notify:confirmation", "notify:cancellation"]
+    assert [kind_of(m) for m in kit.outbound()] == ["confirmation", "cancellation"]
     statuses = await kit.query("SELECT status FROM sms_messages WHERE kind = 'reminder'")
     assert {r["status"] for r in statuses} == {"cancelled"}
 
@@ -85,7 +85,7 @@ async def test_a_cancel_after_the_visit_ended_plans_no_cancellation_notice(kit: 
     await kit.publish(Topic.APPOINTMENT_CANCELLED, "apt_past01", _cancel())
     await kit.until_applied(before + 1)
     assert await kit.dispatcher.dispatch_due() == 0
-    assert [m.tag for m in kit.outbound()] == ["notify:confirmation"]
+    assert [kind_of(m) for m in kit.outbound()] == ["confirmation"]
     assert await kit.query("SELECT * FROM sms_messages WHERE kind = 'cancellation'") == []
     [appointment] = await kit.query("SELECT cancelled FROM appointments")
     assert appointment["cancelled"]
@@ -107,7 +107,7 @@ async def test_a_cancellation_notice_reached_after_the_visit_ended_is_not_sent(
     kit.clock.set(booking.ends_at)
     assert await kit.dispatcher.dispatch_due() == 1
     assert kit.results("cancellation") == ["superseded"]
-    assert [m.tag for m in kit.outbound()] == ["notify:confirmation"]
+    assert [kind_of(m) for m in kit.outbound()] == ["confirmation"]
     [row] = await kit.query("SELECT status, reason FROM sms_messages WHERE kind = 'cancellation'")
     assert (row["status"], row["reason"]) == ("superseded", "the visit has ended")
 
@@ -137,7 +137,7 @@ async def test_a_move_before_the_confirmation_went_out_sends_one_confirmation_at
 
     assert await kit.dispatcher.dispatch_due() == 1
     [sms] = kit.outbound()
-    assert sms.tag == "notify:confirmation"
+    assert kind_of(sms) == "confirmation"
     assert "11:00 AM CST" in sms.message
     rows = await kit.query(
         "SELECT kind, schedule_version, status FROM sms_messages ORDER BY kind, schedule_version"
@@ -186,7 +186,7 @@ async def test_a_move_while_the_confirmation_is_being_sent_is_announced_as_a_mov
     answer.set()
     assert await first == 1
     assert await kit.dispatcher.dispatch_due() == 1
-    assert [sms.tag for sms in kit.outbound()] == ["notify:confirmation", "notify:reschedule"]
+    assert [kind_of(sms) for sms in kit.outbound()] == ["confirmation", "reschedule"]
     assert "11:00 AM CST" in kit.outbound()[1].message
 
 
@@ -234,7 +234,7 @@ async def test_a_rate_limited_confirmation_is_replanned_not_followed_by_a_notice
         ("confirmation", 2, "sent"),
     ]
     [to_b] = [m for m in kit.outbound() if "apt_rl_b"[-8:] in m.message]
-    assert to_b.tag == "notify:confirmation"
+    assert kind_of(to_b) == "confirmation"
 
 
 async def test_a_confirmation_acs_refused_for_now_is_replanned_not_followed_by_a_notice(
@@ -281,7 +281,7 @@ async def test_a_confirmation_sent_without_an_answer_is_left_to_go_when_the_visi
     assert kit.results("confirmation") == ["retry"]
 
     await _move_and_send_all(kit, "apt_noanswer", _move(booking.starts_at))
-    assert [sms.tag for sms in kit.outbound()] == ["notify:confirmation", "notify:reschedule"]
+    assert [kind_of(sms) for sms in kit.outbound()] == ["confirmation", "reschedule"]
     rows = await kit.query(
         "SELECT kind, status FROM sms_messages WHERE kind <> 'reminder' ORDER BY id"
     )
@@ -314,7 +314,7 @@ async def test_a_confirmation_refused_for_now_after_a_lost_answer_is_still_left_
     assert kit.results("confirmation") == ["retry", "retry"]
 
     await _move_and_send_all(kit, "apt_lost_429", _move(booking.starts_at))
-    assert [sms.tag for sms in kit.outbound()] == ["notify:confirmation", "notify:reschedule"]
+    assert [kind_of(sms) for sms in kit.outbound()] == ["confirmation", "reschedule"]
     rows = await kit.query(
         "SELECT kind, status FROM sms_messages WHERE kind <> 'reminder' ORDER BY id"
     )
