@@ -218,8 +218,8 @@ async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit
         # A visit whose Teams meeting is made is marked in the same UPDATE for the meeting
         # worker to move the meeting in Graph (no Graph call here); one without a meeting yet
         # gets it made with the new times.
-        # `was_over`: the end recorded before this move had passed (or nearly: notify's
-        # purger may have run early by its clock), so notify has erased the number.
+        # `was_over`: the end recorded before this move has passed, or will have by the time
+        # notify applies the move, so notify has erased the number (or will have).
         moved = await conn.fetchrow(
             "UPDATE appointments a SET starts_at = $2, ends_at = $3, schedule_version = $4,"
             " meeting_times_stale = a.meeting_id IS NOT NULL, updated_at = now()"
@@ -237,9 +237,9 @@ async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit
         )
         if moved is None:
             return await _unmoved(conn, visit.appointment_key)
-        payload = _moved(
-            visit, _encrypted_phone(request, event, visit) if moved["was_over"] else None
-        )
+        # Only to a visit not over by its new times: correcting a past visit texts nobody.
+        wanted = moved["was_over"] and visit.ends_at > datetime.now(UTC)
+        payload = _moved(visit, _encrypted_phone(request, event, visit) if wanted else None)
         await enqueue(
             conn,
             make_event(
@@ -256,9 +256,10 @@ async def _reschedule(request: web.Request, event: SchedulingEvent, visit: Visit
     return "rescheduled"
 
 
-# How close to its recorded end a moved visit counts as over for notify, whose clock and
-# purge rounds need not agree with ours to the second.
-_PURGE_MARGIN = timedelta(minutes=10)
+# How close to its recorded end a move carries the number: notify erases it at that end by
+# its own clock, and may apply the move hours late (an outage, a backlog, a rollout); a copy
+# it does not need is dropped (it keeps a number only over none).
+_PURGE_MARGIN = timedelta(hours=6)
 
 
 def _moved(visit: Visit, phone_encrypted: str | None) -> AppointmentRescheduledV1:

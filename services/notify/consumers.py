@@ -295,12 +295,17 @@ async def _first_booking(
 
 # A visit moved after its end (V2) brings back the number the purger erased then, for the
 # notice and the new reminders, kept as a booking keeps one (booked with SMS, not cancelled,
-# its integration's SMS not off), never over one still held.
+# its integration's SMS not off) and only while the visit is not over by its new times ($4,
+# now: a correction of a past visit's times texts nobody); never over one still held, nor for
+# a patient whose STOP to the integration's sending number stands (the dispatcher would refuse
+# every message, and a STOP purges the numbers held for that sender).
 _KEEP_MOVED_NUMBER = (
     "UPDATE appointments a SET phone_encrypted = $2, recipient_hash = $3"
     " WHERE appointment_key = $1 AND phone_encrypted IS NULL AND booked AND sms_enabled"
-    " AND NOT cancelled AND NOT EXISTS (SELECT 1 FROM integrations i"
-    " WHERE i.integration_id = a.integration_id AND NOT i.sms_enabled)"
+    " AND NOT cancelled AND ends_at > $4 AND NOT EXISTS (SELECT 1 FROM integrations i"
+    " WHERE i.integration_id = a.integration_id AND (NOT i.sms_enabled OR EXISTS ("
+    " SELECT 1 FROM opt_outs o WHERE o.sender = i.sms_from_number"
+    " AND o.recipient_hash = $3 AND o.opted_out)))"
 )
 
 
@@ -385,6 +390,7 @@ def handlers(clock: Clock, hasher: RecipientHasher) -> dict[str, EventHandler]:
                 event.key,
                 p.patient_phone_encrypted,
                 hasher.held(p.patient_phone_encrypted, event.key),
+                clock.now(),
             )
         if not (row["booked"] and row["sms_enabled"]) or row["cancelled"]:
             return

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+# Messages about a visit that are pointless once it is over (a reminder is so once it starts).
+_OVER_WITH_THE_VISIT: frozenset[SmsKind] = frozenset({"cancellation", "confirmation", "reschedule"})
+
 RATE_WINDOW = timedelta(minutes=1)
 RATE_LIMITED = "sending number at its rate limit"
 # Told after each round: (kind, result) per message handled. Tests wait on it.
@@ -417,7 +420,10 @@ class Dispatcher:
         if kind == "reminder" and self._clock.now() >= row["starts_at"]:
             return Finish("superseded", None, "the visit has started")
         # Likewise a cancellation notice planned in time but reached late: the visit is over.
-        if kind == "cancellation" and self._clock.now() >= row["ends_at"]:
+        # And a confirmation or a notice of a move reached once the visit is over by its
+        # current times (an EHR correcting a past visit's times, a late booking): nothing left
+        # to tell the patient.
+        if kind in _OVER_WITH_THE_VISIT and self._clock.now() >= row["ends_at"]:
             return Finish("superseded", None, "the visit has ended")
         if row["organisation_name"] is None:
             return _Wait("integration configuration not received yet")

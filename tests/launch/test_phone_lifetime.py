@@ -110,51 +110,59 @@ async def test_booking_with_sms_off_carries_no_phone(
 
 
 async def _reschedule(
-    http: aiohttp.ClientSession, system: LaunchSystem, appointment_id: str
+    http: aiohttp.ClientSession, system: LaunchSystem, appointment_id: str, start: datetime
 ) -> None:
-    new_start = (datetime.now(UTC) + timedelta(days=7)).replace(microsecond=0)
     async with http.post(
         f"{system.ehr.url}/_sandbox/tenants/{TENANT_A}/appointments/{appointment_id}/reschedule",
-        json={"start": new_start.isoformat(), "minutes": 30},
+        json={"start": start.replace(microsecond=0).isoformat(), "minutes": 30},
     ) as r:
         assert r.status == 200, await r.text()
 
 
-async def test_a_move_carries_the_number_only_once_the_visit_was_over(
+async def _age(database_url: str, key: str) -> None:
+    """The visit's time passes: its recorded end is an hour ago."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE launch.appointments SET starts_at = now() - interval '90 minutes',"
+            " ends_at = now() - interval '1 hour' WHERE appointment_key = $1",
+            key,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_move_carries_the_number_only_for_a_visit_over_and_moved_ahead(
     launch_system: LaunchSystem, topic_prefix: str, database_url: str
 ) -> None:
-    """A visit moved before its end is rescheduled as V1, with no number; one moved after its
-    recorded end (a no-show booked again for next week: notify erased the number at the end)
-    is V2, carrying the patient's number as ciphertext for the same appointment."""
+    """A visit moved long before its end is rescheduled as V1, with no number; one moved after
+    its recorded end to a time ahead (a no-show booked again for next week: notify erased the
+    number at the end) is V2, carrying the patient's number as ciphertext for the same
+    appointment; one over and corrected to times also past is V1 again (nobody to text)."""
     system = launch_system
+    moved = topic_prefix + "appointment-rescheduled"
+    now = datetime.now(UTC)
     async with aiohttp.ClientSession() as http:
-        appointment = await book_video_visit(http, system)
+        appointment = await book_video_visit(http, system, starts_in=timedelta(days=2))
         [value] = await read_all(topic_prefix + "appointment-created", expect=1)
         key = decode_event(value).key
-        await _reschedule(http, system, appointment["id"])
+        await _reschedule(http, system, appointment["id"], now + timedelta(days=3))
         # The stand-in answers before its feed delivers the move: wait until launch applied it.
-        await read_all(topic_prefix + "appointment-rescheduled", expect=1)
-        conn = await asyncpg.connect(database_url)
-        try:
-            # The visit's time passes: its recorded end is an hour ago.
-            await conn.execute(
-                "UPDATE launch.appointments SET starts_at = now() - interval '90 minutes',"
-                " ends_at = now() - interval '1 hour' WHERE appointment_key = $1",
-                key,
-            )
-        finally:
-            await conn.close()
-        await _reschedule(http, system, appointment["id"])
-    first, second = [
-        decode_event(v) for v in await read_all(topic_prefix + "appointment-rescheduled", expect=2)
-    ]
-    assert type(first.payload) is AppointmentRescheduledV1
-    assert first.version == 1
-    assert "patient_phone_encrypted" not in orjson.loads(encode_event(first))["payload"]
-    assert isinstance(second.payload, AppointmentRescheduledV2)
-    assert second.version == 2
-    ciphertext = second.payload.patient_phone_encrypted
+        await read_all(moved, expect=1)
+        await _age(database_url, key)
+        await _reschedule(http, system, appointment["id"], now + timedelta(days=7))
+        await read_all(moved, expect=2)
+        await _age(database_url, key)
+        await _reschedule(http, system, appointment["id"], now - timedelta(hours=3))
+        ahead, next_week, corrected = [decode_event(v) for v in await read_all(moved, expect=3)]
+    for v1 in (ahead, corrected):
+        assert type(v1.payload) is AppointmentRescheduledV1
+        assert v1.version == 1
+        assert "patient_phone_encrypted" not in orjson.loads(encode_event(v1))["payload"]
+    assert isinstance(next_week.payload, AppointmentRescheduledV2)
+    assert next_week.version == 2
+    ciphertext = next_week.payload.patient_phone_encrypted
     assert ciphertext is not None
     phone = system.settings.field_cipher().decrypt(ciphertext, f"patient-phone:{key}")
     assert phone.startswith("+1")
-    assert second.payload.schedule_version > first.payload.schedule_version
+    assert ahead.payload.schedule_version < next_week.payload.schedule_version

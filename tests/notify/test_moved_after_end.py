@@ -7,6 +7,7 @@ from datetime import timedelta
 from libs.common.events import AppointmentRescheduledV1, AppointmentRescheduledV2, Topic
 from tests.notify.conftest import INTEGRATION, PATIENT, Kit
 from tests.notify.test_purge_paths import _held
+from tests.notify.test_stop_lookup import _stop
 
 
 async def _over_and_purged(kit: Kit, key: str) -> AppointmentRescheduledV1:
@@ -62,4 +63,41 @@ async def test_a_move_after_the_end_without_the_number_sends_nothing(kit: Kit) -
     await kit.until(lambda: bool(kit.results("reschedule")), "the notice to be finished")
     # No number on file: the dispatcher's refusal for a message with nowhere to go.
     assert kit.results("reschedule") == ["invalid_number"]
+    assert len(kit.outbound()) == 1
+
+
+async def test_a_move_of_a_past_visit_to_past_times_texts_nobody(kit: Kit) -> None:
+    """A V2 correcting an ended visit's times to times also past keeps no number and sends no
+    notice: the visit is over by its new times too."""
+    key = "apt_noshow03"
+    move = await _over_and_purged(kit, key)
+    past = kit.clock.now() - timedelta(hours=2)
+    corrected = move.model_copy(update={"starts_at": past, "ends_at": past + timedelta(minutes=30)})
+    ciphertext = kit.cipher.encrypt(PATIENT, f"patient-phone:{key}")
+    await kit.publish(
+        Topic.APPOINTMENT_RESCHEDULED,
+        key,
+        AppointmentRescheduledV2(**corrected.model_dump(), patient_phone_encrypted=ciphertext),
+    )
+    await kit.until(lambda: bool(kit.results("reschedule")), "the notice to be finished")
+    [notice] = await kit.query("SELECT status, reason FROM sms_messages WHERE kind = 'reschedule'")
+    assert (notice["status"], notice["reason"]) == ("superseded", "the visit has ended")
+    assert await _held(kit, key) is None
+    assert len(kit.outbound()) == 1
+
+
+async def test_a_move_after_a_stop_does_not_bring_the_number_back(kit: Kit) -> None:
+    """A V2 of a visit whose patient replied STOP to the sending number keeps no number: the
+    STOP stands."""
+    key = "apt_noshow04"
+    move = await _over_and_purged(kit, key)
+    await _stop(kit)
+    ciphertext = kit.cipher.encrypt(PATIENT, f"patient-phone:{key}")
+    await kit.publish(
+        Topic.APPOINTMENT_RESCHEDULED,
+        key,
+        AppointmentRescheduledV2(**move.model_dump(), patient_phone_encrypted=ciphertext),
+    )
+    await kit.until(lambda: bool(kit.results("reschedule")), "the notice to be finished")
+    assert await _held(kit, key) is None
     assert len(kit.outbound()) == 1
