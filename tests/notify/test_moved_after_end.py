@@ -29,6 +29,17 @@ async def _over_and_purged(kit: Kit, key: str) -> AppointmentRescheduledV1:
     )
 
 
+async def _move_with_number(kit: Kit, key: str, move: AppointmentRescheduledV1) -> str:
+    """Publishes `move` as launch does for a visit over: V2, with the number; its ciphertext."""
+    ciphertext = kit.cipher.encrypt(PATIENT, f"patient-phone:{key}")
+    await kit.publish(
+        Topic.APPOINTMENT_RESCHEDULED,
+        key,
+        AppointmentRescheduledV2(**move.model_dump(), patient_phone_encrypted=ciphertext),
+    )
+    return ciphertext
+
+
 async def test_a_move_after_the_end_carrying_the_number_is_announced_and_reminded(
     kit: Kit,
 ) -> None:
@@ -37,12 +48,7 @@ async def test_a_move_after_the_end_carrying_the_number_is_announced_and_reminde
     end."""
     key = "apt_noshow01"
     move = await _over_and_purged(kit, key)
-    ciphertext = kit.cipher.encrypt(PATIENT, f"patient-phone:{key}")
-    await kit.publish(
-        Topic.APPOINTMENT_RESCHEDULED,
-        key,
-        AppointmentRescheduledV2(**move.model_dump(), patient_phone_encrypted=ciphertext),
-    )
+    ciphertext = await _move_with_number(kit, key, move)
     await kit.until_result("reschedule", "sent")
     assert kit.outbound()[-1].to == PATIENT
     assert await _held(kit, key) == ciphertext
@@ -73,12 +79,7 @@ async def test_a_move_of_a_past_visit_to_past_times_texts_nobody(kit: Kit) -> No
     move = await _over_and_purged(kit, key)
     past = kit.clock.now() - timedelta(hours=2)
     corrected = move.model_copy(update={"starts_at": past, "ends_at": past + timedelta(minutes=30)})
-    ciphertext = kit.cipher.encrypt(PATIENT, f"patient-phone:{key}")
-    await kit.publish(
-        Topic.APPOINTMENT_RESCHEDULED,
-        key,
-        AppointmentRescheduledV2(**corrected.model_dump(), patient_phone_encrypted=ciphertext),
-    )
+    await _move_with_number(kit, key, corrected)
     await kit.until(lambda: bool(kit.results("reschedule")), "the notice to be finished")
     [notice] = await kit.query("SELECT status, reason FROM sms_messages WHERE kind = 'reschedule'")
     assert (notice["status"], notice["reason"]) == ("superseded", "the visit has ended")
@@ -92,12 +93,7 @@ async def test_a_move_after_a_stop_does_not_bring_the_number_back(kit: Kit) -> N
     key = "apt_noshow04"
     move = await _over_and_purged(kit, key)
     await _stop(kit)
-    ciphertext = kit.cipher.encrypt(PATIENT, f"patient-phone:{key}")
-    await kit.publish(
-        Topic.APPOINTMENT_RESCHEDULED,
-        key,
-        AppointmentRescheduledV2(**move.model_dump(), patient_phone_encrypted=ciphertext),
-    )
+    await _move_with_number(kit, key, move)
     await kit.until(lambda: bool(kit.results("reschedule")), "the notice to be finished")
     assert await _held(kit, key) is None
     assert len(kit.outbound()) == 1
