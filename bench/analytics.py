@@ -143,6 +143,15 @@ def _visit_events(rng: random.Random, start: datetime) -> list[Envelope[Any]]:
     ]
 
 
+def _after_first_poll(marks: list[tuple[float, int]], started: float) -> tuple[int, float]:
+    """How many records were handled after the first poll and in how long (the group join
+    and the first fetch excluded), from (time, handled so far) marks; all of them with one."""
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    if len(marks) == 1:
+        return n1, t1 - started
+    return n1 - n0, t1 - t0
+
+
 async def _consume(pool: asyncpg.Pool, prefix: str, total: int) -> tuple[int, float]:
     """Runs the analytics consumer until `total` records are handled; returns how many were
     handled after the first batch and how long they took (group join excluded)."""
@@ -179,10 +188,7 @@ async def _consume(pool: asyncpg.Pool, prefix: str, total: int) -> tuple[int, fl
     finally:
         await runner.stop()
         await producer.stop()
-    (t0, n0), (t1, n1) = marks[0], marks[-1]
-    if len(marks) == 1:
-        return n1, t1 - started
-    return n1 - n0, t1 - t0
+    return _after_first_poll(marks, started)
 
 
 async def _fetch_and_decode(topics: list[str], total: int) -> tuple[int, float]:
@@ -213,10 +219,7 @@ async def _fetch_and_decode(topics: list[str], total: int) -> tuple[int, float]:
                     marks.append((time.perf_counter(), decoded))
     finally:
         await consumer.stop()
-    (t0, n0), (t1, n1) = marks[0], marks[-1]
-    if len(marks) == 1:
-        return n1, t1 - started
-    return n1 - n0, t1 - t0
+    return _after_first_poll(marks, started)
 
 
 # The ceiling measured beside each ingest run, for the row that reports it.
