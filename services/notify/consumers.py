@@ -31,7 +31,9 @@ from libs.common.events import (
     make_event,
 )
 from libs.common.kafka import EventHandler
+from services.notify import metrics
 from services.notify.clock import Clock
+from services.notify.lost_sends import record_reported
 from services.notify.phones import RecipientHasher
 from services.notify.purge import purging
 
@@ -146,24 +148,32 @@ async def drop_pending(
 ) -> bool:
     """Whether any was dropped. With `sparing_in_flight`, a message sent to ACS without an
     answer yet (or without any: a timeout, a crash) is left: it may be at ACS already. One
-    put off (the rate limit, a retry after ACS refused it, waiting) is not."""
-    updated = await conn.execute(
+    put off (the rate limit, a retry after ACS refused it, waiting) is not. One dropped in
+    flight whose delivery report came first is recorded sent from it (lost_sends): its answer
+    was lost, and no retry will learn it now."""
+    dropped = await conn.fetch(
         "UPDATE sms_messages SET status = $3, finished_at = now()"
         " WHERE appointment_key = $1 AND status = 'pending' AND kind = any($2::text[])"
-        " AND NOT ($4 AND in_flight_since IS NOT NULL)",
+        " AND NOT ($4 AND in_flight_since IS NOT NULL)"
+        " RETURNING id, in_flight_since IS NOT NULL AS in_flight",
         appointment_key,
         list(kinds),
         status,
         sparing_in_flight,
     )
-    return updated != "UPDATE 0"
+    # A new statement, so a report committed while this one waited on a row is seen.
+    for kind in await record_reported(conn, [row["id"] for row in dropped if row["in_flight"]]):
+        metrics.SMS_SENT_FROM_REPORTS.labels(kind).inc()
+    return bool(dropped)
 
 
 # Messages that can no longer go out, finished as the dispatcher finishes a refusal: status,
 # outcome and reason, the appointment's confirmation state, an sms-sent event each (written by
 # the caller). {which} chooses the appointments, from $1. One a dispatcher may have at ACS
 # already is left to it: an accepted send is recorded whatever the row says, and one that
-# comes back unsent is refused then (SMS off, no number). The messages are locked first in id
+# comes back unsent is refused then (SMS off, no number), or recorded sent if its delivery
+# report came first (scheduler.Dispatcher: a send whose answer was lost). So none refused here
+# was ever at ACS, and no report can name it. The messages are locked first in id
 # order, the order of the dispatcher's outcome write, so the two wait instead of deadlocking.
 _REFUSE_PENDING = (
     "WITH refused AS (UPDATE sms_messages m SET status = 'refused', outcome = $2,"

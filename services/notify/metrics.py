@@ -39,7 +39,8 @@ DELIVERY_REPORTS = Counter(
 SMS_SENT_FROM_REPORTS = Counter(
     "sms_sent_from_delivery_reports_total",
     "Sends recorded from their delivery report, by kind: their answer was lost (a crash, a"
-    " timeout) and the message was cancelled or superseded before a retry could learn it",
+    " timeout) and the message was cancelled or superseded, or refused by its retry (a STOP,"
+    " SMS off), before a retry could learn it",
     ["kind"],
 )
 OPT_OUT_CHANGES = Counter(

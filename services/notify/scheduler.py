@@ -28,7 +28,7 @@ import structlog
 
 from libs.common.crypto import FieldCipher
 from libs.common.events import SmsKind, SmsOutcome, SmsSentV1, Topic, encode_event, make_event
-from services.notify import metrics
+from services.notify import lost_sends, metrics
 from services.notify.acs import AcsSmsClient, SendResult, send_tag
 from services.notify.clock import Clock
 from services.notify.messages import render
@@ -176,6 +176,10 @@ class _Outcome:
     values: tuple[Any, ...]  # one element per array of _FINISH_PARTS
     announce: bool
     recorded: asyncio.Future[bool]
+    # Unsent, and the message was in flight when claimed (an earlier send's answer lost): a
+    # delivery report stored first makes it a send recorded from that report instead.
+    in_flight: bool = False
+    from_report: bool = False  # so recorded
 
 
 class Dispatcher:
@@ -657,6 +661,7 @@ class Dispatcher:
             ),
             announce,
             asyncio.get_running_loop().create_future(),
+            in_flight=row["in_flight_since"] is not None and finish.status != "sent",
         )
         self._outcomes.append(outcome)
         self._unrecorded += 1
@@ -665,6 +670,11 @@ class Dispatcher:
             self._recorder = asyncio.create_task(self._record_outcomes())
         if not await outcome.recorded:
             return "lost"
+        if outcome.from_report:
+            metrics.SMS_SENT_FROM_REPORTS.labels(kind).inc()
+            metrics.SMS_OUTCOMES.labels(kind, "sent").inc()
+            log.info("sms send recorded from its delivery report", instead=finish.status)
+            return "sent"
         if finish.dead_letter:
             metrics.SMS_DEAD_LETTERED.labels(kind).inc()
             log.error("sms dead-lettered", reason=finish.reason)
@@ -719,9 +729,11 @@ class Dispatcher:
         """Writes `batch` in one statement and tells each outcome whether it is recorded:
         written now, or found on its row as an earlier write of it left it."""
         batch = sorted(batch, key=lambda outcome: outcome.id)
-        columns = [list(values) for values in zip(*(o.values for o in batch), strict=True)]
-        statement = _FINISH_ANNOUNCED if any(o.announce for o in batch) else _FINISH
-        finished = {row["id"] for row in await self._pool.fetch(statement, *columns)}
+        usual = [o for o in batch if not o.in_flight]
+        finished = await _write(self._pool, usual) if usual else set()
+        for outcome in batch:
+            if outcome.in_flight:
+                finished |= await self._write_in_flight(outcome)
         unrecorded = [o for o in batch if o.id not in finished]
         if unrecorded:
             # Rare (a claim taken over, or this round written again after an unanswered one),
@@ -734,6 +746,48 @@ class Dispatcher:
         for outcome in batch:
             if not outcome.recorded.done():
                 outcome.recorded.set_result(outcome.id in finished)
+
+    async def _write_in_flight(self, outcome: _Outcome) -> set[int]:
+        """Writes an unsent outcome of a message claimed in flight (rare: an earlier send's
+        answer was lost), under the message's row lock: if a delivery report naming the message
+        was stored first, its send is recorded instead (lost_sends), as the report records one
+        finished unsent: status and outcome 'sent', at the time it went, one sms-sent. The
+        report is looked for after the lock is taken, so a webhook storing it meanwhile either
+        committed first or finds the message finished here."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            held = await conn.fetchval(
+                "SELECT id FROM sms_messages WHERE id = $1 AND claims = $2"
+                " AND status = 'pending' FOR UPDATE",
+                outcome.values[0],
+                outcome.values[1],
+            )
+            found = await lost_sends.reported(conn, [outcome.id]) if held is not None else []
+            if found:
+                [report] = found
+                kind: SmsKind = report["kind"]
+                outcome.values = (
+                    *outcome.values[:2],
+                    "sent",
+                    "sent",
+                    None,
+                    report["segments"],
+                    report["provider_message_id"],
+                    report["in_flight_since"],
+                    "sent" if kind == "confirmation" else None,
+                    None,
+                    None,
+                    *lost_sends.sent_event(report),
+                )
+                outcome.announce = True
+                outcome.from_report = True
+            return await _write(conn, [outcome])
+
+
+async def _write(conn: Any, batch: list[_Outcome]) -> set[int]:
+    """Writes `batch` (sorted by id) in one statement; the ids of the outcomes recorded."""
+    columns = [list(values) for values in zip(*(o.values for o in batch), strict=True)]
+    statement = _FINISH_ANNOUNCED if any(o.announce for o in batch) else _FINISH
+    return {row["id"] for row in await conn.fetch(statement, *columns)}
 
 
 def _fail(outcome: _Outcome, exc: Exception) -> None:

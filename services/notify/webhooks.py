@@ -8,15 +8,18 @@ names the fields, never their values (they hold phone numbers).
 A delivery report also records a send whose answer was lost (a crash, a timeout) when a cancel
 or a move finished its message unsent before a retry could learn the answer: the send's tag
 names the message (acs.send_tag), and the report records it sent once, with its sms-sent event,
-as the dispatcher records an accepted send. A report naming a message still pending with such a
-send is answered 409, so Event Grid delivers it again (it retries any answer but 400, 401, 403
-and 413) once the retry or a cancel has settled it; not a 5xx: nothing failed.
+as the dispatcher records an accepted send. A report naming a message still pending is stored
+with its tag, and whatever finishes the message unsent or refuses it (a cancel, a move, a STOP,
+SMS off) records the send from it instead (lost_sends). A valid delivery is always answered
+200: Event Grid counts any other answer as a failed delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import asyncpg
@@ -34,11 +37,12 @@ from pydantic import (
 )
 
 from libs.common.crypto import FieldCipher
-from libs.common.events import SmsKind, SmsSentV1, Topic, UtcDateTime, encode_event, make_event
+from libs.common.events import SmsKind, UtcDateTime
 from libs.common.logging import redact_text
 from services.notify import metrics, optout
 from services.notify.acs import parse_tag
 from services.notify.consumers import refuse_pending
+from services.notify.lost_sends import record_reported
 from services.notify.phones import RecipientHasher, Refusal, normalise
 from services.notify.purge import purging
 
@@ -53,14 +57,23 @@ MAX_EVENTS = 500
 _PURGE_STOPPED = purging("a.appointment_key = any($2::text[])")
 
 # The report, per provider message id ($1): stored unless the row has it already (a redelivery:
-# no news) or a newer one; true when it changed the row.
-_REPORT_COLUMNS = (
-    "delivery_reports (provider_message_id, delivery_status, details, received_at, event_id)"
-)
-_REPORT_UPSERT = (
+# no news) or a newer one; true when it changed the row. Its tag, if one of ours, is kept with
+# it ($6 the message's repeatabilityRequestId, $7 its kind, $8 the number it came from, $9 the
+# segments its attempts carried): the first tag a message id came with stays.
+_STORE_REPORT = (
+    "INSERT INTO delivery_reports (provider_message_id, delivery_status, details, received_at,"
+    " event_id, repeatability_request_id, kind, sender, segments)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
     " ON CONFLICT (provider_message_id) DO UPDATE SET"
     " delivery_status = excluded.delivery_status, details = excluded.details,"
-    " received_at = excluded.received_at, event_id = excluded.event_id"
+    " received_at = excluded.received_at, event_id = excluded.event_id,"
+    " repeatability_request_id = coalesce(delivery_reports.repeatability_request_id,"
+    " excluded.repeatability_request_id),"
+    " kind = CASE WHEN delivery_reports.repeatability_request_id IS NULL THEN excluded.kind"
+    " ELSE delivery_reports.kind END,"
+    " sender = CASE WHEN delivery_reports.repeatability_request_id IS NULL THEN excluded.sender"
+    " ELSE delivery_reports.sender END,"
+    " segments = coalesce(excluded.segments, delivery_reports.segments)"
     " WHERE delivery_reports.received_at <= excluded.received_at"
     # Event Grid delivers at least once: the same report again is no news.
     " AND (delivery_reports.delivery_status, delivery_reports.details,"
@@ -68,66 +81,39 @@ _REPORT_UPSERT = (
     " (excluded.delivery_status, excluded.details, excluded.received_at)"
     " RETURNING true"
 )
-_STORE_REPORT = (
-    f"INSERT INTO {_REPORT_COLUMNS} VALUES ($1, $2, $3, $4, $5)"  # noqa: S608 -- constants only
-    + _REPORT_UPSERT
-)
-# A report whose tag names one of our messages ($6 its repeatabilityRequestId, $7 its kind),
-# sent from the number the report names ($8), in one round trip as any report: the message, if
-# the send the report proves is not recorded: marked in flight (its text went to ACS, perhaps
-# more than once, under that id) with no outcome (pending: its answer not recorded yet, or lost;
-# or finished unsent since by a cancel or a move: refusals and failures have an outcome, and
-# their sms-sent event already), and the report's message id no message's. The report is stored
-# unless the message was finished unsent: `_RECORD_SEND` then stores it and records the send in
-# one statement. Partial index: migrations/0006_sends_by_tag.sql.
+# The message a stored report's tag names ($1 its repeatabilityRequestId, $2 its kind), sent
+# from the number the report names ($3), if the send the report proves is not recorded: marked
+# in flight (its text went to ACS, perhaps more than once, under that id) with no outcome
+# (pending: its answer not recorded yet, or lost; or finished unsent since by a cancel or a
+# move: refusals and failures have an outcome, and their sms-sent event already), locked, in a
+# statement after the report's, so that whatever finishes it meanwhile either is seen here, once
+# committed, or sees the report (lost_sends). Partial index: migrations/0006_sends_by_tag.sql.
 _NAMED = (
-    "SELECT m.id, m.status, m.appointment_key, m.kind, m.in_flight_since, a.tenant_id,"
-    " a.integration_id FROM sms_messages m"
-    " JOIN appointments a ON a.appointment_key = m.appointment_key"
-    " WHERE m.repeatability_request_id = $6 AND m.kind = $7 AND m.sender = $8"
+    "SELECT m.id, m.status FROM sms_messages m"
+    " WHERE m.repeatability_request_id = $1 AND m.kind = $2 AND m.sender = $3"
     " AND m.in_flight_since IS NOT NULL AND m.outcome IS NULL"
     " AND m.status IN ('pending', 'cancelled', 'superseded')"
-    " AND NOT EXISTS (SELECT 1 FROM sms_messages k WHERE k.provider_message_id = $1)"
+    " ORDER BY m.id FOR UPDATE OF m"
 )
-_STORE_TAGGED_REPORT = (
-    f"WITH named AS ({_NAMED} ORDER BY m.id LIMIT 1),"  # noqa: S608 -- constants only
-    f" stored AS (INSERT INTO {_REPORT_COLUMNS}"
-    " SELECT $1::text, $2::text, $3::text, $4::timestamptz, $5::text"
-    " WHERE NOT EXISTS (SELECT 1 FROM named WHERE named.status <> 'pending')"
-    f"{_REPORT_UPSERT})"
-    " SELECT named.*, EXISTS (SELECT 1 FROM stored) AS stored"
-    " FROM (SELECT 1) AS one LEFT JOIN named ON true"
-)
-# A send finished unsent ($10, found by `_STORE_TAGGED_REPORT`) recorded with its report, as the
-# dispatcher records an accepted send (status and outcome 'sent', ACS's message id, the segments
-# $9, a confirmation's state), at the time it went to ACS, with its sms-sent event ($11-$14), if
-# it is still unrecorded: the dispatcher's late answer, or the report again, then finds it
-# recorded and writes nothing. The message is locked before its appointment, as the dispatcher
-# locks them (a consumer locks the appointment, then only pending messages).
-_RECORD_SEND = (
-    "WITH recorded AS (UPDATE sms_messages m SET status = 'sent', outcome = 'sent',"  # noqa: S608
-    " reason = NULL, provider_message_id = $1, segments = $9, finished_at = m.in_flight_since"
-    " WHERE m.id = $10 AND m.repeatability_request_id = $6 AND m.kind = $7 AND m.sender = $8"
-    " AND m.in_flight_since IS NOT NULL AND m.outcome IS NULL"
-    " AND m.status IN ('cancelled', 'superseded')"
-    " AND NOT EXISTS (SELECT 1 FROM sms_messages k WHERE k.provider_message_id = $1)"
-    " RETURNING m.appointment_key, m.kind),"
-    " confirmed AS (UPDATE appointments a SET confirmation = 'sent' FROM recorded r"
-    " WHERE a.appointment_key = r.appointment_key AND r.kind = 'confirmation'),"
-    " announced AS (INSERT INTO outbox (event_id, topic, key, payload)"
-    " SELECT $11::uuid, $12::text, $13::text, $14::bytea FROM recorded RETURNING event_id),"
-    f" stored AS (INSERT INTO {_REPORT_COLUMNS} VALUES ($1, $2, $3, $4, $5){_REPORT_UPSERT})"
-    " SELECT EXISTS (SELECT 1 FROM stored) AS stored,"
-    " EXISTS (SELECT 1 FROM announced) AS recorded"
-)
+# What a delivery may meet on its rows (a dispatcher's outcome write, a consumer's cancel): it
+# is rolled back whole, and applied again from the start, a few times, before a 500.
+_TRANSIENT = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
 class _Reported:
     status: str | None = None  # the report's status, when it changed the row
-    recorded: SmsKind | None = None  # the kind of the send it recorded, if it recorded one
-    # It names a send whose answer is not recorded yet: Event Grid is to deliver it again.
-    again: bool = False
+    recorded: tuple[SmsKind, ...] = ()  # the kinds of the sends it recorded
+
+
+@dataclass
+class _Applied:
+    """What a delivery changed, counted once it is committed."""
+
+    reported: list[_Reported] = field(default_factory=list)
+    keywords: list[str] = field(default_factory=list)  # STOP / START applied
+    purged: int = 0
 
 
 # Event Grid sends "From" with or without the leading "+".
@@ -266,20 +252,33 @@ class AcsEventsWebhook:
         if isinstance(numbers, web.Response):
             return numbers
         first_event, first_data = parsed[0]
-        if len(parsed) == 1 and isinstance(first_data, DeliveryReportData):
+        if (
+            len(parsed) == 1
+            and isinstance(first_data, DeliveryReportData)
+            and parse_tag(first_data.Tag) is None
+        ):
             # Event Grid mostly delivers one report per request: one statement is atomic on
             # its own, so no BEGIN and COMMIT round trips around it.
-            return _reported([await self._report(self._pool, first_event, first_data)], 1)
-        recorded: list[_Reported] = []
-        purged = 0
-        async with self._pool.acquire() as conn, conn.transaction():
-            for (event, data), pair in zip(parsed, numbers, strict=True):
-                if isinstance(data, SmsReceivedData) and pair is not None:
-                    purged += await self._received(conn, data, *pair)
-                elif isinstance(data, DeliveryReportData):
-                    recorded.append(await self._report(conn, event, data))
-        metrics.PHONES_PURGED.inc(purged)
-        return _reported(recorded, len(parsed))
+            applied = _Applied([await self._report(self._pool, first_event, first_data)])
+            return _answer(applied, 1)
+        for attempt in range(1, ATTEMPTS + 1):
+            applied = _Applied()
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    for (event, data), pair in zip(parsed, numbers, strict=True):
+                        if isinstance(data, SmsReceivedData) and pair is not None:
+                            await self._received(conn, data, *pair, applied)
+                        elif isinstance(data, DeliveryReportData):
+                            applied.reported.append(await self._report(conn, event, data))
+                break
+            except _TRANSIENT as exc:
+                # Rolled back whole: applied again, it finds what it found the first time, or
+                # what committed since (the redelivery Event Grid would make, sooner).
+                if attempt == ATTEMPTS:
+                    raise
+                log.warning("webhook delivery retried", error=type(exc).__name__, attempt=attempt)
+                await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
+        return _answer(applied, len(parsed))
 
     def _numbers(self, parsed: list[Parsed]) -> list[tuple[str, str] | None] | web.Response:
         """(our number, patient) per inbound SMS, all validated before anything is applied."""
@@ -302,25 +301,28 @@ class AcsEventsWebhook:
             result.append((ours, patient))
         return result
 
-    async def _received(self, conn: Any, data: SmsReceivedData, ours: str, patient: str) -> int:
-        """Applies a STOP / START; how many numbers a STOP purged."""
+    async def _received(
+        self, conn: Any, data: SmsReceivedData, ours: str, patient: str, applied: _Applied
+    ) -> None:
+        """Applies a STOP / START: the change is told to `applied` if it changed the patient's
+        word (a redelivery, or an older reply, does not), with the numbers a STOP purged."""
         action = optout.keyword(data.Message)
         if action is None:
-            return 0  # a reply that is not a keyword is not kept: it may hold anything
+            return  # a reply that is not a keyword is not kept: it may hold anything
         at = data.ReceivedTimestamp
-        applied = await optout.apply(conn, self._hash_secret, ours, patient, action, at)
-        metrics.OPT_OUT_CHANGES.labels(action).inc()
+        if not await optout.apply(conn, self._hash_secret, ours, patient, action, at):
+            return
+        applied.keywords.append(action)
         log.info("sms keyword applied", action=action)
-        if action != "stop" or not applied:
-            return 0
+        if action != "stop":
+            return
         # Nothing more goes to the patient from this number: the numbers held for it are not
         # needed any more, and the messages owed are refused now as the dispatcher would.
         keys = await optout.held_for(conn, self._hasher, ours, patient)
         if not keys:
-            return 0
-        purged: int = await conn.fetchval(_PURGE_STOPPED, at, keys)
+            return
+        applied.purged += await conn.fetchval(_PURGE_STOPPED, at, keys)
         await refuse_pending(conn, keys, "opted_out", "recipient replied STOP", at)
-        return purged
 
     async def _report(
         self, conn: Any, event: EventGridEvent, data: DeliveryReportData
@@ -328,88 +330,59 @@ class AcsEventsWebhook:
         """Records the report; its status if that changed the row, None if the row already
         said so (a redelivery) or knows better (an older report). A send it proves that was
         finished unsent (its answer lost, then the visit cancelled or moved) is recorded with
-        it; one still pending is left to the dispatcher, and the report asked for again."""
-        values = (
+        it; one still pending is left to its retry, or to what finishes it (lost_sends), which
+        finds the report stored."""
+        tag = parse_tag(data.Tag)
+        # Every attempt carries the message's segments, succeeded or failed; none: unknown.
+        attempted = [a.SegmentsSucceeded + a.SegmentsFailed for a in data.DeliveryAttempts]
+        named = (
+            (tag.repeatability_request_id, tag.kind, _plus(data.From))
+            if tag is not None
+            else (None, None, None)
+        )
+        changed = await conn.fetchval(
+            _STORE_REPORT,
             data.MessageId,
             data.DeliveryStatus,
             # Carrier details are free text; keep them, minus anything that looks personal.
             redact_text(data.DeliveryStatusDetails),
             data.ReceivedTimestamp,
             event.id,
+            *named,
+            min(max(attempted), 10) if attempted and tag is not None else None,
         )
-        tag = parse_tag(data.Tag)
+        status = data.DeliveryStatus if changed else None
         if tag is None:
             # No tag of ours: another sender's, or one sent before tags named the message.
-            changed = await conn.fetchval(_STORE_REPORT, *values)
-            return _Reported(data.DeliveryStatus if changed else None)
-        named = (tag.repeatability_request_id, tag.kind, _plus(data.From))
-        found = await conn.fetchrow(_STORE_TAGGED_REPORT, *values, *named)
-        assert found is not None  # the statement always answers one row
-        status = data.DeliveryStatus if found["stored"] else None
-        if found["id"] is None:
             return _Reported(status)
-        if found["status"] == "pending":
-            # Its dispatcher may be about to record the answer (reports can be quick), or died
-            # or timed out with the message in flight, to send it again after its lease, when
-            # ACS answers the first result; unless a cancel comes first. Asked again (Event Grid
-            # retries at 10 s, 30 s, 1 min, 5 min, ...), the report finds it recorded, or
-            # finished unsent and records it.
-            return _Reported(status, again=True)
-        # Every attempt carries the message's segments, succeeded or failed; none: unknown.
-        attempted = [a.SegmentsSucceeded + a.SegmentsFailed for a in data.DeliveryAttempts]
-        segments = min(max(attempted), 10) if attempted else None
-        kind: SmsKind = found["kind"]
-        sent = make_event(
-            Topic.SMS_SENT,
-            found["tenant_id"],
-            found["appointment_key"],
-            SmsSentV1(
-                integration_id=found["integration_id"],
-                kind=kind,
-                outcome="sent",
-                segments=segments or 0,
-                at=found["in_flight_since"],
-            ),
-        )
-        written = await conn.fetchrow(
-            _RECORD_SEND,
-            *values,
-            *named,
-            segments,
-            found["id"],
-            sent.event_id,
-            sent.type,
-            sent.key,
-            encode_event(sent),
-        )
-        assert written is not None  # the statement always answers one row
-        status = data.DeliveryStatus if written["stored"] else None
-        if not written["recorded"]:
-            return _Reported(status)  # recorded meanwhile (the dispatcher, the same report)
-        log.info(
-            "sms send recorded from its delivery report",
-            appointment_key=found["appointment_key"],
-            sms_kind=kind,
-        )
-        return _Reported(status, kind)
+        found = await conn.fetch(_NAMED, *named)
+        unsent = [row["id"] for row in found if row["status"] != "pending"]
+        # A pending one: its dispatcher may be about to record the answer (reports can be
+        # quick), or died or timed out with the message in flight, to send it again after its
+        # lease, when ACS answers the first result; or its retry finishes it unsent (a STOP,
+        # SMS off) and finds this report. Nothing is asked of Event Grid again.
+        recorded = tuple(await record_reported(conn, unsent))
+        if recorded:
+            log.info("sms send recorded from its delivery report", sms_kind=recorded[0])
+        return _Reported(status, recorded)
 
 
-def _reported(reported: list[_Reported], accepted: int) -> web.Response:
-    """The answer to a delivery, once committed: 409 if a report is to be delivered again
-    (the rest of it, applied, changes nothing the second time), else how many were taken."""
-    _count_reports(reported)  # once committed: a batch that rolls back recorded nothing
-    if any(report.again for report in reported):
-        return _refuse(409, "a send reported is not settled yet; deliver again later")
+def _answer(applied: _Applied, accepted: int) -> web.Response:
+    """The answer to a delivery, once committed: how many events were taken."""
+    _count(applied)  # once committed: a batch that rolls back recorded nothing
     return web.json_response({"accepted": accepted})
 
 
-def _count_reports(reported: list[_Reported]) -> None:
-    for report in reported:
+def _count(applied: _Applied) -> None:
+    for report in applied.reported:
         if report.status is not None:
             label = report.status if report.status in KNOWN_DELIVERY_STATUSES else "other"
             metrics.DELIVERY_REPORTS.labels(label).inc()
-        if report.recorded is not None:
-            metrics.SMS_SENT_FROM_REPORTS.labels(report.recorded).inc()
+        for kind in report.recorded:
+            metrics.SMS_SENT_FROM_REPORTS.labels(kind).inc()
+    for action in applied.keywords:
+        metrics.OPT_OUT_CHANGES.labels(action).inc()
+    metrics.PHONES_PURGED.inc(applied.purged)
 
 
 def _plus(number: str) -> str:

@@ -153,8 +153,8 @@ async def test_a_lost_send_cancelled_before_its_retry_is_recorded_once_from_its_
 
 
 async def test_the_same_report_delivered_again_records_the_send_once(make_kit: MakeKit) -> None:
-    """Event Grid's redeliveries of the report, one after another or side by side, leave one
-    sms-sent for the lost send."""
+    """Event Grid's redeliveries of the report after it recorded the send, one after another
+    or several at once, leave one sms-sent (test_lost_send_races: side by side before)."""
     kit = await make_kit(scheduler_enabled=False)
     sms, report = await crash_after_send(kit)
     await cancel(kit)
@@ -169,26 +169,44 @@ async def test_the_same_report_delivered_again_records_the_send_once(make_kit: M
     assert (row["status"], row["provider_message_id"]) == ("sent", sms.message_id)
 
 
-async def test_a_report_before_the_cancel_is_asked_again_and_records_the_send_after_it(
+async def test_a_report_before_the_cancel_is_stored_and_the_cancel_records_the_send(
     make_kit: MakeKit,
 ) -> None:
-    """A report arriving while the message is still pending (its dispatcher gone) is stored and
-    answered 409, recording nothing; delivered again after the cancel, it records the send."""
+    """A report arriving while the message is still pending (its dispatcher gone) is stored with
+    its tag and answered 200; the cancel after it records the send from it, once."""
     kit = await make_kit(scheduler_enabled=False)
     sms, report = await crash_after_send(kit)
+    rid = (await confirmation(kit))["repeatability_request_id"]
 
-    assert await deliver(kit, report) == 409
+    assert await deliver(kit, report) == 200
     row = await confirmation(kit)
     assert (row["status"], row["outcome"], row["provider_message_id"]) == ("pending", None, None)
-    [stored] = await kit.query("SELECT provider_message_id FROM delivery_reports")
-    assert stored["provider_message_id"] == sms.message_id
+    [stored] = await kit.query("SELECT * FROM delivery_reports")
+    assert (stored["provider_message_id"], stored["repeatability_request_id"]) == (
+        sms.message_id,
+        rid,
+    )
+    assert (stored["kind"], stored["sender"], stored["segments"]) == (
+        "confirmation",
+        SENDER,
+        sms.segments,
+    )
     assert await sms_sent(kit) == []
 
     await cancel(kit)
-    assert await deliver(kit, report) == 200
     row = await confirmation(kit)
-    assert (row["status"], row["provider_message_id"]) == ("sent", sms.message_id)
+    assert (row["status"], row["outcome"], row["reason"]) == ("sent", "sent", None)
+    assert (row["provider_message_id"], row["segments"]) == (sms.message_id, sms.segments)
+    assert row["finished_at"] == row["in_flight_since"]
+    [appointment] = await kit.query("SELECT confirmation FROM appointments")
+    assert appointment["confirmation"] == "sent"
+    [event] = await sms_sent(kit)
+    assert (event.kind, event.outcome, event.segments) == ("confirmation", "sent", sms.segments)
+    assert event.at == row["in_flight_since"]
+
+    assert await deliver(kit, report) == 200
     assert [(p.kind, p.outcome) for p in await sms_sent(kit)] == [("confirmation", "sent")]
+    assert len(kit.outbound()) == 1
 
 
 async def test_forged_or_old_format_tags_change_nothing_but_the_report(make_kit: MakeKit) -> None:
