@@ -4,6 +4,8 @@ Postgres, a shared hand-driven clock, and helpers that wait on outcomes instead 
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -216,6 +218,20 @@ class Kit:
         await self.publish(Topic.APPOINTMENT_CREATED, key, payload)
         await self.until_applied(before + 1)
         return payload
+
+    async def crash_dispatcher(self) -> None:
+        """A dispatcher in a child process (tests/notify/crash_dispatcher.py) sends the due
+        messages and is SIGKILLed once ACS has accepted them, before recording anything."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.notify.crash_dispatcher",
+            self.database_url,
+            self.settings.acs_endpoint,
+            str(self.settings.tls_ca_bundle),
+            self.clock.now().isoformat(),
+        )
+        assert await process.wait() == -signal.SIGKILL
 
     async def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return list(await self.pool.fetch(sql, *args))

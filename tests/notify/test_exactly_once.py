@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import asyncio
-import signal
-import sys
 from datetime import timedelta
 
 from libs.common.events import Topic
@@ -33,16 +30,7 @@ async def test_crash_between_send_and_commit_does_not_send_twice(make_kit: MakeK
     kit = await make_kit(scheduler_enabled=False)
     await kit.configure()
     await kit.book("apt_crash01")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.notify.crash_dispatcher",
-        kit.database_url,
-        kit.settings.acs_endpoint,
-        str(kit.settings.tls_ca_bundle),
-        kit.clock.now().isoformat(),
-    )
-    assert await process.wait() == -signal.SIGKILL
+    await kit.crash_dispatcher()
     [sms] = kit.outbound()
     [row] = await kit.query(
         "SELECT status, attempts, repeatability_first_sent, provider_message_id"

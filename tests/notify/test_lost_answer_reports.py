@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import signal
-import sys
 import uuid
 from typing import Any
 
@@ -63,6 +61,19 @@ async def confirmation(kit: Kit, key: str = KEY) -> Any:
     return row
 
 
+async def recorded_sent(kit: Kit, sms: SmsMessage) -> Any:
+    """The confirmation is recorded as its dispatcher records an accepted send: sent, with
+    ACS's message id and segments, at the time it went to ACS, and the visit confirmed; its
+    row."""
+    row = await confirmation(kit)
+    assert (row["status"], row["outcome"], row["reason"]) == ("sent", "sent", None)
+    assert (row["provider_message_id"], row["segments"]) == (sms.message_id, sms.segments)
+    assert row["finished_at"] == row["in_flight_since"]
+    [appointment] = await kit.query("SELECT confirmation FROM appointments")
+    assert appointment["confirmation"] == "sent"
+    return row
+
+
 async def cancel(kit: Kit, key: str = KEY) -> None:
     before = kit.applied
     await kit.publish(
@@ -83,16 +94,7 @@ async def crash_after_send(kit: Kit) -> tuple[SmsMessage, Report]:
     acs.webhook_url = webhook(kit, "not-yet")
     await kit.configure()
     await kit.book(KEY)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.notify.crash_dispatcher",
-        kit.database_url,
-        kit.settings.acs_endpoint,
-        str(kit.settings.tls_ca_bundle),
-        kit.clock.now().isoformat(),
-    )
-    assert await process.wait() == -signal.SIGKILL
+    await kit.crash_dispatcher()
     notifier = kit.sandbox.components.sandbox.notifier
     await notifier.drain()
     [sms] = kit.outbound()
@@ -129,12 +131,7 @@ async def test_a_lost_send_cancelled_before_its_retry_is_recorded_once_from_its_
 
     assert await deliver(kit, report) == 200
 
-    row = await confirmation(kit)
-    assert (row["status"], row["outcome"], row["reason"]) == ("sent", "sent", None)
-    assert (row["provider_message_id"], row["segments"]) == (sms.message_id, sms.segments)
-    assert row["finished_at"] == row["in_flight_since"]
-    [appointment] = await kit.query("SELECT confirmation FROM appointments")
-    assert appointment["confirmation"] == "sent"
+    row = await recorded_sent(kit, sms)
     [report_row] = await kit.query("SELECT * FROM delivery_reports")
     assert (report_row["provider_message_id"], report_row["delivery_status"]) == (
         sms.message_id,
@@ -194,12 +191,7 @@ async def test_a_report_before_the_cancel_is_stored_and_the_cancel_records_the_s
     assert await sms_sent(kit) == []
 
     await cancel(kit)
-    row = await confirmation(kit)
-    assert (row["status"], row["outcome"], row["reason"]) == ("sent", "sent", None)
-    assert (row["provider_message_id"], row["segments"]) == (sms.message_id, sms.segments)
-    assert row["finished_at"] == row["in_flight_since"]
-    [appointment] = await kit.query("SELECT confirmation FROM appointments")
-    assert appointment["confirmation"] == "sent"
+    await recorded_sent(kit, sms)
     [event] = await sms_sent(kit)
     assert (event.kind, event.outcome, event.segments) == ("confirmation", "sent", sms.segments)
     assert event.at == row["in_flight_since"]
