@@ -30,7 +30,9 @@ PURGER = web.AppKey("notify_purger", Purger)
 WEBHOOK = web.AppKey("notify_acs_webhook", AcsEventsWebhook)
 
 
-def sms_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
+def sms_ctx(
+    clock: Clock, hasher: RecipientHasher
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         assert isinstance(settings, NotifySettings)
@@ -49,7 +51,7 @@ def sms_ctx(clock: Clock) -> Callable[[web.Application], AsyncIterator[None]]:
             settings.external_call_timeout_s,
         )
         dispatcher = Dispatcher(pool, acs, settings, clock)
-        purger = Purger(pool, clock, settings.purge_interval_s)
+        purger = Purger(pool, clock, settings.purge_interval_s, hasher)
         app[DISPATCHER], app[PURGER] = dispatcher, purger
         app[WEBHOOK] = AcsEventsWebhook(
             pool,
@@ -98,7 +100,7 @@ def create_app(settings: ServiceSettings, clock: Clock | None = None) -> web.App
             batch_handler=batch_handler(clock, per_event, hasher),
         )
     )
-    app.cleanup_ctx.append(sms_ctx(clock))
+    app.cleanup_ctx.append(sms_ctx(clock, hasher))
     app.router.add_post("/acs/events", acs_events)
     app.router.add_get("/openapi.json", openapi_json)
     return app

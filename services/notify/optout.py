@@ -58,7 +58,8 @@ async def apply(
 # migration 0005 or by a replica of the previous release during the rollout. Only decrypting a
 # number gives its hash, and the database has neither the key nor the hash secret, so no SQL
 # could backfill them: they are decrypted here, as every number held was before (by index too,
-# appointments_phone_unhashed; fewer and fewer, none once the purger has cleared the last).
+# appointments_phone_unhashed), until the purger's rounds give them their hash
+# (Purger.hash_held).
 HELD_FOR = (
     "SELECT a.appointment_key, NULL::text AS unhashed FROM appointments a"
     " JOIN integrations i ON i.integration_id = a.integration_id"

@@ -22,6 +22,7 @@ from libs.common.events import (
     Topic,
 )
 from services.notify import optout
+from services.notify.app import PURGER
 from services.notify.phones import RecipientHasher, recipient_hash
 from tests.conftest import wait_for
 from tests.notify.conftest import (
@@ -347,3 +348,35 @@ async def test_a_purge_locks_the_appointments_in_key_order(make_kit: MakeKit, pu
         await purging
     for key in ("apt_order_1", "apt_order_2"):
         assert await _stored(kit, key) == (None, None), key
+
+
+async def test_the_purger_gives_numbers_held_before_the_hash_their_hash(
+    make_kit: MakeKit,
+) -> None:
+    """The purger gives numbers held since before migration 0005 their keyed hash, a batch a
+    round, so a STOP soon finds them without decrypting; a number that SMS cannot go to gets
+    '' (never a recipient), and numbers already hashed are left as they are."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    await kit.book("apt_backfill_booked")
+    booked = await _stored(kit, "apt_backfill_booked")
+    for n in range(3):
+        await _held_before_0005(kit, f"apt_backfill_{n}", PATIENT if n != 1 else OTHER_PATIENT)
+    await _held_before_0005(kit, "apt_backfill_invalid", "+1555555012")  # too short
+
+    purger = kit.app[PURGER]
+    assert await purger.hash_held(limit=3) == 3
+    assert await purger.hash_held(limit=3) == 1
+    assert await purger.hash_held(limit=3) == 0
+    for n in range(3):
+        held, hashed = await _stored(kit, f"apt_backfill_{n}")
+        assert held is not None
+        assert hashed == _hash(kit, PATIENT if n != 1 else OTHER_PATIENT)
+    assert (await _stored(kit, "apt_backfill_invalid"))[1] == ""
+    assert await _stored(kit, "apt_backfill_booked") == booked
+
+    hasher, cipher = _hasher(kit)
+    async with kit.pool.acquire() as conn:
+        found = await optout.held_for(conn, hasher, SENDER, PATIENT)
+    assert sorted(found) == ["apt_backfill_0", "apt_backfill_2", "apt_backfill_booked"]
+    assert cipher.decrypted == 0, "a STOP still decrypted numbers after the backfill"
