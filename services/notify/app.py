@@ -58,7 +58,7 @@ def sms_ctx(
             settings.acs_webhook_secret.get_secret_value(),
             settings.recipient_hash_secret.get_secret_value(),
             settings.sms_default_region,
-            settings.field_cipher(),
+            hasher,
         )
         tasks = [asyncio.create_task(purger.run(), name="phone-purge")]
         if settings.scheduler_enabled:

@@ -36,7 +36,6 @@ from pydantic import (
     ValidationError,
 )
 
-from libs.common.crypto import FieldCipher
 from libs.common.events import SmsKind, UtcDateTime
 from libs.common.logging import redact_text
 from services.notify import metrics, optout
@@ -224,13 +223,13 @@ class AcsEventsWebhook:
         secret: str,
         hash_secret: str,
         region: str,
-        cipher: FieldCipher,
+        hasher: RecipientHasher,
     ) -> None:
         self._pool = pool
         self._secret = secret
         self._hash_secret = hash_secret
         self._region = region
-        self._hasher = RecipientHasher(cipher, hash_secret, region)
+        self._hasher = hasher
 
     async def handle(self, request: web.Request) -> web.Response:
         code = request.query.get("code", "")
