@@ -66,7 +66,12 @@ async def _database() -> tuple[str, asyncpg.Pool]:
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    pool = await create_pool(PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name, SCHEMA, max_size=4)
+    pool = await create_pool(
+        PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name,
+        SCHEMA,
+        max_size=4,
+        custom_plans=AnalyticsSettings.model_fields["database_custom_plans"].default,
+    )
     await migrate(pool, SCHEMA, MIGRATIONS, [PORTAL_MIGRATIONS])
     return name, pool
 

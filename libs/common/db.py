@@ -45,13 +45,18 @@ async def _keep_session(_conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """
 
 
-async def create_pool(dsn: str, schema: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, schema: str, min_size: int = 1, max_size: int = 10, custom_plans: bool = False
+) -> asyncpg.Pool:
+    server_settings = {"search_path": _checked_schema(schema), "application_name": schema}
+    if custom_plans:
+        server_settings["plan_cache_mode"] = "force_custom_plan"
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         command_timeout=30,
-        server_settings={"search_path": _checked_schema(schema), "application_name": schema},
+        server_settings=server_settings,
         reset=_keep_session,
         # No idle-connection timer: asyncpg otherwise sets and cancels a timer around every
         # statement to close connections idle for 5 minutes; a pool of 10 may keep them.

@@ -50,6 +50,9 @@ class ServiceSettings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:15432/ehr_connector")
     database_pool_min: int = Field(default=1, ge=0)
     database_pool_max: int = Field(default=10, ge=1)
+    # Plan every statement for its own parameters (Postgres's plan_cache_mode) instead of
+    # reusing a generic plan: for services whose statements carry arrays of hundreds of keys.
+    database_custom_plans: bool = False
 
     kafka_bootstrap_servers: str = "127.0.0.1:19092"
     # In a cluster every service authenticates (SCRAM over TLS) so the broker's ACLs hold;

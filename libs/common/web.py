@@ -251,6 +251,7 @@ def database_ctx(
             settings.database_schema,
             settings.database_pool_min,
             settings.database_pool_max,
+            settings.database_custom_plans,
         )
         await migrate(
             pool,

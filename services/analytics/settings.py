@@ -36,6 +36,11 @@ class AnalyticsSettings(PortalSettings):
     # Events per poll: the projector applies a poll in a fixed number of statements, so a
     # larger poll is cheaper per event (see docs/performance.md); a quiet stream polls less.
     consumer_batch_size: int = Field(default=500, ge=1, le=5000)
+    # A poll's statements name hundreds of appointments in arrays. A generic plan, made while
+    # the tables were small or before they were analysed, scanned every observation table
+    # whole for each poll (49 ms a poll against 4 ms planned for its keys; docs/performance.md,
+    # tenth pass), and stays cached until autovacuum next analyses them.
+    database_custom_plans: bool = True
     # Figures may lag their events by this much (the issue allows seconds), so under a steady
     # stream a poll carries up to half a second of events rather than the two or three that
     # arrived since the last one: at 100 bookings a second, polls of ~100 events instead of
