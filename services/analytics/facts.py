@@ -218,7 +218,7 @@ class FactsProjector:
         admissions: set[tuple[str, datetime]] = set()
         changes: set[PresenceChange] = set()
         sms_sent = 0
-        # One pass over the rows, whatever their kind.
+        # One pass over the rows, whatever their kind (columns in _OBSERVATIONS's order).
         for _key, kind, participant, at, joined, role in rows:
             if kind == "presence":
                 changes.add(PresenceChange(participant, at, joined))
