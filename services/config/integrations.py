@@ -33,6 +33,8 @@ from services.config.smart_probe import (
 )
 
 _TEXT = re.compile(r"^[^\x00-\x1f\x7f<>]*$")
+_VSCHARS = re.compile(r"[\x20-\x7e]*")
+_PEM_TEXT = re.compile(r"[\x20-\x7e\t\r\n]*")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _UPN = re.compile(r"^[A-Za-z0-9._%+'-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 
@@ -88,6 +90,24 @@ class IntegrationInput(BaseModel):
     @classmethod
     def _blank_is_absent(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    # The limits above count characters, but the integration-config event's ciphertext grows
+    # with bytes: 4096 characters of "é" overflowed it (a 500 after the checks). Both secrets
+    # are ASCII anyway: an OAuth client secret is VSCHARs (RFC 6749, appendix A), a PEM is
+    # base64 between ASCII armour lines.
+    @field_validator("client_secret")
+    @classmethod
+    def _client_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _VSCHARS.fullmatch(value.get_secret_value()):
+            raise ValueError("must be the secret from the Cerner Code Console (ASCII characters)")
+        return value
+
+    @field_validator("private_key")
+    @classmethod
+    def _pem_text(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _PEM_TEXT.fullmatch(value.get_secret_value()):
+            raise ValueError("must be a PEM private key (ASCII text)")
+        return value
 
 
 MAX_RSA_KEY_BITS = 4096

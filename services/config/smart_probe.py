@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from services.config.fhir_urls import CheckedUrl, InvalidFhirUrl, check_endpoint_url
 
-_Str = Field(max_length=2048)
+# Any string JSON can carry, except NUL: the document is kept in a jsonb column, which refuses
+# "\u0000", so a server sending one would otherwise fail the save with a 500, not this 422.
+_Text = Annotated[str, StringConstraints(max_length=2048, pattern=r"^[^\x00]*$")]
 
 
 class SmartProbeFailed(Exception):
@@ -26,14 +28,14 @@ class SmartConfiguration(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    issuer: str | None = Field(default=None, max_length=2048)
-    authorization_endpoint: str = Field(max_length=2048)
-    token_endpoint: str = Field(max_length=2048)
-    jwks_uri: str | None = Field(default=None, max_length=2048)
-    code_challenge_methods_supported: list[str] = Field(default_factory=list, max_length=50)
-    token_endpoint_auth_methods_supported: list[str] = Field(default_factory=list, max_length=50)
-    capabilities: list[str] = Field(default_factory=list, max_length=200)
-    scopes_supported: list[str] = Field(default_factory=list, max_length=500)
+    issuer: _Text | None = None
+    authorization_endpoint: _Text
+    token_endpoint: _Text
+    jwks_uri: _Text | None = None
+    code_challenge_methods_supported: list[_Text] = Field(default_factory=list, max_length=50)
+    token_endpoint_auth_methods_supported: list[_Text] = Field(default_factory=list, max_length=50)
+    capabilities: list[_Text] = Field(default_factory=list, max_length=200)
+    scopes_supported: list[_Text] = Field(default_factory=list, max_length=500)
 
     @property
     def supports_pkce_s256(self) -> bool:

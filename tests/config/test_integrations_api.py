@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -55,11 +55,33 @@ async def odd_servers(serve: Serve) -> AsyncIterator[str]:
     async def no_endpoints(_: web.Request) -> web.Response:
         return web.json_response({"capabilities": ["launch-ehr"]})
 
+    def usable_but(**odd: Any) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def smart(request: web.Request) -> web.Response:
+            origin = f"http://{request.host}"
+            return web.json_response(
+                {
+                    "authorization_endpoint": f"{origin}/authorize",
+                    "token_endpoint": f"{origin}/token",
+                    "code_challenge_methods_supported": ["S256"],
+                    **odd,
+                }
+            )
+
+        return smart
+
     app = web.Application()
     app.router.add_get("/html/.well-known/smart-configuration", not_json)
     app.router.add_get("/huge/.well-known/smart-configuration", huge)
     app.router.add_get("/redirect/.well-known/smart-configuration", redirect)
     app.router.add_get("/empty/.well-known/smart-configuration", no_endpoints)
+    # Valid JSON that a jsonb column refuses (it was a 500 on save), and an unbounded item.
+    app.router.add_get(
+        "/nul-scope/.well-known/smart-configuration", usable_but(scopes_supported=["launch\x00"])
+    )
+    app.router.add_get("/nul-issuer/.well-known/smart-configuration", usable_but(issuer="x\x00"))
+    app.router.add_get(
+        "/long-scope/.well-known/smart-configuration", usable_but(scopes_supported=["s" * 5000])
+    )
     async with serve(app) as url:
         yield url
 
@@ -143,6 +165,9 @@ async def test_unreachable_url_is_refused(config_portal: ConfigPortal) -> None:
         ("/huge", "larger than"),
         ("/redirect", "redirects elsewhere"),
         ("/empty", "not a usable SMART configuration"),
+        ("/nul-scope", "not a usable SMART configuration (problem with: scopes_supported)"),
+        ("/nul-issuer", "not a usable SMART configuration (problem with: issuer)"),
+        ("/long-scope", "not a usable SMART configuration (problem with: scopes_supported)"),
         ("/missing", "HTTP 404"),
     ],
 )
@@ -240,6 +265,11 @@ async def test_private_key_jwt_takes_an_es384_key(config_portal: ConfigPortal) -
          "private_key"),
         ({"client_auth_method": "private_key_jwt", "client_secret": None}, "private_key"),
         ({"client_secret": None}, "client_secret"),
+        # Within 4096 characters, but its ciphertext overflowed the event (a 500 before).
+        ({"client_secret": "é" * 4096}, "client_secret"),
+        ({"client_secret": "s3cret\n"}, "client_secret"),
+        ({"client_auth_method": "private_key_jwt", "client_secret": None,
+          "private_key": "€" * 4096}, "private_key"),
         ({"environment": "staging"}, "environment"),
         ({"pkce_mode": "sometimes"}, "pkce_mode"),
         ({"teams_organizer_id": "not an account"}, "teams_organizer_id"),
@@ -259,6 +289,19 @@ async def test_invalid_fields_are_refused(
     assert status == 422, answer
     assert answer["field"] == field
     assert (await table_counts(p.settings))["integrations"] == 0
+
+
+async def test_the_longest_client_secret_reaches_the_gateway(config_portal: ConfigPortal) -> None:
+    """A client secret of the largest accepted size is saved: its integration-config event,
+    built in the same transaction, holds its ciphertext."""
+    p = config_portal
+    secret = "".join(chr(0x20 + i % 95) for i in range(4096))
+    status, created = await p.call(
+        CONTOSO_ADMIN, "POST", "/api/integrations", p.integration(client_secret=secret)
+    )
+    assert status == 201, created
+    assert created["client_secret_set"] is True
+    assert (await table_counts(p.settings))["integrations"] == 1
 
 
 async def test_weak_rsa_key_is_refused(config_portal: ConfigPortal) -> None:
