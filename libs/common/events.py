@@ -68,6 +68,8 @@ class Topic(StrEnum):
 
 # Latest state per key is all that matters on these; Kafka keeps the last message per key.
 COMPACTED_TOPICS = frozenset({Topic.INTEGRATION_CONFIG, Topic.TENANT_SETTINGS})
+# Every service keeps a visit's schedule version in a Postgres integer.
+MAX_SCHEDULE_VERSION = 2**31 - 1
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -95,7 +97,7 @@ class AppointmentCreatedV1(Payload):
     join_url: str | None = Field(default=None, max_length=2048)
     patient_phone_encrypted: str | None = Field(default=None, max_length=4096)
     sms_enabled: bool = False
-    schedule_version: int = Field(default=1, ge=1)
+    schedule_version: int = Field(default=1, ge=1, le=MAX_SCHEDULE_VERSION)
 
 
 class PatientJoinedV1(Payload):
@@ -147,7 +149,7 @@ class AppointmentRescheduledV1(Payload):
     starts_at: Timestamp
     ends_at: Timestamp
     time_zone: str = Field(max_length=64)
-    schedule_version: int = Field(ge=1)
+    schedule_version: int = Field(ge=1, le=MAX_SCHEDULE_VERSION)
 
 
 class AppointmentRescheduledV2(AppointmentRescheduledV1):
@@ -163,7 +165,7 @@ class AppointmentCancelledV1(Payload):
 
     integration_id: uuid.UUID
     reason_code: str = Field(max_length=64, pattern=r"^[a-z0-9_-]+$")
-    schedule_version: int = Field(ge=1)
+    schedule_version: int = Field(ge=1, le=MAX_SCHEDULE_VERSION)
 
 
 class ParticipantAdmittedV1(Payload):

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from libs.common.events import MAX_SCHEDULE_VERSION
 from libs.common.web import whole_number
 from services.launch.outbound import OutboundError, read_json
 
@@ -89,8 +90,9 @@ class Appointment(BaseModel):
     @property
     def schedule_version(self) -> int:
         version = whole_number(self.meta.versionId or "1", 10)
-        # Within Postgres' integer.
-        return version if version is not None and version < 2**31 else 1
+        # Within Postgres' integer, with room for the one increment a cancel adds
+        # (scheduling._cancel): at 2**31 - 1 that cancel overflowed, a 500 on every redelivery.
+        return version if version is not None and version < MAX_SCHEDULE_VERSION else 1
 
     def department(self, fallback: str) -> str:
         for participant in self.participant:
@@ -141,7 +143,9 @@ class FhirClient:
                         f"The EHR answered {response.status} when reading {path.split('/')[0]}."
                     )
                 return await read_json(response)
-        except (aiohttp.ClientError, TimeoutError, OutboundError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OutboundError, ValueError) as exc:
+            # ValueError: aiohttp refusing a header, e.g. an access token with a control
+            # character (TokenResponse refuses those; this keeps any other a clear refusal).
             raise FhirError(f"The EHR could not be read ({type(exc).__name__}).") from None
 
     async def read_appointment(self, appointment_id: str) -> Appointment | None:
@@ -186,7 +190,9 @@ class FhirClient:
             if not isinstance(resource, dict) or resource.get("resourceType") != "Appointment":
                 continue
             appointment = _parse(Appointment, resource)
-            if appointment.start and window_start <= appointment.start.astimezone(UTC) < window_end:
+            # A start near the calendar's ends overflowed here (a 500 for the whole search).
+            start = appointment.start
+            if start and _usable_time(start) and window_start <= start.astimezone(UTC) < window_end:
                 found.append(appointment)
         return found
 

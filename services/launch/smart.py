@@ -56,12 +56,16 @@ class SmartConfiguration(BaseModel):
 class TokenResponse(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    access_token: str = Field(max_length=16384)
+    # Sent back in an Authorization header: a control character there made aiohttp raise
+    # inside the FHIR client, a 500 instead of this refusal. RFC 6750's b64token is stricter;
+    # any visible ASCII is what a header can carry.
+    access_token: str = Field(max_length=16384, pattern=r"^[\x21-\x7e]+$")
     token_type: str = Field(max_length=20)
     expires_in: int = Field(default=570, ge=0)
     scope: str = Field(default="", max_length=4096)
     id_token: str | None = Field(default=None, max_length=16384)
-    refresh_token: str | None = Field(default=None, max_length=16384)
+    # RFC 6749: 1*VSCHAR. Encrypted into the session row, then sent back in a form.
+    refresh_token: str | None = Field(default=None, max_length=16384, pattern=r"^[\x20-\x7e]+$")
     patient: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9.-]+$")
     encounter: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9.-]+$")
 
