@@ -5,14 +5,15 @@ the event loop (msal is synchronous) and cached per Microsoft 365 tenant."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from datetime import UTC, datetime
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import Annotated, Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import requests
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from libs.common.entra import confidential_client
 from services.launch.outbound import OutboundError, read_json
@@ -31,10 +32,38 @@ class GraphError(Exception):
         self.status = status
 
 
+# What Graph answers is stored in Postgres text columns and sent on in URLs and redirects.
+# Postgres text holds no NUL, and a lone surrogate is not UTF-8; no id or URL of Graph's has
+# a control character at all (joinWebUrl %-encodes its JSON context). Ids are base64 (meeting)
+# or a GUID (subscription); the longest real URLs are a few hundred characters.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_URL_REFUSED = re.compile(r"[\x00-\x20\x7f-\x9f\ud800-\udfff]")  # the above and a space
+MAX_URL_CHARS = 2048
+
+
+def _plain(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("holds a control character")
+    return value
+
+
+def _https_url(value: str) -> str:
+    if _URL_REFUSED.search(value):
+        raise ValueError("holds a control character or a space")
+    if not value.startswith("https://") or not urlsplit(value).hostname:
+        raise ValueError("is not an https URL")
+    return value
+
+
+GraphId = Annotated[str, AfterValidator(_plain)]
+GraphUrl = Annotated[str, Field(max_length=MAX_URL_CHARS), AfterValidator(_https_url)]
+
+
 class OnlineMeeting(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    id: str = Field(min_length=1, max_length=512)
-    joinWebUrl: str = Field(min_length=1, max_length=4096)  # noqa: N815 - Graph's name
+    # Stored in meeting_id, whose unique index takes at most 2,704 bytes an entry.
+    id: GraphId = Field(min_length=1, max_length=512)
+    joinWebUrl: GraphUrl  # noqa: N815 - Graph's name
     externalId: str | None = Field(default=None, max_length=256)  # noqa: N815
     startDateTime: datetime | None = None  # noqa: N815
     endDateTime: datetime | None = None  # noqa: N815
@@ -42,8 +71,15 @@ class OnlineMeeting(BaseModel):
 
 class Subscription(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    id: str = Field(min_length=1, max_length=256)
+    id: GraphId = Field(min_length=1, max_length=256)
     expirationDateTime: datetime  # noqa: N815
+
+
+class _JoinWebUrl(BaseModel):
+    """getVirtualAppointmentJoinWebUrl's answer: `{"value": url}`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    value: GraphUrl
 
 
 def _graph_time(value: datetime) -> str:
@@ -166,10 +202,10 @@ class GraphClient:
             f"/users/{quote(organizer_id, safe='')}/onlineMeetings/{quote(meeting_id, safe='')}"
             "/getVirtualAppointmentJoinWebUrl",
         )
-        url = payload.get("value") if isinstance(payload, dict) else None
-        if not isinstance(url, str) or not url.startswith("https://"):
-            raise GraphError("Graph returned no browser-join URL.")
-        return url
+        try:
+            return _JoinWebUrl.model_validate(payload).value
+        except ValidationError:
+            raise GraphError("Graph returned no usable browser-join URL.") from None
 
     async def subscribe_call_events(
         self,
@@ -210,6 +246,12 @@ class GraphClient:
         )
         return _model(Subscription, payload)
 
+    async def delete_subscription(self, ms_tenant_id: str, subscription_id: str) -> None:
+        """Ends a change-notification subscription at once (Graph answers 204)."""
+        await self._call(
+            "DELETE", ms_tenant_id, f"/subscriptions/{quote(subscription_id, safe='')}"
+        )
+
     async def attendance_reports(
         self, ms_tenant_id: str, organizer_id: str, meeting_id: str
     ) -> list[dict[str, Any]]:
@@ -234,5 +276,9 @@ M = TypeVar("M", bound=BaseModel)
 def _model(model: type[M], payload: Any) -> M:
     try:
         return model.model_validate(payload)
-    except ValidationError:
-        raise GraphError(f"Graph's {model.__name__} answer is not what we expect.") from None
+    except ValidationError as exc:
+        # The fields refused, never their values: those are meeting links and ids.
+        fields = ", ".join(sorted({".".join(map(str, e["loc"])) or "body" for e in exc.errors()}))
+        raise GraphError(
+            f"Graph's {model.__name__} answer is not what we expect ({fields})."
+        ) from None

@@ -28,7 +28,7 @@ from prometheus_client import Counter
 from libs.common.web import DB_POOL, SETTINGS
 from services.launch.graph import GraphError
 from services.launch.meeting_pace import MEETING_PACE, Allowance, FeedActivity, MeetingPace
-from services.launch.meetings import Visit, create_meeting
+from services.launch.meetings import Meeting, Visit, create_meeting
 from services.launch.settings import LaunchSettings
 from services.launch.state import GRAPH, INTEGRATIONS
 
@@ -72,9 +72,12 @@ _SET_MEETING = (
     " client_state_hash = $8, meeting_retry_at = NULL, updated_at = now()"
     " WHERE appointment_key = $1"
 )
+# `meeting_id IS NULL`: also run after the visit's lock is let go (`_retry_later`), when
+# another preparation may have made the meeting since.
 _RETRY_LATER = (
     "UPDATE appointments SET meeting_attempts = meeting_attempts + 1,"
-    " meeting_retry_at = now() + make_interval(secs => $2) WHERE appointment_key = $1"
+    " meeting_retry_at = now() + make_interval(secs => $2)"
+    " WHERE appointment_key = $1 AND meeting_id IS NULL"
 )
 _DUE = (
     "SELECT appointment_key, starts_at < now() + make_interval(mins => $3) AS urgent"
@@ -112,9 +115,50 @@ _MOVE_LATER = (
 )
 
 
+class _Refused(Exception):
+    """Postgres refused to store the meeting Graph made (a value it cannot hold, a
+    constraint): raised out of the visit's transaction, so that it rolls back."""
+
+    def __init__(
+        self, error: asyncpg.PostgresError, attempts: int, visit: Visit, meeting: Meeting
+    ) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+        self.attempts = attempts
+        self.visit = visit
+        self.meeting = meeting
+
+
+# SQLSTATE classes of an outage or of contention, not of what was written: connection (08),
+# transaction rollback (40: serialization, deadlock), insufficient resources (53), lock not
+# available (55P03), operator intervention (57: shutdown, statement timeout), system (58) and
+# internal (XX) errors. These go on as before: the round (or the request) fails.
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "55P03", "57", "58", "XX")
+
+
+def _transient(error: asyncpg.PostgresError) -> bool:
+    return str(error.sqlstate or "XX").startswith(_TRANSIENT_SQLSTATES)
+
+
 async def prepare_meeting(app: web.Application, key: str, *, skip_locked: bool = False) -> Outcome:
     """Makes the visit's meeting unless it has one. `skip_locked` (the worker) passes over a
-    visit that a launch or Join is preparing; without it the caller waits for that one."""
+    visit that a launch or Join is preparing; without it the caller waits for that one.
+    Graph failing, or Postgres refusing what Graph answered, is "failed", tried again later."""
+    try:
+        outcome = await _prepare_locked(app, key, skip_locked)
+    except _Refused as refused:
+        try:
+            await _retry_later(app, refused)
+        finally:
+            await _drop_subscription(app, refused)
+        return "failed"
+    if outcome == "prepared":
+        MEETINGS_PREPARED.labels("prepared").inc()
+        log.info("meeting prepared", appointment_key=key)
+    return outcome
+
+
+async def _prepare_locked(app: web.Application, key: str, skip_locked: bool) -> Outcome:
     settings = app[SETTINGS]
     assert isinstance(settings, LaunchSettings)
     async with app[DB_POOL].acquire() as conn, conn.transaction():
@@ -144,20 +188,57 @@ async def prepare_meeting(app: web.Application, key: str, *, skip_locked: bool =
                 error=str(exc),
             )
             return "failed"
-        await conn.execute(
-            _SET_MEETING,
-            key,
-            meeting.organizer_id,
-            meeting.meeting_id,
-            meeting.join_web_url,
-            meeting.patient_join_url,
-            meeting.subscription_id,
-            meeting.subscription_expires_at,
-            meeting.client_state_hash,
-        )
-    MEETINGS_PREPARED.labels("prepared").inc()
-    log.info("meeting prepared", appointment_key=key)
+        try:
+            await conn.execute(
+                _SET_MEETING,
+                key,
+                meeting.organizer_id,
+                meeting.meeting_id,
+                meeting.join_web_url,
+                meeting.patient_join_url,
+                meeting.subscription_id,
+                meeting.subscription_expires_at,
+                meeting.client_state_hash,
+            )
+        except asyncpg.PostgresError as exc:
+            if _transient(exc):
+                raise
+            raise _Refused(exc, row["meeting_attempts"], visit, meeting) from exc
     return "prepared"
+
+
+async def _retry_later(app: web.Application, refused: _Refused) -> None:
+    """Backs the visit off as a Graph failure does, in a transaction of its own (the
+    visit's was aborted): otherwise it would be due again, and made again, every round."""
+    key = refused.visit.appointment_key
+    delay = _retry_delay_s(refused.attempts)
+    await app[DB_POOL].execute(_RETRY_LATER, key, delay)
+    MEETINGS_PREPARED.labels("failed").inc()
+    log.warning(
+        "meeting preparation failed, will retry: the database refused the meeting Graph made",
+        appointment_key=key,
+        attempt=refused.attempts + 1,
+        retry_in_s=delay,
+        # The class and SQLSTATE only: the message quotes the values, meeting links among them.
+        error=f"{type(refused.error).__name__} (SQLSTATE {refused.error.sqlstate})",
+    )
+
+
+async def _drop_subscription(app: web.Application, refused: _Refused) -> None:
+    """The call-event subscription just made is recorded nowhere: end it now rather than
+    leave one more behind at each try (the meeting itself is found again by externalId)."""
+    visit = refused.visit
+    try:
+        await app[GRAPH].delete_subscription(
+            visit.integration.ms_tenant_id, refused.meeting.subscription_id
+        )
+    except GraphError as exc:
+        # It lapses on its own when it expires; notifications for it find no visit.
+        log.warning(
+            "unrecorded call-event subscription not deleted",
+            appointment_key=visit.appointment_key,
+            error=str(exc),
+        )
 
 
 async def meeting_ready(app: web.Application, key: str) -> bool:
