@@ -235,7 +235,10 @@ class IntegrationConfigV1(Payload):
     pkce_mode: PkceMode = "required"
     teams_organizer_id: str = Field(max_length=200)
     sms_enabled: bool = Field(description="SMS switched on and both consents given")
-    sms_from_number: str | None = Field(default=None, max_length=20, pattern=r"^\+[1-9]\d{6,14}$")
+    # [0-9], not \d: pydantic's regex engine takes \d for any Unicode digit.
+    sms_from_number: str | None = Field(
+        default=None, max_length=20, pattern=r"^\+[1-9][0-9]{6,14}$"
+    )
     reminder_offsets_minutes: list[ReminderOffset] = Field(
         default_factory=_default_reminders, max_length=4
     )

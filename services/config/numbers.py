@@ -6,6 +6,10 @@ replicas never run the same step at once. All state is in the row, so a restarte
 carries on where the last one stopped. A step cut short by a crash is repeated: a repeated
 search is harmless, and a repeated purchase answers 409, after which we confirm the number
 is ours instead of buying twice.
+
+A step whose result the database refuses (a CHECK, a unique key, a value Postgres cannot
+store) fails its job with the reason: repeating the step would only be refused again. Errors
+of an unavailable database are retried.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# The phone_numbers.e164 CHECK, to be matched with fullmatch: ASCII digits only (`\d` is any
+# Unicode digit) and no trailing newline (`$` matches before one).
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+# What the database refuses for the data, not for being unavailable: the same write would be
+# refused again (CheckViolation, UniqueViolation, CharacterNotInRepertoire, NumericValueOutOfRange,
+# StringDataRightTruncation, ...).
+REFUSED_WRITE = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 PROGRESS = {"search": 10, "search_poll": 30, "purchase": 60, "purchase_poll": 80, "confirm": 90}
 STEP_TEXT = {
     "search": "Asking Azure Communication Services for a toll-free number",
@@ -252,11 +262,19 @@ class PhoneNumberJobs:
                 return StepOutcome("done", "failed", error=f"The number search failed. {op.error}")
             if op.status != "succeeded":
                 return StepOutcome(step, delay_s=self._wait(op.retry_after_s))
-            found = [n for n in await self._acs.search_result(row["search_id"]) if E164.match(n)]
+            found = await self._acs.search_result(row["search_id"])
             if not found:
                 return StepOutcome(
                     "done", "failed", error="No toll-free number is available right now."
                 )
+            # A purchase buys every number of the search: none is bought unless all are valid.
+            invalid = [n for n in found if not E164.fullmatch(n)]
+            if invalid:
+                return StepOutcome(
+                    "done", "failed",
+                    error="ACS offered a number that is not a valid E.164 phone number"
+                    f" ({invalid[0][:32]!a}); it was not bought.",
+                )  # fmt: skip
             return StepOutcome("purchase", "purchasing", fields={"candidate_e164": found[0]})
         if step == "purchase":
             try:
@@ -291,46 +309,66 @@ class PhoneNumberJobs:
             if row is None:
                 return False
             try:
-                outcome = await self._step(row)
-            except AcsError as exc:
-                attempts = row["attempts"] + 1
-                if exc.transient and attempts < self._settings.phone_job_max_attempts:
-                    log.warning("phone number step will retry", step=row["step"], error=exc.message)
-                    await conn.execute(
-                        "UPDATE phone_numbers SET attempts = $2, updated_at = now(),"
-                        " next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
-                        row["id"],
-                        attempts,
-                        min(0.5 * 2**attempts, 30.0),
-                    )
-                    return True
-                outcome = StepOutcome("done", "failed", error=exc.message)
-            fields = outcome.fields or {}
-            await conn.execute(
-                "UPDATE phone_numbers SET step = $2, status = coalesce($3, status),"
-                " error = $4, attempts = 0,"
-                " search_operation_url = coalesce($5, search_operation_url),"
-                " search_id = coalesce($6, search_id),"
-                " candidate_e164 = coalesce($7, candidate_e164),"
-                " purchase_operation_url = coalesce($8, purchase_operation_url),"
-                " e164 = CASE WHEN $3 = 'active' THEN coalesce($7, candidate_e164) ELSE e164 END,"
-                " next_attempt_at = now() + make_interval(secs => $9), updated_at = now()"
-                " WHERE id = $1",
-                row["id"],
-                outcome.step,
-                outcome.status,
-                outcome.error,
-                fields.get("search_operation_url"),
-                fields.get("search_id"),
-                fields.get("candidate_e164"),
-                fields.get("purchase_operation_url"),
-                outcome.delay_s,
-            )
-            if outcome.status in ("active", "failed"):
+                # A savepoint: a write the database refuses is undone, the row stays locked.
+                async with conn.transaction():
+                    outcome = await self._advance(conn, row)
+            except REFUSED_WRITE as exc:
+                log.warning(
+                    "phone number step refused by the database; the job fails",
+                    step=row["step"], error=type(exc).__name__,
+                    constraint=exc.constraint_name, column=exc.column_name,
+                )  # fmt: skip
+                outcome = StepOutcome("done", "failed", error=_refused_text(row["step"], exc))
+                await self._record(conn, row, outcome)
+            if outcome is not None and outcome.status in ("active", "failed"):
                 log.info(
                     "phone number job finished", status=outcome.status, tenant_id=row["tenant_id"]
                 )
         return True
+
+    async def _advance(self, conn: Connection, row: asyncpg.Record) -> StepOutcome | None:
+        """Runs the row's step and records its outcome; None when it is to be retried."""
+        try:
+            outcome = await self._step(row)
+        except AcsError as exc:
+            attempts = row["attempts"] + 1
+            if exc.transient and attempts < self._settings.phone_job_max_attempts:
+                log.warning("phone number step will retry", step=row["step"], error=exc.message)
+                await conn.execute(
+                    "UPDATE phone_numbers SET attempts = $2, updated_at = now(),"
+                    " next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1",
+                    row["id"],
+                    attempts,
+                    min(0.5 * 2**attempts, 30.0),
+                )
+                return None
+            outcome = StepOutcome("done", "failed", error=exc.message)
+        await self._record(conn, row, outcome)
+        return outcome
+
+    @staticmethod
+    async def _record(conn: Connection, row: asyncpg.Record, outcome: StepOutcome) -> None:
+        fields = outcome.fields or {}
+        await conn.execute(
+            "UPDATE phone_numbers SET step = $2, status = coalesce($3, status),"
+            " error = $4, attempts = 0,"
+            " search_operation_url = coalesce($5, search_operation_url),"
+            " search_id = coalesce($6, search_id),"
+            " candidate_e164 = coalesce($7, candidate_e164),"
+            " purchase_operation_url = coalesce($8, purchase_operation_url),"
+            " e164 = CASE WHEN $3 = 'active' THEN coalesce($7, candidate_e164) ELSE e164 END,"
+            " next_attempt_at = now() + make_interval(secs => $9), updated_at = now()"
+            " WHERE id = $1",
+            row["id"],
+            outcome.step,
+            outcome.status,
+            outcome.error,
+            fields.get("search_operation_url"),
+            fields.get("search_id"),
+            fields.get("candidate_e164"),
+            fields.get("purchase_operation_url"),
+            outcome.delay_s,
+        )
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -339,6 +377,8 @@ class PhoneNumberJobs:
                 if await self.run_once():
                     continue
             except (OSError, asyncpg.PostgresError) as exc:
+                # Refused writes fail their job in run_once: what reaches here is an outage
+                # (connection refused or lost, server starting or shutting down, ...).
                 log.warning("phone number worker: database unavailable", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.phone_job_poll_interval_s):
@@ -347,3 +387,16 @@ class PhoneNumberJobs:
     def stop(self) -> None:
         self._stopping.set()
         self._ctx.jobs_wake.set()
+
+
+def _refused_text(step: str, exc: asyncpg.PostgresError) -> str:
+    """The job's error when the database refused its step's result: the check, key or column
+    named, not the refused values (they came from ACS and may be anything)."""
+    what = exc.constraint_name or exc.column_name
+    text = (
+        f"The result of the step {step!r} could not be recorded: the database refused it"
+        f" ({type(exc).__name__}{f' on {what}' if what else ''})."
+    )
+    if step in ("purchase", "purchase_poll", "confirm"):
+        text += " ACS may have bought the number: check Azure Communication Services first."
+    return text
