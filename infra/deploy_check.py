@@ -36,6 +36,7 @@ from referencing import Registry, Resource
 
 from libs.common.events import COMPACTED_TOPICS, Topic, dead_letter_topic
 from libs.common.settings import DEFAULT_SECRETS_DIR as DEFAULT_SECRETS_DIR
+from libs.common.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -438,6 +439,43 @@ def check_kafka(objects: list[Obj], where: str, production: bool, report: Report
             report.fail(at, f"ACL the code needs is missing: {missing}")
 
 
+# Kafka deletes a record only with its whole segment, once the segment's newest record is
+# older than retention.ms; a segment rolls after segment.ms (the broker's default, a week).
+DEFAULT_SEGMENT_MS = 7 * 24 * 3600 * 1000
+_DAY_MS = 24 * 3600 * 1000
+
+
+def check_dedupe_retention(objects: list[Obj], where: str, report: Report) -> None:
+    """Every service's inbox must remember an event for longer than Kafka can deliver it again
+    (libs/common/housekeeping.py): EHR_DEDUPE_RETENTION_DAYS against the longest life of a
+    record in a consumed (non-compacted, non-dead-letter) topic."""
+    compacted = {t.value for t in COMPACTED_TOPICS}
+    longest_ms, longest = 0, ""
+    for topic in by_kind(objects, "KafkaTopic"):
+        name = dig(topic, "spec", "topicName") or dig(topic, "metadata", "name")
+        config = dig(topic, "spec", "config") or {}
+        if name in compacted or name.endswith(".dlq"):
+            continue
+        retention = int(config.get("retention.ms", 7 * _DAY_MS))
+        if retention < 0:
+            report.fail(f"{where} KafkaTopic/{name}", "infinite retention.ms outlives every inbox")
+            continue
+        life = retention + int(config.get("segment.ms", DEFAULT_SEGMENT_MS))
+        if life > longest_ms:
+            longest_ms, longest = life, name
+    default_days = ServiceSettings.model_fields["dedupe_retention_days"].default
+    for dep in by_kind(objects, "Deployment"):
+        for container in dig(dep, "spec", "template", "spec", "containers") or []:
+            days = int(_env(objects, container).get("EHR_DEDUPE_RETENTION_DAYS", default_days))
+            if days * _DAY_MS <= longest_ms:
+                report.fail(
+                    f"{where} {ident(dep)}",
+                    f"EHR_DEDUPE_RETENTION_DAYS={days} does not outlast {longest}'s records"
+                    f" ({longest_ms / _DAY_MS:g} days with segment.ms): a redelivery would be"
+                    " applied again",
+                )
+
+
 # --- public egress ----------------------------------------------------------------------------
 
 # What an egress rule open to the internet must keep out: private, shared (CGNAT), link-local
@@ -765,6 +803,7 @@ def check_rendered(objects: list[Obj], overlay: str, schemas: Schemas, report: R
     check_deployments(objects, where, report)
     check_no_secret_values(objects, where, report)
     check_kafka(objects, where, overlay == "production", report)
+    check_dedupe_retention(objects, where, report)
     check_strimzi_pod_security(objects, where, report)
     check_public_egress(objects, where, report)
     check_postgres(objects, where, report)

@@ -67,3 +67,11 @@ OUTBOX_OLDEST_PENDING_AGE = Gauge(
 OUTBOX_SWEPT = Counter(
     "outbox_swept_total", "Published outbox rows deleted once older than the retention"
 )
+HOUSEKEEPING_SWEPT = Counter(
+    "housekeeping_swept_total",
+    "Rows deleted once no longer needed (expired dedupe keys and sign-in state), by table",
+    ["table"],
+)
+HOUSEKEEPING_FAILURES = Counter(
+    "housekeeping_failures_total", "Housekeeping sweeps that failed (retried an interval later)"
+)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import timedelta
 from os import urandom
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from libs.common.db import create_pool, migrate
 from libs.common.events import COMPACTED_TOPICS, Topic
+from libs.common.housekeeping import Expiry, Housekeeper, inbox_expiry
 from libs.common.kafka import (
     BatchHandler,
     ConsumerRunner,
@@ -38,6 +40,9 @@ DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
 KAFKA_PRODUCER = web.AppKey("kafka_producer", AIOKafkaProducer)
 OUTBOX_RELAY = web.AppKey("outbox_relay", OutboxRelay)
 CONSUMERS = web.AppKey("consumers", list[ConsumerRunner])
+# What the service's housekeeper deletes; each service adds its own tables' in create_app.
+EXPIRIES = web.AppKey("expiries", list[Expiry])
+HOUSEKEEPER = web.AppKey("housekeeper", Housekeeper)
 MAX_BODY = web.AppKey("max_body_bytes", int)
 # Where the metrics listener is bound once the app started (the real port when configured as 0).
 METRICS_PORT = web.AppKey("metrics_port", int)
@@ -303,6 +308,21 @@ async def outbox_relay_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait_for(task, timeout=settings.shutdown_drain_timeout_s)
 
 
+async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    housekeeper = Housekeeper(
+        app[DB_POOL],
+        [inbox_expiry(timedelta(days=settings.dedupe_retention_days)), *app[EXPIRIES]],
+        interval_s=settings.housekeeping_interval_s,
+    )
+    app[HOUSEKEEPER] = housekeeper
+    task = asyncio.create_task(housekeeper.run(), name="housekeeping")
+    yield
+    housekeeper.stop()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=settings.shutdown_drain_timeout_s)
+
+
 def consumer_ctx(
     group: str,
     handlers: dict[str, EventHandler],
@@ -349,11 +369,13 @@ def create_service_app(
     app = web.Application(middlewares=[request_context, body_limit], client_max_size=max_body_bytes)
     app[SETTINGS] = settings
     app[CONSUMERS] = []
+    app[EXPIRIES] = []
     app[MAX_BODY] = max_body_bytes
     app.cleanup_ctx.append(metrics_listener_ctx)
     app.cleanup_ctx.append(database_ctx(migrations_dir, shared_migrations))
     app.cleanup_ctx.append(kafka_producer_ctx)
     app.cleanup_ctx.append(outbox_relay_ctx)
+    app.cleanup_ctx.append(housekeeping_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
 
 from libs.common.events import Topic
+from libs.common.housekeeping import Expiry
 from libs.common.settings import ServiceSettings
-from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
+from libs.common.web import DB_POOL, EXPIRIES, SETTINGS, consumer_ctx, create_service_app
 from services.launch import patient, patient_launch, provider, scheduling
 from services.launch.graph import GraphClient
 from services.launch.integrations import IntegrationDirectory, on_integration_config
@@ -44,8 +46,24 @@ async def visit_roster(request: web.Request) -> web.StreamResponse:
     return await stream_roster(request, session.appointment_key)
 
 
+def launch_expiries(settings: ServiceSettings) -> list[Expiry]:
+    """What launch's housekeeper deletes besides the inbox (libs/common/housekeeping.py)."""
+    kept = timedelta(days=settings.dedupe_retention_days)
+    return [
+        # Nothing reads them once expired (an expired one is refused like an unknown one),
+        # and they hold encrypted EHR tokens and PKCE verifiers.
+        Expiry("launch_states", "expires_at < now()"),
+        Expiry("provider_sessions", "expires_at < now()"),
+        # Redeliveries come within seconds (the EHR) or hours (Graph). Unindexed: 30 days of
+        # rows read once an hour.
+        Expiry("scheduling_deliveries", "received_at < now() - $2::interval", (kept,)),
+        Expiry("graph_notifications", "received_at < now() - $2::interval", (kept,)),
+    ]
+
+
 def create_app(settings: ServiceSettings) -> web.Application:
     app = create_service_app(settings, migrations_dir=MIGRATIONS)
+    app[EXPIRIES].extend(launch_expiries(settings))
     app.cleanup_ctx.append(outbound_http_ctx)
     app.cleanup_ctx.append(clients_ctx)
     app.cleanup_ctx.append(roster_feed_ctx)
