@@ -376,9 +376,11 @@ class PhoneNumberJobs:
             try:
                 if await self.run_once():
                     continue
-            except (OSError, asyncpg.PostgresError) as exc:
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Refused writes fail their job in run_once: what reaches here is an outage
                 # (connection refused or lost, server starting or shutting down, ...).
+                # InterfaceError: the connection closed under a step; uncaught, it ended
+                # the worker until the service restarted.
                 log.warning("phone number worker: database unavailable", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.phone_job_poll_interval_s):
