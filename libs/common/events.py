@@ -45,9 +45,31 @@ def _in_utc(value: datetime) -> datetime:
         raise ValueError("date-time is out of range in UTC") from None
 
 
+# Every time an event carries lies in these years. Graph and Event Grid are .NET: their
+# DateTime.MinValue and MaxValue (0001-01-01, 9999-12-31T23:59:59.9999999) are valid ISO
+# times, which asyncpg stores as -infinity and infinity and reads back naive, and a time of
+# year 1 leaves the calendar once a visit's zone shifts it: analytics dead-lettered such events.
+EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_EVENT_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _in_event_years(value: datetime) -> datetime:
+    if not EARLIEST_EVENT_TIME <= value < LATEST_EVENT_TIME:
+        raise ValueError("date-time is outside the years 1970 to 8999")
+    return value
+
+
+def event_time(value: datetime) -> datetime | None:
+    """`value` in UTC when an event may carry it, else None (for a producer to decide)."""
+    try:
+        return _in_event_years(_in_utc(value))
+    except ValueError:
+        return None
+
+
 # Any aware date-time from outside (Graph, Event Grid), normalised to UTC and refused with a
-# validation error when UTC cannot hold it.
-UtcDateTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+# validation error when UTC cannot hold it or it lies outside the event years.
+UtcDateTime = Annotated[AwareDatetime, AfterValidator(_in_utc), AfterValidator(_in_event_years)]
 # On the wire, ISO 8601 only.
 Timestamp = Annotated[UtcDateTime, BeforeValidator(_iso_only)]
 

@@ -5,10 +5,12 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from libs.common.events import (
     AppointmentCreatedV1,
     MeetingEndedV1,
+    ParticipantAdmittedV1,
     ParticipantAttendance,
     Topic,
     UndeliverableEvent,
@@ -107,3 +109,26 @@ def test_appointment_key_is_stable_opaque_and_keyed() -> None:
     assert "4711" not in first
     assert first != appointment_key("s2", integration, "4711")
     assert first != appointment_key("s1", uuid.uuid4(), "4711")
+
+
+@pytest.mark.parametrize(
+    ("at", "kept"),
+    [
+        ("0001-01-01T00:00:00Z", False),  # .NET DateTime.MinValue: stored as -infinity
+        ("9999-12-31T23:59:59.9999999Z", False),  # .NET DateTime.MaxValue: stored as infinity
+        ("0001-01-01T03:00:00Z", False),  # before year 1 once a US zone shifts it
+        ("1969-12-31T23:59:59Z", False),
+        ("9000-01-01T00:00:00Z", False),
+        ("1970-01-01T00:00:00Z", True),
+        ("8999-12-31T23:59:59+00:00", True),
+    ],
+)
+def test_event_times_lie_within_the_years_1970_to_8999(at: str, kept: bool) -> None:
+    """An event refuses a time outside the years 1970 to 8999, whose zone shifts and database
+    round trips can overflow."""
+    try:
+        ParticipantAdmittedV1(participant="pp_dr", role="organizer", admitted_at=at)
+    except ValidationError:
+        assert not kept
+    else:
+        assert kept
