@@ -448,13 +448,14 @@ _DAY_MS = 24 * 3600 * 1000
 def check_dedupe_retention(objects: list[Obj], where: str, report: Report) -> None:
     """Every service's inbox must remember an event for longer than Kafka can deliver it again
     (libs/common/housekeeping.py): EHR_DEDUPE_RETENTION_DAYS against the longest life of a
-    record in a consumed (non-compacted, non-dead-letter) topic."""
+    record in a non-compacted topic, dead-letter topics included (an operator replays a dead
+    letter into its topic, where the consumers that did apply it must still know it)."""
     compacted = {t.value for t in COMPACTED_TOPICS}
     longest_ms, longest = 0, ""
     for topic in by_kind(objects, "KafkaTopic"):
         name = dig(topic, "spec", "topicName") or dig(topic, "metadata", "name")
         config = dig(topic, "spec", "config") or {}
-        if name in compacted or name.endswith(".dlq"):
+        if name in compacted:
             continue
         retention = int(config.get("retention.ms", 7 * _DAY_MS))
         if retention < 0:

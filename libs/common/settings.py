@@ -87,9 +87,10 @@ class ServiceSettings(BaseSettings):
     # Minutes a published outbox event is kept (for operators) before the relay deletes it.
     outbox_retention_minutes: int = Field(default=10, ge=0)
     # Days a consumer's inbox row (and a webhook's delivery id) is kept to recognise a
-    # redelivery. It must outlast a record's whole life in its topic: retention.ms plus up to
-    # segment.ms before its segment rolls, 7 + 7 days in deploy/ (make deploy-check compares).
-    dedupe_retention_days: int = Field(default=30, ge=1)
+    # redelivery. It must outlast a record's whole life in any topic it can come back from:
+    # retention.ms plus up to segment.ms before its segment goes, 30 + 7 days for the dead-letter
+    # topics an operator replays from (make deploy-check compares).
+    dedupe_retention_days: int = Field(default=45, ge=1)
     # How often expired dedupe keys and sign-in state are deleted (libs/common/housekeeping.py).
     housekeeping_interval_s: float = Field(default=3600.0, gt=0)
     consumer_batch_size: int = Field(default=100, ge=1)

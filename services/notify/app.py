@@ -3,13 +3,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from libs.common.housekeeping import Expiry
 from libs.common.settings import ServiceSettings
-from libs.common.web import DB_POOL, SETTINGS, consumer_ctx, create_service_app
+from libs.common.web import DB_POOL, EXPIRIES, SETTINGS, consumer_ctx, create_service_app
 from services.notify.acs import AcsSmsClient
 from services.notify.bookings import batch_handler
 from services.notify.clock import Clock, SystemClock
@@ -83,6 +85,15 @@ def create_app(settings: ServiceSettings, clock: Clock | None = None) -> web.App
     assert isinstance(settings, NotifySettings)
     clock = clock or SystemClock()
     app = create_service_app(settings, migrations_dir=MIGRATIONS)
+    # A delivery report matters while its message may still be finished (lost_sends: hours)
+    # and dedupes Event Grid's redeliveries (a day); after that it is one row per SMS kept.
+    app[EXPIRIES].append(
+        Expiry(
+            "delivery_reports",
+            "received_at < now() - $2::interval",
+            (timedelta(days=settings.dedupe_retention_days),),
+        )
+    )
     # Every notify handler writes only its own appointment's rows (and integration-config
     # only its integration's), so partitions can be applied side by side. A poll goes through
     # the batch handler (new bookings set-based), the per-event handlers being its fallback.

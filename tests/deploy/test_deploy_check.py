@@ -175,8 +175,9 @@ def test_catches_topics_and_acls_that_drift_from_the_code() -> None:
 
 
 def test_the_inbox_must_outlast_every_record_kafka_can_redeliver() -> None:
-    """The committed topics (a week, plus a week until the segment rolls) fit the default
-    30 days of dedupe; a topic kept 25 days, or forever, does not."""
+    """The committed topics (a week, or a month for dead letters, plus a week until the
+    segment rolls) fit the default 45 days of dedupe; a topic kept 40 days, or forever, does
+    not."""
     topics = load(BASE / "kafka" / "topics.yaml")
     deployment = {
         "kind": "Deployment",
@@ -187,14 +188,14 @@ def test_the_inbox_must_outlast_every_record_kafka_can_redeliver() -> None:
     deploy_check.check_dedupe_retention([*topics, deployment], "fixture", report)
     assert report.problems == []
     joined = next(o for o in topics if o["metadata"]["name"] == "patient-joined")
-    joined["spec"]["config"]["retention.ms"] = str(25 * 24 * 3600 * 1000)
+    joined["spec"]["config"]["retention.ms"] = str(40 * 24 * 3600 * 1000)
     created = next(o for o in topics if o["metadata"]["name"] == "appointment-created")
     created["spec"]["config"]["retention.ms"] = "-1"
     report = deploy_check.Report()
     deploy_check.check_dedupe_retention([*topics, deployment], "fixture", report)
     problems = "\n".join(report.problems)
     assert "KafkaTopic/appointment-created: infinite retention.ms" in problems
-    assert "EHR_DEDUPE_RETENTION_DAYS=30 does not outlast patient-joined's records (32 days" in (
+    assert "EHR_DEDUPE_RETENTION_DAYS=45 does not outlast patient-joined's records (47 days" in (
         problems
     )
     assert problems.count("\n") == 1, problems

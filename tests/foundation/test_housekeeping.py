@@ -86,3 +86,37 @@ async def test_a_running_housekeeper_sweeps_at_once_and_stops_without_waiting(
         await asyncio.wait_for(task, timeout=5)
     finally:
         await pool.close()
+
+
+async def _index_valid(pool: asyncpg.Pool) -> bool | None:
+    valid: bool | None = await pool.fetchval(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname = 'inbox_processed_at'"
+        " AND c.relnamespace = to_regnamespace(current_schema())"
+    )
+    return valid
+
+
+async def test_the_inbox_index_is_built_concurrently_and_rebuilt_when_invalid(
+    database_url: str,
+) -> None:
+    """The first sweep builds the inbox's index on processed_at outside the migrations (so
+    a large inbox never holds a migration up); an invalid one left by a cut-short build is
+    dropped and built again; the sweep then finds its rows by it."""
+    pool = await probe_pool(database_url)
+    try:
+        assert await _index_valid(pool) is None
+        housekeeper = Housekeeper(pool, [inbox_expiry(RETENTION)], interval_s=3600)
+        await housekeeper.sweep()
+        assert await _index_valid(pool) is True
+        # What a build cut short by a stopping pod leaves behind.
+        await pool.execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid ="
+            " to_regclass(current_schema() || '.inbox_processed_at')"
+        )
+        assert await _index_valid(pool) is False
+        await _deliver(pool, Topic.PATIENT_JOINED, 3, RETENTION * 2)
+        assert await housekeeper.sweep() == {"inbox": 3}
+        assert await _index_valid(pool) is True
+    finally:
+        await pool.close()

@@ -3,10 +3,13 @@ clinician's encrypted EHR tokens) and delivery ids older than any redelivery."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import aiohttp
 import asyncpg
 
 from libs.common.web import HOUSEKEEPER
+from tests.conftest import wait_for
 from tests.launch.test_visit_end_to_end import book_video_visit, launch_from_ehr
 from tests.support.launch_harness import LaunchSystem
 
@@ -41,13 +44,15 @@ async def test_expired_sessions_and_old_delivery_ids_are_deleted(
         second = await book_video_visit(http, system)
         status, _, cookies = await launch_from_ehr(http, system, second["id"])
         assert status == 200
+        # The service's own first round (at start) is over: the sweep below is the only one.
+        await wait_for(system.app[HOUSEKEEPER].round_done, "the first housekeeping round")
         conn = await asyncpg.connect(database_url)
         try:
             before = await _counts(conn)
             assert before["provider_sessions"] == 2
             assert before["scheduling_deliveries"] >= 2
             # The first session ran out, a sign-in was abandoned, and the first booking's
-            # delivery id is a month old.
+            # delivery id is older than the retention.
             await conn.execute(
                 "UPDATE launch.provider_sessions SET expires_at = now() - interval '1 second'"
                 " WHERE token_hash = $1",
@@ -59,9 +64,9 @@ async def test_expired_sessions_and_old_delivery_ids_are_deleted(
                 system.integration_id,
             )
             await conn.execute(
-                "UPDATE launch.scheduling_deliveries"
-                " SET received_at = received_at - interval '31 days'"
-                " WHERE received_at = (SELECT min(received_at) FROM launch.scheduling_deliveries)"
+                "UPDATE launch.scheduling_deliveries SET received_at = received_at - $1::interval"
+                " WHERE received_at = (SELECT min(received_at) FROM launch.scheduling_deliveries)",
+                timedelta(days=system.settings.dedupe_retention_days, hours=1),
             )
             swept = await system.app[HOUSEKEEPER].sweep()
             assert swept["provider_sessions"] == 1
