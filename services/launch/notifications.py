@@ -275,14 +275,22 @@ def _intervals_from_reports(
                 if not isinstance(interval, dict):
                     continue
                 try:
-                    intervals.setdefault(participant, []).append(
-                        AttendanceInterval(
-                            joined_at=interval["joinDateTime"],
-                            left_at=interval.get("leaveDateTime"),
-                        )
-                    )
+                    joined = _REPORT_TIME.validate_python(interval["joinDateTime"])
                 except (KeyError, ValidationError):
                     continue
+                try:
+                    # An unusable leave (a .NET MaxValue, say) is an unknown one: present
+                    # until the end, as a leave not yet reported is.
+                    left = _REPORT_TIME.validate_python(interval.get("leaveDateTime"))
+                except ValidationError:
+                    left = None
+                try:
+                    found = AttendanceInterval(joined_at=joined, left_at=left)
+                except ValidationError:
+                    continue
+                # Only once an interval is usable: an empty list would hide the participant's
+                # roster times (the fallback in _ended) behind no attendance at all.
+                intervals.setdefault(participant, []).append(found)
     return intervals, started
 
 

@@ -157,6 +157,8 @@ async def choose_submit(request: web.Request) -> web.StreamResponse:
     if integration is None:
         return problem_page(403, "This EHR is not set up", NOT_CONFIGURED)
     tokens = await _session_tokens(request, session.token_hash, session.integration_id)
+    if tokens is None:
+        return problem_page(401, "Your session has ended", "Launch the visit again from the EHR.")
     fhir = FhirClient(request.app[HTTP], integration.fhir_base_url, tokens["access_token"] or "")
     try:
         appointment = await fhir.read_appointment(chosen)
@@ -179,10 +181,14 @@ async def choose_submit(request: web.Request) -> web.StreamResponse:
 
 async def _session_tokens(
     request: web.Request, token_hash: bytes, integration_id: uuid.UUID
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """The session's SMART tokens; None if it expired (and may be deleted) since it was read."""
     sealed = await request.app[DB_POOL].fetchval(
-        "SELECT smart_tokens FROM provider_sessions WHERE token_hash = $1", token_hash
+        "SELECT smart_tokens FROM provider_sessions WHERE token_hash = $1 AND expires_at > now()",
+        token_hash,
     )
+    if sealed is None:
+        return None
     tokens: dict[str, Any] = orjson.loads(
         field_cipher(request).decrypt(sealed, f"provider-session:{integration_id}")
     )

@@ -10,7 +10,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -19,7 +19,7 @@ import orjson
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from yarl import URL
 
 from libs.common.crypto import FieldCipher
@@ -53,6 +53,10 @@ class SmartConfiguration(BaseModel):
     capabilities: list[str] = Field(default_factory=list, max_length=100)
 
 
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
 class TokenResponse(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -64,8 +68,12 @@ class TokenResponse(BaseModel):
     expires_in: int = Field(default=570, ge=0)
     scope: str = Field(default="", max_length=4096)
     id_token: str | None = Field(default=None, max_length=16384)
-    # RFC 6749: 1*VSCHAR. Encrypted into the session row, then sent back in a form.
-    refresh_token: str | None = Field(default=None, max_length=16384, pattern=r"^[\x20-\x7e]+$")
+    # RFC 6749: 1*VSCHAR. Encrypted into the session row, then sent back in a form. An empty
+    # one is no refresh token (it used to be accepted; refusing the sign-in for it would not
+    # help the clinician).
+    refresh_token: Annotated[str | None, BeforeValidator(_empty_is_none)] = Field(
+        default=None, max_length=16384, pattern=r"^[\x20-\x7e]+$"
+    )
     patient: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9.-]+$")
     encounter: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9.-]+$")
 

@@ -56,8 +56,9 @@ async def test_a_call_event_at_the_end_of_dotnets_calendar_is_refused(
 
 
 def test_a_report_interval_at_the_end_of_dotnets_calendar_is_dropped() -> None:
-    """An attendance interval joined at MinValue (or left at MaxValue) is left out of the
-    meeting's end; the participant's other intervals stay."""
+    """An attendance interval joined at MinValue is dropped and one left at MaxValue is kept
+    as still present; a participant with no usable interval is left out of the report's
+    attendance, so the meeting's end takes their roster times instead of none at all."""
     settings: Any = SimpleNamespace(join_token_secret=SecretStr("x" * 32))
     now = datetime.now(UTC).replace(microsecond=0).isoformat()
     report = {
@@ -70,9 +71,14 @@ def test_a_report_interval_at_the_end_of_dotnets_calendar_is_dropped() -> None:
                     {"joinDateTime": now, "leaveDateTime": MAX_VALUE},
                     {"joinDateTime": now, "leaveDateTime": now},
                 ],
-            }
+            },
+            {
+                "identity": {"id": "pt-1"},
+                "attendanceIntervals": [{"joinDateTime": MIN_VALUE, "leaveDateTime": now}],
+            },
         ],
     }
     intervals, started = _intervals_from_reports(settings, "apt-x", [report])
-    assert [len(found) for found in intervals.values()] == [1]
+    [(_, kept)] = intervals.items()
+    assert [i.left_at for i in kept] == [None, datetime.fromisoformat(now)]
     assert started == datetime.fromisoformat(now)

@@ -68,3 +68,21 @@ async def test_a_search_result_at_the_calendars_edge_is_passed_over(
         launch_url = await _portal_launch(http, launch_system, PATIENT)
         async with http.get(launch_url) as r:
             assert r.status == 200, (await r.text())[:300]
+
+
+async def test_an_empty_refresh_token_is_no_refresh_token(
+    launch_system: LaunchSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token answer with refresh_token "" signs the clinician in, as one without it does."""
+    original = ehr_oauth._issue
+
+    def issue(*args: Any) -> dict[str, Any]:
+        body: dict[str, Any] = original(*args)
+        body["refresh_token"] = ""
+        return body
+
+    monkeypatch.setattr(ehr_oauth, "_issue", issue)
+    async with aiohttp.ClientSession() as http:
+        appointment = await book_video_visit(http, launch_system)
+        status, body, _ = await launch_from_ehr(http, launch_system, appointment["id"])
+    assert status == 200, body[:300]
