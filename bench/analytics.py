@@ -37,6 +37,7 @@ from libs.common.events import (
     encode_event,
     make_event,
 )
+from libs.common.housekeeping import Housekeeper, inbox_expiry
 from libs.common.kafka import ConsumerRunner, create_producer
 from libs.common.kafka_topics import ensure_topics
 from libs.common.portal_auth import PORTAL_MIGRATIONS
@@ -73,6 +74,10 @@ async def _database() -> tuple[str, asyncpg.Pool]:
         custom_plans=AnalyticsSettings.model_fields["database_custom_plans"].default,
     )
     await migrate(pool, SCHEMA, MIGRATIONS, [PORTAL_MIGRATIONS])
+    # The inbox index every running service builds on its first housekeeping round: each
+    # inbox insert maintains it, as in production.
+    inbox = inbox_expiry(timedelta(days=45))
+    assert await Housekeeper(pool, [inbox], interval_s=3600).ensure_index(inbox)
     return name, pool
 
 
