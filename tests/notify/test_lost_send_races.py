@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.notify import metrics, optout
+from services.notify import lost_sends, metrics, optout, webhooks
 from services.notify.acs import AcsSmsClient, SendResult
 from tests.conftest import wait_for
 from tests.notify.conftest import PATIENT, SENDER, Kit, MakeKit
@@ -343,3 +343,44 @@ async def test_a_stop_and_report_batch_meeting_the_late_answer_is_answered_200(
     assert [(p.kind, p.outcome) for p in await sms_sent(kit) if p.kind == "confirmation"] == [
         ("confirmation", "sent")
     ]
+
+
+async def test_a_retry_claimed_while_its_report_is_stored_is_taken_by_the_next_claim(
+    make_kit: MakeKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report of a send whose answer was lost locks its message, pending, while it is
+    stored: a claim meanwhile skips it (SKIP LOCKED, as a replica's would; the dispatcher's
+    loop claims again within its poll), and the next claim once it is stored takes it. Tests
+    that retry by hand after a lost answer therefore drain the reports first."""
+    kit = await make_kit(scheduler_enabled=False)
+    await kit.configure()
+    await kit.book(KEY, starts_in=timedelta(days=2))
+    locked, release = asyncio.Event(), asyncio.Event()
+    record_reported = lost_sends.record_reported
+
+    async def held(conn: Any, ids: Any) -> Any:
+        locked.set()  # the message found by the report's tag, and locked
+        await release.wait()
+        return await record_reported(conn, ids)
+
+    real = AcsSmsClient.send
+
+    async def unanswered(client: AcsSmsClient, **kwargs: Any) -> SendResult:
+        await real(client, **kwargs)  # it went, but the answer is lost
+        monkeypatch.setattr(AcsSmsClient, "send", real)
+        return SendResult(status=0, error_code="no-response")
+
+    monkeypatch.setattr(webhooks, "record_reported", held)
+    monkeypatch.setattr(AcsSmsClient, "send", unanswered)
+    assert await kit.dispatcher.dispatch_due() == 1
+    await wait_for(locked, "the report holding the message")
+    await kit.advance(timedelta(minutes=6))
+    assert await kit.dispatcher.dispatch_due() == 0
+    row = await confirmation(kit)
+    assert (row["status"], row["claims"]) == ("pending", 1)  # due, but not taken
+
+    release.set()
+    await kit.sandbox.components.sandbox.notifier.drain()
+    assert await kit.dispatcher.dispatch_due() == 1
+    assert kit.results("confirmation") == ["retry", "sent"]
+    assert len(kit.outbound()) == 1  # ACS knew the retry
