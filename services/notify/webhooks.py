@@ -116,7 +116,8 @@ class _Applied:
 
 
 # Event Grid sends "From" with or without the leading "+".
-Phone = Annotated[str, StringConstraints(pattern=r"^\+?[1-9]\d{6,14}$")]
+# ASCII digits: pydantic's \d takes any Unicode digit.
+Phone = Annotated[str, StringConstraints(pattern=r"^\+?[1-9][0-9]{6,14}$")]
 # Stored values: Postgres text holds no NUL.
 NO_NUL = r"^[^\x00]*$"
 Text = Annotated[str, StringConstraints(max_length=200, pattern=NO_NUL)]
@@ -148,7 +149,8 @@ class SmsReceivedData(_Strict):
 
 
 class DeliveryAttempt(_Strict):
-    Timestamp: UtcDateTime
+    # Never read: an odd one (a .NET MinValue) must not refuse the report it comes in.
+    Timestamp: AwareDatetime
     SegmentsSucceeded: int = Field(ge=0, le=100)
     SegmentsFailed: int = Field(ge=0, le=100)
 
