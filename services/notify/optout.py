@@ -38,13 +38,10 @@ async def apply(
     at: datetime,
 ) -> bool:
     """Records the latest word per (sender, recipient); an older reply never overrides.
-    Whether it was recorded. A reply stamped in the future (ACS's clock, or a forged time
-    within the event years) counts as received now: else a STOP stamped in 8999 could never
-    be lifted by a START."""
+    Whether it was recorded."""
     status = await conn.execute(
         "INSERT INTO opt_outs (sender, recipient_hash, opted_out, changed_at)"
-        " VALUES ($1, $2, $3, LEAST($4::timestamptz, now()))"
-        " ON CONFLICT (sender, recipient_hash) DO UPDATE SET"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (sender, recipient_hash) DO UPDATE SET"
         " opted_out = excluded.opted_out, changed_at = excluded.changed_at"
         " WHERE opt_outs.changed_at < excluded.changed_at",
         sender,

@@ -504,7 +504,9 @@ class Dispatcher:
         if result.retryable and attempts < self._settings.sms_max_attempts:
             delay = self._backoff(attempts)
             if result.retry_after_s is not None:
-                delay = max(delay, result.retry_after_s)
+                # Honoured up to the longest backoff: an answer asking for days (or inf,
+                # which overflowed timedelta) must not park a reminder past its visit.
+                delay = max(delay, min(result.retry_after_s, self._settings.sms_backoff_max_s))
             cause = (
                 "provider_throttled"
                 if 429 in (result.status, result.recipient_status)
