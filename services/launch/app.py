@@ -43,7 +43,7 @@ async def visit_roster(request: web.Request) -> web.StreamResponse:
     session = await current_session(request, request.app[DB_POOL], field_cipher(request))
     if session is None or session.appointment_key is None:
         raise web.HTTPUnauthorized(text="Your session has ended; launch the visit again.")
-    return await stream_roster(request, session.appointment_key)
+    return await stream_roster(request, session.appointment_key, session.token_hash)
 
 
 def launch_expiries(settings: ServiceSettings) -> list[Expiry]:

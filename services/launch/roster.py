@@ -20,6 +20,12 @@ from aiohttp import web
 from libs.common.web import DB_POOL, SETTINGS
 
 HEARTBEAT_S = 15.0
+# Open roster streams per provider session (a few tabs): each costs a query per change and
+# per heartbeat, and one session could otherwise open thousands.
+MAX_STREAMS_PER_SESSION = 4
+_SESSION_LIVE = (
+    "SELECT EXISTS (SELECT 1 FROM provider_sessions WHERE token_hash = $1 AND expires_at > now())"
+)
 
 
 class RosterFeed:
@@ -27,6 +33,7 @@ class RosterFeed:
         self._pool = pool
         self._channel = f"roster_{schema}"
         self._listeners: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._streams: dict[bytes, int] = defaultdict(int)
         self._conn: Any = None
 
     async def start(self) -> None:
@@ -53,6 +60,18 @@ class RosterFeed:
         self._listeners[appointment_key].discard(event)
         if not self._listeners[appointment_key]:
             del self._listeners[appointment_key]
+
+    def open_stream(self, session: bytes) -> bool:
+        """Counts a stream of the session in; False (nothing counted) past the cap."""
+        if self._streams[session] >= MAX_STREAMS_PER_SESSION:
+            return False
+        self._streams[session] += 1
+        return True
+
+    def close_stream(self, session: bytes) -> None:
+        self._streams[session] -= 1
+        if self._streams[session] <= 0:
+            del self._streams[session]
 
 
 ROSTER_FEED = web.AppKey("roster_feed", RosterFeed)
@@ -84,7 +103,30 @@ async def roster_snapshot(pool: asyncpg.Pool, appointment_key: str) -> list[dict
     return entries
 
 
-async def stream_roster(request: web.Request, appointment_key: str) -> web.StreamResponse:
+async def stream_roster(
+    request: web.Request, appointment_key: str, session: bytes
+) -> web.StreamResponse:
+    """The visit's roster, again at each change and heartbeat, for as long as the session
+    lasts: it is checked each time, so a stream ends with its session (expired or swept)
+    instead of showing the lobby to a page that no longer has the right to see it."""
+    feed, pool = request.app[ROSTER_FEED], request.app[DB_POOL]
+    if not feed.open_stream(session):
+        raise web.HTTPTooManyRequests(
+            text="This visit is open in too many tabs; close one and reload the page."
+        )
+    try:
+        return await _stream(request, feed, pool, appointment_key, session)
+    finally:
+        feed.close_stream(session)
+
+
+async def _stream(
+    request: web.Request,
+    feed: RosterFeed,
+    pool: asyncpg.Pool,
+    appointment_key: str,
+    session: bytes,
+) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -93,11 +135,13 @@ async def stream_roster(request: web.Request, appointment_key: str) -> web.Strea
         }
     )
     await response.prepare(request)
-    feed, pool = request.app[ROSTER_FEED], request.app[DB_POOL]
     changed = feed.watch(appointment_key)
     try:
         while True:
             changed.clear()
+            if not await pool.fetchval(_SESSION_LIVE, session):
+                await response.write(b"event: ended\ndata: {}\n\n")
+                break
             snapshot = await roster_snapshot(pool, appointment_key)
             await response.write(b"event: roster\ndata: " + orjson.dumps(snapshot) + b"\n\n")
             with contextlib.suppress(TimeoutError):
