@@ -59,14 +59,6 @@ def _in_event_years(value: datetime) -> datetime:
     return value
 
 
-def event_time(value: datetime) -> datetime | None:
-    """`value` in UTC when an event may carry it, else None (for a producer to decide)."""
-    try:
-        return _in_event_years(_in_utc(value))
-    except ValueError:
-        return None
-
-
 # Any aware date-time from outside (Graph, Event Grid), normalised to UTC and refused with a
 # validation error when UTC cannot hold it or it lies outside the event years.
 UtcDateTime = Annotated[AwareDatetime, AfterValidator(_in_utc), AfterValidator(_in_event_years)]

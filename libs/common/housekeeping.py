@@ -149,8 +149,9 @@ class Housekeeper:
                 swept = await self.sweep()
                 if any(swept.values()):
                     log.info("expired rows deleted", **swept)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 # Nothing depends on a sweep being on time: the next interval tries again.
+                # TimeoutError: the pool's statement timeout, which would end the task.
                 HOUSEKEEPING_FAILURES.inc()
                 log.warning("housekeeping failed, will retry", error=type(exc).__name__)
             self.round_done.set()

@@ -15,13 +15,13 @@ import pytest
 from pydantic import ValidationError
 
 from libs.common.events import AppointmentCreatedV1, Envelope, decode_event
-from libs.common.web import DB_POOL
 from sandbox.microsoft.graph import Subscription as SandboxSubscription
 from sandbox.microsoft.meetings import Meeting as SandboxMeeting
 from services.launch import meeting_preparation
 from services.launch.graph import OnlineMeeting, Subscription
 from services.launch.meeting_preparation import prepare_meeting
 from services.launch.meetings import Meeting, create_meeting
+from tests.launch.test_meeting_preparation import _meeting_of
 from tests.launch.test_visit_end_to_end import book_video_visit, launch_from_ehr
 from tests.support.kafka_reader import read_all
 from tests.support.launch_harness import LaunchSystem
@@ -91,16 +91,6 @@ async def _booked(system: LaunchSystem, topic_prefix: str, starts_in: timedelta)
     return created.key
 
 
-async def _visit(system: LaunchSystem, key: str) -> dict[str, Any]:
-    row = await system.app[DB_POOL].fetchrow(
-        "SELECT meeting_id, patient_join_url, subscription_id, meeting_attempts,"
-        " meeting_retry_at > now() AS retry_later FROM appointments WHERE appointment_key = $1",
-        key,
-    )
-    assert row is not None
-    return dict(row)
-
-
 def _answering(original: Callable[[Any], dict[str, Any]], field: str, suffix: str) -> Any:
     def graph_json(self: Any) -> dict[str, Any]:
         data = original(self)
@@ -134,7 +124,7 @@ async def test_a_graph_answer_postgres_cannot_hold_is_a_graph_failure_backed_off
     monkeypatch.setattr(model, "graph_json", _answering(model.graph_json, field, suffix))
     key = await _booked(system, topic_prefix, timedelta(days=20))
     assert await prepare_meeting(system.app, key) == "failed"
-    visit = await _visit(system, key)
+    visit = await _meeting_of(system, key)
     assert visit["meeting_id"] is None
     assert visit["subscription_id"] is None
     assert visit["meeting_attempts"] == 1
@@ -157,7 +147,7 @@ async def test_a_browser_join_url_with_nul_backs_off_and_join_says_not_ready(
         created: Envelope[AppointmentCreatedV1] = decode_event(raw)
         assert created.payload.join_url
         assert await prepare_meeting(system.app, created.key) == "failed"
-        visit = await _visit(system, created.key)
+        visit = await _meeting_of(system, created.key)
         assert visit["meeting_id"] is None
         assert visit["meeting_attempts"] >= 1
         assert visit["retry_later"]
@@ -168,7 +158,7 @@ async def test_a_browser_join_url_with_nul_backs_off_and_join_says_not_ready(
         assert status == 503, page
         assert "could not be prepared" in page
     assert system.microsoft.components.graph.subscriptions == {}
-    assert (await _visit(system, created.key))["meeting_id"] is None
+    assert (await _meeting_of(system, created.key))["meeting_id"] is None
 
 
 async def test_a_meeting_the_database_refuses_is_backed_off_and_its_subscription_ended(
@@ -188,7 +178,7 @@ async def test_a_meeting_the_database_refuses_is_backed_off_and_its_subscription
     key = await _booked(system, topic_prefix, timedelta(days=20))
     for attempt in (1, 2):
         assert await prepare_meeting(system.app, key) == "failed"
-        visit = await _visit(system, key)
+        visit = await _meeting_of(system, key)
         assert visit["meeting_id"] is None
         assert visit["meeting_attempts"] == attempt
         assert visit["retry_later"]
@@ -196,7 +186,7 @@ async def test_a_meeting_the_database_refuses_is_backed_off_and_its_subscription
 
     monkeypatch.setattr(meeting_preparation, "create_meeting", create_meeting)
     assert await prepare_meeting(system.app, key) == "prepared"
-    prepared = await _visit(system, key)
+    prepared = await _meeting_of(system, key)
     assert prepared["meeting_id"]
     assert not prepared["retry_later"]
     assert list(subscriptions) == [prepared["subscription_id"]]
